@@ -1,0 +1,242 @@
+"""Independent NumPy (float64) reference for the fope-gpt model.
+
+Follows PAPER_NOTES.md (sections 2, 4.1, 4.2, 5 and 9); the test suite uses it as an independent
+check of the PyTorch model. Everything here is float64 and works on plain dicts of arrays: `params`
+maps state-dict names to arrays, `cfg` holds the model settings (vocab_size, n_layer, n_head,
+n_embd, train_len, pe, rope_theta, fope_sigma, fope_fs, fope_cf, fope_sin_pad, fope_learnable).
+
+Shape letters: B batch, T sequence length, C model width, H heads, d head_dim, V vocabulary,
+K kept frequencies, M FoPE output pairs.
+"""
+
+import math
+
+import numpy as np
+
+
+# ---------------------------------------------------------------------------------------------
+# Frequencies and FoPE coefficients (notes §2.1-§2.3)
+# ---------------------------------------------------------------------------------------------
+
+def kept_frequencies(head_dim, train_len, theta=10000.0, clip=True):
+    """Rotary frequencies ω_j = θ^(−2j/d), j = 0 … d/2−1, fastest first.
+
+    With `clip` (CF), every ω_j < 2π/train_len (strict) is dropped, not kept as zero, so the result
+    holds the K frequencies whose period is at most train_len, in their original order.
+    """
+    j = np.arange(head_dim // 2, dtype=np.float64)
+    freqs = theta ** (-2.0 * j / head_dim)  # (d/2,)
+    if clip:
+        floor = 2.0 * math.pi / train_len
+        freqs = freqs[~(freqs < floor)]  # (K,)
+    return freqs
+
+
+def output_pairs(K, head_dim, cap=True):
+    """Number M of FoPE output pairs: min(K, head_dim // 4) with the cap, otherwise K."""
+    return min(K, head_dim // 4) if cap else K
+
+
+def step_eye(K, M):
+    """Deterministic base of the coefficients, a (K, M) array.
+
+    With s = ceil(K/M), E[r·s, r] = 1 for every r < M with r·s < K. When K == M, s = 1 and this is
+    the identity.
+    """
+    eye = np.zeros((K, M), dtype=np.float64)  # (K, M)
+    step = math.ceil(K / M)
+    for r in range(M):
+        if r * step < K:
+            eye[r * step, r] = 1.0
+    return eye
+
+
+def xavier_gain_std(sigma, n_head, K, M):
+    """Standard deviation of xavier_normal_(gain=σ) on an (H, K, M) tensor.
+
+    PyTorch takes fan_in = K·M and fan_out = H·M for a 3-D tensor, so std = σ·sqrt(2/(K·M + H·M)).
+    """
+    return sigma * math.sqrt(2.0 / (K * M + n_head * M))
+
+
+def fope_coefficients(K, M, n_head, noise=None):
+    """Coefficient tensor (H, K, M): step-eye over every head plus `noise` (zero if None)."""
+    base = np.broadcast_to(step_eye(K, M), (n_head, K, M))  # (H, K, M)
+    if noise is None:
+        noise = np.zeros((n_head, K, M), dtype=np.float64)
+    return base + np.asarray(noise, dtype=np.float64)  # (H, K, M)
+
+
+# ---------------------------------------------------------------------------------------------
+# Position tables and the half-split rotation (notes §2.4-§2.6, §4.1)
+# ---------------------------------------------------------------------------------------------
+
+def rope_tables(T, freqs):
+    """RoPE tables cos(t·ω) and sin(t·ω) for t = 0 … T−1, each (T, len(freqs))."""
+    t = np.arange(T, dtype=np.float64)
+    phase = np.outer(t, freqs)  # (T, d/2)
+    return np.cos(phase), np.sin(phase)
+
+
+def fope_tables(T, freqs, sin_coef, cos_coef, head_dim, sin_pad=1.0):
+    """FoPE tables (cos, sin), each (H, T, d/2).
+
+    Phases t·ω_k over the K kept frequencies are mixed per head by the coefficients
+    (cos table with cos_coef, sin table with sin_coef), then the M mixed columns are padded to d/2
+    with cos = 1 and sin = sin_pad (the position-free pairs at the slow end).
+    """
+    t = np.arange(T, dtype=np.float64)
+    phase = np.outer(t, freqs)  # (T, K)
+    cos_mix = np.cos(phase) @ cos_coef  # (T, K) @ (H, K, M) -> (H, T, M)
+    sin_mix = np.sin(phase) @ sin_coef  # (H, T, M)
+    n_head, _, n_mixed = cos_mix.shape
+    n_pad = head_dim // 2 - n_mixed
+    cos_pad = np.ones((n_head, T, n_pad), dtype=np.float64)  # (H, T, P)
+    sin_pad_cols = np.full((n_head, T, n_pad), sin_pad, dtype=np.float64)  # (H, T, P)
+    cos = np.concatenate([cos_mix, cos_pad], axis=-1)  # (H, T, d/2)
+    sin = np.concatenate([sin_mix, sin_pad_cols], axis=-1)  # (H, T, d/2)
+    return cos, sin
+
+
+def rotate(x, cos, sin):
+    """NeoX half-split rotation of x (..., T, d) by tables broadcastable to (..., T, d/2).
+
+    Pair j is channels (j, j + d/2): a' = a·cos − b·sin, b' = b·cos + a·sin.
+    """
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]  # (..., T, d/2) each
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)  # (..., T, d)
+
+
+# ---------------------------------------------------------------------------------------------
+# ALiBi (notes §4.2)
+# ---------------------------------------------------------------------------------------------
+
+def alibi_slopes(n_head):
+    """ALiBi slopes m_h = 2^(−8h/H) for h = 1 … H, shape (H,)."""
+    h = np.arange(1, n_head + 1, dtype=np.float64)
+    return 2.0 ** (-8.0 * h / n_head)
+
+
+def alibi_bias(n_head, T):
+    """ALiBi logit bias −|i − j|·m_h, shape (H, T, T) (query i, key j)."""
+    pos = np.arange(T, dtype=np.float64)
+    distance = np.abs(pos[:, None] - pos[None, :])  # (T, T)
+    return -distance[None, :, :] * alibi_slopes(n_head)[:, None, None]  # (H, T, T)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention, normalisation and the model
+# ---------------------------------------------------------------------------------------------
+
+def causal_attention(q, k, v, bias=None):
+    """Causal scaled dot-product attention; q, k, v (B, H, T, d), optional bias (H, T, T).
+
+    Query position i attends to key positions j ≤ i. Returns (B, H, T, d).
+    """
+    T, d = q.shape[-2], q.shape[-1]
+    scores = (q @ np.swapaxes(k, -1, -2)) / math.sqrt(d)  # (B, H, T, T)
+    if bias is not None:
+        scores = scores + bias
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)  # (T, T), True where j > i
+    scores = np.where(future, -np.inf, scores)
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    weights = np.exp(scores)
+    weights = weights / weights.sum(axis=-1, keepdims=True)  # (B, H, T, T)
+    return weights @ v  # (B, H, T, d)
+
+
+def rms_norm(x, weight, eps=1e-6):
+    """RMSNorm over the last axis: x / sqrt(mean(x²) + eps) · weight."""
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def silu(x):
+    """SiLU x·sigmoid(x), with the sigmoid written via tanh to avoid overflow."""
+    return x * 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def fope_layer_coefficients(params, cfg, layer, K, M):
+    """The (sin_coef, cos_coef) pair, each (H, K, M), used by one layer under pe='fope'.
+
+    With FS on they are the frozen tensors from `params`; with FS off they are the identity
+    (M = K, no noise) and `params` is not consulted.
+    """
+    n_head = cfg["n_head"]
+    if not cfg["fope_fs"]:
+        identity = fope_coefficients(K, M, n_head)  # (H, K, K)
+        return identity, identity
+    prefix = f"blocks.{layer}.attn.pos."
+    sin_coef = np.asarray(params[prefix + "sin_coef"], dtype=np.float64)  # (H, K, M)
+    cos_coef = np.asarray(params[prefix + "cos_coef"], dtype=np.float64)  # (H, K, M)
+    for name, coef in (("sin_coef", sin_coef), ("cos_coef", cos_coef)):
+        if coef.shape != (n_head, K, M):
+            raise ValueError(f"{prefix}{name} has shape {coef.shape}, expected {(n_head, K, M)}")
+    return sin_coef, cos_coef
+
+
+def position_tables(params, cfg, layer, T):
+    """Rotation tables (cos, sin) for one layer, or None when pe does not rotate q and k.
+
+    'rope': (T, d/2) over all d/2 frequencies. 'fope': (H, T, d/2); frequencies are clipped iff
+    fope_cf, and M = min(K, d//4) only when both fope_fs and fope_cf are on (notes §9).
+    """
+    head_dim = cfg["n_embd"] // cfg["n_head"]
+    theta = cfg["rope_theta"]
+    if cfg["pe"] == "rope":
+        return rope_tables(T, kept_frequencies(head_dim, cfg["train_len"], theta, clip=False))
+    if cfg["pe"] == "fope":
+        freqs = kept_frequencies(head_dim, cfg["train_len"], theta, clip=cfg["fope_cf"])  # (K,)
+        K = len(freqs)
+        M = output_pairs(K, head_dim, cap=cfg["fope_fs"] and cfg["fope_cf"])
+        sin_coef, cos_coef = fope_layer_coefficients(params, cfg, layer, K, M)
+        return fope_tables(T, freqs, sin_coef, cos_coef, head_dim, cfg["fope_sin_pad"])
+    return None
+
+
+def attention(params, cfg, layer, x):
+    """Multi-head causal self-attention of one block on normalised input x (B, T, C)."""
+    B, T, C = x.shape
+    n_head = cfg["n_head"]
+    head_dim = C // n_head
+    prefix = f"blocks.{layer}.attn."
+    qkv = x @ params[prefix + "qkv.weight"].T  # (B, T, 3C)
+    q, k, v = np.split(qkv, 3, axis=-1)  # (B, T, C) each
+    q, k, v = (a.reshape(B, T, n_head, head_dim).transpose(0, 2, 1, 3) for a in (q, k, v))
+    # q, k, v: (B, H, T, d), head h taken from channels h·d:(h+1)·d
+
+    tables = position_tables(params, cfg, layer, T)
+    if tables is not None:
+        cos, sin = tables
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    bias = alibi_bias(n_head, T) if cfg["pe"] == "alibi" else None  # (H, T, T)
+
+    y = causal_attention(q, k, v, bias)  # (B, H, T, d)
+    y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C), heads concatenated in order
+    return y @ params[prefix + "proj.weight"].T  # (B, T, C)
+
+
+def mlp(params, layer, x):
+    """SwiGLU MLP of one block: up to 8C, silu(gate)·value with value first, down to C."""
+    prefix = f"blocks.{layer}.mlp."
+    up = x @ params[prefix + "up.weight"].T  # (B, T, 8C)
+    value, gate = np.split(up, 2, axis=-1)  # (B, T, 4C) each
+    return (silu(gate) * value) @ params[prefix + "down.weight"].T  # (B, T, C)
+
+
+def forward(params, cfg, idx):
+    """Full forward pass: token ids idx (B, T) -> logits (B, T, V).
+
+    Pre-norm blocks x += attn(rms_norm(x)); x += mlp(rms_norm(x)), then a final RMSNorm and the
+    untied output head. There is no position-embedding table and no maximum length.
+    """
+    if cfg["pe"] not in ("rope", "fope", "alibi", "nope"):
+        raise ValueError(f"unknown pe {cfg['pe']!r}")
+    params = {name: np.asarray(value, dtype=np.float64) for name, value in params.items()}
+    x = params["tok_emb.weight"][np.asarray(idx)]  # (B, T, C)
+    for layer in range(cfg["n_layer"]):
+        prefix = f"blocks.{layer}."
+        x = x + attention(params, cfg, layer, rms_norm(x, params[prefix + "attn_norm.weight"]))
+        x = x + mlp(params, layer, rms_norm(x, params[prefix + "mlp_norm.weight"]))
+    x = rms_norm(x, params["final_norm.weight"])  # (B, T, C)
+    return x @ params["lm_head.weight"].T  # (B, T, V)
