@@ -44,6 +44,9 @@ class GPTConfig:
     fope_cf: bool = True          # CF: clip frequencies below 2*pi/L to zero
     fope_sin_pad: float = 1.0     # sin value of the padded pairs: 1 as released, 0 = exact identity
     fope_learnable: bool = False  # the released code freezes the coefficients
+    rope_scaling: str = "none"    # context extension of rope/fope frequencies: none, pi, ntk, yarn
+    rope_scale: float = 1.0       # s, the factor by which the context is meant to grow
+    rope_original_len: int = 0    # YaRN's L0, the length the frequencies were trained at (0: train_len)
 
     def __post_init__(self):
         if self.pe not in POSITION_EMBEDDINGS:
@@ -60,6 +63,12 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.rope_theta must be greater than 1, got {self.rope_theta!r}")
         if not self.fope_sigma >= 0:
             raise ValueError(f"GPTConfig.fope_sigma must be non-negative, got {self.fope_sigma!r}")
+        if self.rope_scaling not in ("none", "pi", "ntk", "yarn"):
+            raise ValueError(f"GPTConfig.rope_scaling must be one of none, pi, ntk, yarn, got {self.rope_scaling!r}")
+        if not self.rope_scale >= 1:
+            raise ValueError(f"GPTConfig.rope_scale must be at least 1, got {self.rope_scale!r}")
+        if not isinstance(self.rope_original_len, int) or self.rope_original_len < 0:
+            raise ValueError(f"GPTConfig.rope_original_len must be a non-negative integer, got {self.rope_original_len!r}")
 
     @property
     def head_dim(self):
@@ -82,6 +91,33 @@ def kept_frequencies(head_dim, train_len, theta=10000.0, clip=True):
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (d/2,)
     if clip:
         freqs = freqs[~(freqs < 2 * math.pi / train_len)]
+    return freqs
+
+
+def extend_context(freqs, config):
+    """Frequencies (all head_dim/2 of them, fastest first) after context extension by s.
+
+    pi    position interpolation: every frequency / s, so s*L positions span the trained phases
+    ntk   "NTK-aware": theta grows to theta * s^(d/(d-2)); fast pairs barely move, the slowest / s
+    yarn  as the authors' code applies it (notes §4.4): pairs completing more than 32 periods
+          within L0 stay, pairs completing less than one are divided by s, a linear ramp between;
+          no attention temperature (the reference YaRN has one, the authors' code does not)
+    """
+    s, d = config.rope_scale, config.head_dim
+    j = torch.arange(len(freqs), dtype=torch.float32)
+    if config.rope_scaling == "pi":
+        return freqs / s
+    if config.rope_scaling == "ntk":
+        return freqs * s ** (-2 * j / (d - 2))
+    if config.rope_scaling == "yarn":
+        original_len = config.rope_original_len or config.train_len
+
+        def pair_completing(periods):  # the fractional pair index that completes `periods` in L0
+            return d * math.log(original_len / (2 * math.pi * periods)) / (2 * math.log(config.rope_theta))
+        lo, hi = max(math.floor(pair_completing(32)), 0), min(math.ceil(pair_completing(1)), d - 1)
+        hi = hi + 0.001 if lo == hi else hi
+        ramp = ((j - lo) / (hi - lo)).clamp(0, 1)
+        return freqs * (1 - ramp) + freqs / s * ramp
     return freqs
 
 
@@ -118,7 +154,7 @@ class RoPE(nn.Module):
     def __init__(self, config):
         super().__init__()
         freqs = kept_frequencies(config.head_dim, config.train_len, config.rope_theta, clip=False)
-        self.register_buffer("freqs", freqs, persistent=False)  # (d/2,)
+        self.register_buffer("freqs", extend_context(freqs, config), persistent=False)  # (d/2,)
         self._build_tables(config.train_len)
 
     @torch.no_grad()
@@ -155,11 +191,13 @@ class FoPE(nn.Module):
     def __init__(self, config):
         super().__init__()
         d, H = config.head_dim, config.n_head
-        freqs = kept_frequencies(d, config.train_len, config.rope_theta, clip=config.fope_cf)  # (K,)
-        K = len(freqs)
+        K = len(kept_frequencies(d, config.train_len, config.rope_theta, clip=config.fope_cf))
         M = min(K, d // 4) if (config.fope_fs and config.fope_cf) else K
         sigma = config.fope_sigma if config.fope_fs else 0.0
-        self.register_buffer("freqs", freqs, persistent=False)
+        # Clip first, then extend ("yarn_after" in the authors' configs): the kept frequencies
+        # are a prefix of the descending list, so extension never brings back a clipped one.
+        freqs = extend_context(kept_frequencies(d, config.train_len, config.rope_theta, clip=False), config)
+        self.register_buffer("freqs", freqs[:K], persistent=False)  # (K,)
         self.sin_coef = nn.Parameter(self._init_coef(H, K, M, sigma), requires_grad=config.fope_learnable)
         self.cos_coef = nn.Parameter(self._init_coef(H, K, M, sigma), requires_grad=config.fope_learnable)
         self.half_dim, self.sin_pad, self.learnable = d // 2, config.fope_sin_pad, config.fope_learnable

