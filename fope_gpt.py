@@ -393,14 +393,18 @@ class GPT(nn.Module):
         """Parameter count; FoPE's frozen coefficients count only with trainable=False."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable)
 
-    def forward(self, idx, targets=None, caches=None):
-        """idx (B, T) token ids -> logits (B, T, vocab_size) at every position, and the mean
-        cross-entropy against `targets` (B, T) when given (target -1 = no loss there).
+    def features(self, idx, caches=None):
+        """idx (B, T) token ids -> final normed hidden states (B, T, C).
         `caches`: one KVCache per layer, filled as a side effect (for generation)."""
         x = self.tok_emb(idx)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i])
-        logits = self.lm_head(self.final_norm(x))  # (B, T, V)
+        return self.final_norm(x)
+
+    def forward(self, idx, targets=None, caches=None):
+        """idx (B, T) token ids -> logits (B, T, vocab_size) at every position, and the mean
+        cross-entropy against `targets` (B, T) when given (target -1 = no loss there)."""
+        logits = self.lm_head(self.features(idx, caches))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -417,14 +421,14 @@ class GPT(nn.Module):
         values; without it the whole sequence is re-run for every token (the slow reference).
         """
         caches = [KVCache() for _ in self.blocks] if use_cache else None
-        logits, _ = self(idx, caches=caches)
+        features = self.features(idx, caches)
         for step in range(max_new_tokens):
-            last = logits[:, -1, :].float()  # (B, V)
+            last = self.lm_head(features[:, -1, :]).float()  # (B, V): only the last position is needed
             if temperature == 0.0:
                 next_id = last.argmax(dim=-1, keepdim=True)
             else:
                 next_id = torch.multinomial(F.softmax(last / temperature, dim=-1), num_samples=1)
             idx = torch.cat((idx, next_id), dim=1)
             if step + 1 < max_new_tokens:
-                logits, _ = self(next_id, caches=caches) if use_cache else self(idx)
+                features = self.features(next_id, caches) if use_cache else self.features(idx)
         return idx
