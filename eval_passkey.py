@@ -2,6 +2,7 @@
 eval_passkey.py: passkey-retrieval accuracy versus prompt length, for one or more checkpoints.
 
     python eval_passkey.py --ckpt out/fope/ckpt.pt out/rope/ckpt.pt
+    python eval_passkey.py --ckpt out/rope/ckpt.pt --rope_scaling yarn --rope_scale 16   # extension, no training
 
 For each prompt length every checkpoint answers the same trials (keys and needle depths come
 from --seed alone), by greedy decoding of up to 10 tokens; a trial is correct when the first
@@ -11,6 +12,7 @@ accuracy over length x needle depth per checkpoint.
 """
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -26,11 +28,13 @@ import torch
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import encoding_from_state
+from eval_ppl import add_extension_options, curve_label, extension_overrides
+from fope_gpt import GPTConfig
 from passkey import MAX_KEY, build_prompt, score
 
 MAX_NEW_TOKENS = 10  # as in the authors' script
-# Default prompts per forward pass: about this many tokens, so memory stays bounded as
-# prompts grow (the model returns logits at every position: 0.5 GB at vocab 4096).
+# Default prompts per forward pass: about this many tokens, so that the activations of a batch
+# stay bounded as prompts grow.
 TOKENS_PER_FORWARD = 2**15
 
 # Evaluation runs in float32. On a 2-core CPU, 100 trials at 4096 tokens (4 layers, 256 wide,
@@ -57,6 +61,7 @@ def parse_args(argv=None):
     parser.add_argument("--depth_buckets", type=positive_int, default=5, help="needle depth bins (default 5)")
     parser.add_argument("--out", type=Path, default=Path("results/passkey.json"), help="JSON output path")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_extension_options(parser)
     return parser.parse_args(argv)
 
 
@@ -93,13 +98,14 @@ def default_lengths(longest_train_len):
     return lengths
 
 
-def load_run(path, device):
-    """Load a checkpoint: returns a dict with the model, its tokenizer and what describes the run."""
+def load_run(path, device, overrides):
+    """Load a checkpoint, with `overrides` of its model config (context extension): returns a
+    dict with the model, its tokenizer and what describes the run."""
     state = load_checkpoint(path)
     if "tokenizer" not in state:
         raise CheckpointError(f"checkpoint {path} carries no tokenizer")
     try:
-        model = model_from_checkpoint(state, device)
+        model = model_from_checkpoint(state, device, **overrides)
         enc = encoding_from_state(state["tokenizer"])
     except (KeyError, TypeError, ValueError) as error:  # a damaged model_config or tokenizer
         raise CheckpointError(f"checkpoint {path} is corrupt: {type(error).__name__}: {error}") from None
@@ -112,6 +118,7 @@ def load_run(path, device):
         "model": model,
         "enc": enc,
         "pe": model.config.pe,
+        "model_config": dataclasses.asdict(model.config),
         "train_len": model.config.train_len,
         # train.py saves a run as <out_dir>/<run name>/ckpt.pt and stores --run_name only if given
         "run_name": state.get("train_config", {}).get("run_name") or Path(path).resolve().parent.name,
@@ -162,7 +169,7 @@ def accuracy_by_depth(correct, depths, buckets):
 
 def evaluate_run(run, args, lengths, label):
     """Evaluate one checkpoint at every length; returns its JSON record."""
-    record = {key: run[key] for key in ("path", "pe", "train_len", "run_name", "step")}
+    record = {key: run[key] for key in ("path", "pe", "train_len", "run_name", "step", "model_config")}
     record.update(trials=args.trials, accuracy={}, accuracy_by_depth={}, skipped_lengths=[])
     for length in lengths:
         keys, depths = trial_settings(args.seed, length, args.trials)
@@ -182,11 +189,13 @@ def evaluate_run(run, args, lengths, label):
 
 
 def run_labels(runs):
-    """A legend label per run: its position embedding, plus the run's name where two share one."""
+    """A legend label per run: its position embedding (and context extension), plus the run's
+    name where two share one."""
     labels = []
     for run in runs:
-        shared = sum(other["pe"] == run["pe"] for other in runs) > 1
-        labels.append(f"{run['pe']} ({run['run_name']})" if shared else run["pe"])
+        label = curve_label(run["model_config"])  # e.g. 'rope+yarn16'
+        shared = sum(curve_label(other["model_config"]) == label for other in runs) > 1
+        labels.append(f"{label} ({run['run_name']})" if shared else label)
     return labels
 
 
@@ -242,8 +251,13 @@ def main(argv=None):
         sys.exit(f"eval_passkey.py: error: device {args.device!r} is not usable: {str(error).splitlines()[0]}")
     if args.out.suffix != ".json" or args.out.is_dir():
         sys.exit(f"eval_passkey.py: error: --out must be a .json file path (the figures go next to it), got {args.out}")
+    overrides = extension_overrides(args)
     try:
-        runs = [load_run(path, args.device) for path in args.ckpt]  # all checked before any work
+        GPTConfig(**overrides)  # a bad override is the user's mistake, not a corrupt checkpoint
+    except ValueError as error:
+        sys.exit(f"eval_passkey.py: error: {error}")
+    try:
+        runs = [load_run(path, args.device, overrides) for path in args.ckpt]  # all checked before any work
     except CheckpointError as error:
         sys.exit(f"eval_passkey.py: error: {error}")
     try:

