@@ -10,7 +10,7 @@ Everything is measured in the same run so that the ratios hold on a noisy machin
     batch 1, as eval_ppl.py runs);
   - a bf16 GEMM peak (a large square matrix multiply) and the model FLOPs utilisation that
     follows: (6 N + 12 n_layer n_embd T) FLOPs per training token over that peak.
-Writes results/bench.json and results/bench.md (the table shown in the README).
+Writes results/bench.json and results/bench.md; with --readme, also the README's speed table.
 """
 
 import argparse
@@ -23,6 +23,7 @@ import time
 import torch
 
 from fope_gpt import GPT, GPTConfig, POSITION_EMBEDDINGS
+from reproduce import README, update_readme
 from train import DEFAULTS
 
 
@@ -142,7 +143,10 @@ def main(argv=None):
     parser.add_argument("--lengths", default="1,4,16", help="evaluation lengths as multiples of train_len")
     parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile measurements")
     parser.add_argument("--out", default="results/bench.json")
+    parser.add_argument("--readme", action="store_true", help="put the table into README.md")
     args = parser.parse_args(argv)
+    if not args.out.endswith(".json"):
+        parser.error(f"--out must end in .json, got {args.out!r}")
     try:
         multiples = [int(m) for m in args.lengths.split(",")]
     except ValueError:
@@ -181,6 +185,8 @@ def main(argv=None):
     with open(args.out[:-len(".json")] + ".md", "w") as f:
         f.write(table)
     print(table)
+    if args.readme:
+        print(update_readme(README, table, "bench"))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ from checkpoint import CheckpointError, load_checkpoint
 HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(HERE, "README.md")
 README_GRID = "default"  # the grid whose report the README shows
-README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 # -----------------------------------------------------------------------------
 # the grids: what is trained and how it is evaluated
@@ -592,18 +591,20 @@ def report_markdown(grid_name, grid, sections, results, figure_dir):
     return "\n".join(lines)
 
 
-def update_readme(path, block):
-    """Replace the text between the README's results markers by `block`; returns what happened."""
+def update_readme(path, block, name="results"):
+    """Replace the text between the README's markers <!-- name:begin --> and <!-- name:end -->
+    by `block` (generated, never typed); returns what happened."""
+    begin_marker, end_marker = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     with open(path) as f:
         text = f.read()
-    begin, end = text.find(README_BEGIN), text.find(README_END)
+    begin, end = text.find(begin_marker), text.find(end_marker)
     if begin < 0 or end < begin:
-        return f"{path} has no {README_BEGIN} ... {README_END} markers: left unchanged"
-    text = text[:begin + len(README_BEGIN)] + "\n" + block.strip() + "\n" + text[end:]
+        return f"{path} has no {begin_marker} ... {end_marker} markers: left unchanged"
+    text = text[:begin + len(begin_marker)] + "\n" + block.strip() + "\n" + text[end:]
     with open(f"{path}.tmp", "w") as f:
         f.write(text)
     os.replace(f"{path}.tmp", path)
-    return f"updated the results block of {path}"
+    return f"updated the {name} block of {path}"
 
 
 def write_report(grid_name, grid, results_grid):

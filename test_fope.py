@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import analyze
+import bench
 import checkpoint
 import data
 import eval_passkey
@@ -1078,7 +1079,7 @@ def test_method_names_drop_the_seed_and_only_the_seed():
 def test_only_also_selects_the_runs_a_fine_tune_starts_from():
     grid = reproduce.GRIDS["default"]
     assert [run.name for run in reproduce.select_runs(grid, ["ext-fope-yarn", "rope-s1"])] == [
-        "rope-s1", "fope-s0", "ext-fope-yarn"]
+        "fope-s0", "ext-fope-yarn", "rope-s1"]
 
 
 def test_the_readme_block_between_the_markers_is_replaced_and_nothing_else(tmp_path):
@@ -1138,3 +1139,20 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     for name in ("ppl", "ppl_ratio", "passkey", "ablations", "extension_inference", "extension_finetune"):
         assert (results / f"{name}.png").stat().st_size > 0 and f"]({name}.png)" in markdown
     assert (HERE / "README.md").read_bytes() == readme  # the README shows the default grid only
+
+
+# =============================================================================
+# bench.py
+
+
+def test_bench_writes_its_table_without_touching_the_readme(tmp_path):
+    readme_before = open(reproduce.README).read()
+    bench.main(["--pe", "rope", "fope", "--steps", "1", "--no_compile", "--lengths", "1", "--out", str(tmp_path / "b.json")])
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert set(report["results"]) == {"rope", "fope"} and report["gemm_peak_tflops"] > 0
+    for row in report["results"].values():
+        assert row["eager"]["tok_per_s"] > 0 and 0 < row["eager"]["mfu"] < 1
+        assert row["eval"]["256"]["tok_per_s"] > 0
+    table = (tmp_path / "b.md").read_text()
+    assert "| rope |" in table and "| fope |" in table and "step time / RoPE" in table
+    assert open(reproduce.README).read() == readme_before
