@@ -108,19 +108,21 @@ DEFAULT = Grid(
           "Estimated time on 2 CPU cores at about 5k tokens/s: 13 runs x 16 min of training, 4 fine-tunes "
           "x 2-3 min, 26 evaluations x (1-2 min perplexity + 3 min passkey); about 6 hours in all.",
     training=GRID_TRAINING,
-    # Ordered so that a partly finished grid is already informative: every method at seed 0, the
-    # extension experiment built on those, then more seeds, then the ablations.
+    # Ordered so that a partly finished grid is already informative, and so that the fine-tunes
+    # follow the runs they start from (checkpoints are not committed, so a later session would
+    # have to train those again): RoPE and FoPE at seed 0, the extension experiment, ALiBi and
+    # NoPE, then more seeds and the ablations.
     runs=[
         Run("rope-s0", "main", ["--pe", "rope", *SEEDS[0]]),
         Run("fope-s0", "main", ["--pe", "fope", *SEEDS[0]]),
-        Run("alibi-s0", "main", ["--pe", "alibi", *SEEDS[0]]),
-        Run("nope-s0", "main", ["--pe", "nope", *SEEDS[0]]),
         # the paper's extension experiment: continue at 2x train_len with YaRN or with FoPE
         Run("ext-rope-yarn", "finetune", ["--pe", "rope", *FINETUNE, *YARN_AFTER], init_from="rope-s0"),
         Run("ext-rope-fope", "finetune", ["--pe", "fope", "--fope_grow", "fresh", *FINETUNE], init_from="rope-s0"),
         Run("ext-fope-yarn", "finetune", ["--pe", "fope", "--fope_grow", "zeros", *FINETUNE, *YARN_AFTER],
             init_from="fope-s0"),
         Run("ext-fope-fope", "finetune", ["--pe", "fope", "--fope_grow", "fresh", *FINETUNE], init_from="fope-s0"),
+        Run("alibi-s0", "main", ["--pe", "alibi", *SEEDS[0]]),
+        Run("nope-s0", "main", ["--pe", "nope", *SEEDS[0]]),
         Run("rope-s1", "main", ["--pe", "rope", *SEEDS[1]]),
         Run("fope-s1", "main", ["--pe", "fope", *SEEDS[1]]),
         # FoPE ablations at seed 0 (notes §9); fope-s0 is the reference with sigma 0.3.
@@ -253,11 +255,20 @@ class TrainStep(Step):
         if run.init_from:
             args += ["--init_from", project_path(checkpoint_path(out_grid, run.init_from))]
         _, self.settings, self.given = train.parse_args(args)  # a mistyped grid fails here
+        self.evaluations, self.dependents = [], []  # filled in by plan()
         super().__init__(grid, f"train {run.name}", [sys.executable, "train.py", *args])
 
+    def evaluated(self):
+        """Whether every evaluation of this run (and of its extensions) has its JSON."""
+        return all(os.path.exists(step.output) for step in self.evaluations)
+
     def skip_reason(self):
-        """'done (N steps)' for a finished run; None when it still has steps to train."""
+        """'done (N steps)' for a finished run, or for one whose checkpoint is gone (a fresh
+        clone) but whose evaluations exist and whose fine-tunes are done; None when it has
+        steps to train."""
         if not os.path.exists(self.checkpoint):
+            if self.evaluated() and all(d.evaluated() for d in self.dependents):
+                return "evaluated before (checkpoint not kept)"
             return None
         try:
             state = load_checkpoint(self.checkpoint)
@@ -291,7 +302,10 @@ class EvalStep(Step):
             "--out", project_path(self.output), *options, *extension_args])
 
     def skip_reason(self):
-        """'done' when the JSON is newer than the checkpoint; None when the evaluation is due."""
+        """'done' when the JSON is newer than the checkpoint, or when the JSON exists and the
+        checkpoint does not (checkpoints are not committed: a fresh clone has only results)."""
+        if os.path.exists(self.output) and not os.path.exists(self.checkpoint):
+            return "done (checkpoint not kept)"
         current = (os.path.exists(self.output) and os.path.exists(self.checkpoint)
                    and os.path.getmtime(self.output) >= os.path.getmtime(self.checkpoint))
         return "done" if current else None
@@ -317,11 +331,17 @@ def plan(grid, runs, out_grid, results_grid):
     steps = []
     for run in runs:
         checkpoint = checkpoint_path(out_grid, run.name)
-        steps.append(TrainStep(grid, run, out_grid))
+        training = TrainStep(grid, run, out_grid)
+        steps.append(training)
         evaluations = [(run.name, [])] + [(e.name, e.args) for e in grid.extensions if e.run == run.name]
         for entry, extension_args in evaluations:
             for kind in ("ppl", "passkey"):
-                steps.append(EvalStep(grid, kind, entry, checkpoint, results_grid, extension_args))
+                training.evaluations.append(EvalStep(grid, kind, entry, checkpoint, results_grid, extension_args))
+        steps += training.evaluations
+    trainings = {step.run_name: step for step in steps if isinstance(step, TrainStep)}
+    for run in runs:
+        if run.init_from:
+            trainings[run.init_from].dependents.append(trainings[run.name])
     return steps
 
 

@@ -1082,6 +1082,19 @@ def test_only_also_selects_the_runs_a_fine_tune_starts_from():
         "fope-s0", "ext-fope-yarn", "rope-s1"]
 
 
+def test_a_fresh_clone_retrains_a_run_only_when_something_still_needs_its_checkpoint(tmp_path):
+    grid = reproduce.GRIDS["quick"]
+    steps = reproduce.plan(grid, grid.runs, str(tmp_path / "out"), str(tmp_path / "results"))
+    trainings = {step.run_name: step for step in steps if isinstance(step, reproduce.TrainStep)}
+    for step in steps:  # every evaluation saved, no checkpoint kept: what a fresh clone holds
+        if isinstance(step, reproduce.EvalStep) and step.output.find("ext-rope-fope") < 0:
+            os.makedirs(os.path.dirname(step.output), exist_ok=True)
+            open(step.output, "w").close()
+    assert trainings["fope-s0"].skip_reason() == "evaluated before (checkpoint not kept)"
+    assert trainings["rope-s0"].skip_reason() is None        # ext-rope-fope still starts from it
+    assert trainings["ext-rope-fope"].skip_reason() is None
+
+
 def test_the_readme_block_between_the_markers_is_replaced_and_nothing_else(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# title\n\n<!-- results:begin -->\nold table\n<!-- results:end -->\n\n## after\n")
