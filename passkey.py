@@ -86,10 +86,14 @@ def training_sequence(enc, rng, seq_len, eot):
 
     x is a prompt of random length (from the shortest possible to seq_len minus the answer),
     random depth and random key, then the answer " N.", then end-of-text padding; y is x
-    shifted by one, with every target set to -1 except those that predict the answer.
-    Only the answer carries loss: with the whole sample as ordinary next-token loss a tiny
+    shifted by one, with every target set to -1 except those that predict the key where it
+    must be copied: its second mention in the needle line ("Remember it. N is ...") and the
+    answer. Only those carry loss: with the whole sample as ordinary next-token loss a tiny
     model spends its capacity on the predictable filler and never learns retrieval
-    (../shared/PAPER_NOTES.md §9).
+    (../shared/PAPER_NOTES.md §9). The needle's own repetition is a copy over a few tokens,
+    easy to learn first; the answer is the same copy over up to seq_len tokens. With loss on
+    the answer alone, the default model had learned the answer's format but not retrieval
+    after 1200 steps (0-1% even within train_len).
     """
     key = int(rng.integers(1, MAX_KEY + 1))
     answer = enc.encode_ordinary(ANSWER.format(key=key))
@@ -104,4 +108,8 @@ def training_sequence(enc, rng, seq_len, eot):
     y = np.full(seq_len, -1, dtype=np.int64)
     answer_targets = slice(prompt_len - 1, prompt_len - 1 + len(answer))  # positions that predict the answer
     y[answer_targets] = tokens[1:][answer_targets]
+    digits = enc.encode_ordinary(str(key))  # one token per digit; no other digits in a prompt
+    mentions = [i for i in range(prompt_len) if tokens[i:i + len(digits)] == digits]  # the needle's two
+    repeat_targets = slice(mentions[1] - 1, mentions[1] - 1 + len(digits))  # positions that predict the repeat
+    y[repeat_targets] = tokens[1:][repeat_targets]
     return x, y

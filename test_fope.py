@@ -578,19 +578,26 @@ def test_score(text, key, correct):
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
 @pytest.mark.parametrize("seed", range(5))
-def test_training_sequence_has_loss_on_the_answer_only(encoding, seed):
+def test_training_sequence_has_loss_only_where_the_key_is_copied(encoding, seed):
     enc, seq_len = ENCODINGS[encoding](), 400
     eot = enc.eot_token
     x, y = passkey.training_sequence(enc, np.random.default_rng(seed), seq_len, eot)
     assert x.shape == y.shape == (seq_len,) and x.dtype == y.dtype == np.int64
     assert x[: len(enc.encode_ordinary(passkey.TASK))].tolist() == enc.encode_ordinary(passkey.TASK)
-    answer_positions = np.flatnonzero(y != -1)
-    assert answer_positions.tolist() == list(range(answer_positions[0], answer_positions[-1] + 1))
     key = int(re.search(r"\d+", enc.decode(x.tolist())).group())
+    targets = np.flatnonzero(y != -1)
+    num_digits = len(str(key))
+    repeat, answer_positions = targets[:num_digits], targets[num_digits:]
+    # the key's second mention in the needle line: "Remember it. N is the pass key."
+    assert repeat.tolist() == list(range(repeat[0], repeat[0] + num_digits))
+    assert enc.decode(y[repeat].tolist()) == str(key)
+    assert enc.decode(x[:repeat[0] + 1].tolist()).rstrip().endswith("Remember it.")
+    # the answer after the question
+    assert answer_positions.tolist() == list(range(answer_positions[0], answer_positions[-1] + 1))
     assert enc.decode(y[answer_positions].tolist()) == f" {key}."
     prompt_end = answer_positions[0] + 1  # the first answer token's input position
     assert enc.decode(x[:prompt_end].tolist()).endswith(passkey.QUESTION)
-    assert (y[answer_positions[:-1]] == x[answer_positions[:-1] + 1]).all()  # targets are the next inputs
+    assert (y[targets[:-1]] == x[targets[:-1] + 1]).all()  # targets are the next inputs
     assert (x[prompt_end + len(answer_positions):] == eot).all()  # padding after the answer
     x_again, y_again = passkey.training_sequence(enc, np.random.default_rng(seed), seq_len, eot)
     assert (x == x_again).all() and (y == y_again).all()
