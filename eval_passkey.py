@@ -123,6 +123,7 @@ def load_run(path, device, overrides):
         # train.py saves a run as <out_dir>/<run name>/ckpt.pt and stores --run_name only if given
         "run_name": state.get("train_config", {}).get("run_name") or Path(path).resolve().parent.name,
         "step": state["step"],
+        "train_config": state.get("train_config", {}),
     }
 
 
@@ -169,7 +170,7 @@ def accuracy_by_depth(correct, depths, buckets):
 
 def evaluate_run(run, args, lengths, label):
     """Evaluate one checkpoint at every length; returns its JSON record."""
-    record = {key: run[key] for key in ("path", "pe", "train_len", "run_name", "step", "model_config")}
+    record = {key: run[key] for key in ("path", "pe", "train_len", "run_name", "step", "model_config", "train_config")}
     record.update(trials=args.trials, accuracy={}, accuracy_by_depth={}, skipped_lengths=[])
     for length in lengths:
         keys, depths = trial_settings(args.seed, length, args.trials)

@@ -259,8 +259,21 @@ class TrainStep(Step):
         super().__init__(grid, f"train {run.name}", [sys.executable, "train.py", *args])
 
     def evaluated(self):
-        """Whether every evaluation of this run (and of its extensions) has its JSON."""
-        return all(os.path.exists(step.output) for step in self.evaluations)
+        """Whether every evaluation of this run (and of its extensions) has its JSON, made from a
+        checkpoint trained with this grid's settings and step count."""
+        return all(self.evaluated_here(step.output) for step in self.evaluations)
+
+    def evaluated_here(self, path):
+        try:
+            with open(path) as f:
+                records = json.load(f)["checkpoints"]
+        except (OSError, ValueError, KeyError):
+            return False
+        return bool(records) and all(
+            record.get("step") == self.settings["max_steps"]
+            and all(record.get("train_config", {}).get(key) == value
+                    for key, value in self.given.items() if key not in train.RESUMABLE)
+            for record in records)
 
     def skip_reason(self):
         """'done (N steps)' for a finished run, or for one whose checkpoint is gone (a fresh

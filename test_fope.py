@@ -1093,13 +1093,19 @@ def test_a_fresh_clone_retrains_a_run_only_when_something_still_needs_its_checkp
     grid = reproduce.GRIDS["quick"]
     steps = reproduce.plan(grid, grid.runs, str(tmp_path / "out"), str(tmp_path / "results"))
     trainings = {step.run_name: step for step in steps if isinstance(step, reproduce.TrainStep)}
-    for step in steps:  # every evaluation saved, no checkpoint kept: what a fresh clone holds
-        if isinstance(step, reproduce.EvalStep) and step.output.find("ext-rope-fope") < 0:
+    for training in trainings.values():  # every evaluation saved, no checkpoint kept: a fresh clone
+        record = {"step": training.settings["max_steps"], "train_config": training.settings}
+        for step in training.evaluations if training.run_name != "ext-rope-fope" else []:
             os.makedirs(os.path.dirname(step.output), exist_ok=True)
-            open(step.output, "w").close()
+            with open(step.output, "w") as f:
+                json.dump({"checkpoints": [record]}, f)
     assert trainings["fope-s0"].skip_reason() == "evaluated before (checkpoint not kept)"
     assert trainings["rope-s0"].skip_reason() is None        # ext-rope-fope still starts from it
     assert trainings["ext-rope-fope"].skip_reason() is None
+    stale = trainings["fope-s1"].evaluations[0].output      # made with other settings: trained again
+    with open(stale, "w") as f:
+        json.dump({"checkpoints": [{"step": 10, "train_config": trainings["fope-s1"].settings}]}, f)
+    assert trainings["fope-s1"].skip_reason() is None
 
 
 def test_the_readme_block_between_the_markers_is_replaced_and_nothing_else(tmp_path):
