@@ -28,7 +28,7 @@ import torch
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import encoding_from_state
-from eval_ppl import add_extension_options, curve_label, extension_overrides
+from eval_ppl import add_extension_options, curve_label, default_lengths, extension_overrides, parse_lengths
 from fope_gpt import GPTConfig
 from passkey import MAX_KEY, build_prompt, score
 
@@ -79,23 +79,6 @@ def non_negative_int(text):
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
     return value
-
-
-def parse_lengths(text):
-    """'128,256,512' -> [128, 256, 512] (sorted, without repeats)."""
-    try:
-        lengths = sorted({positive_int(part) for part in text.split(",")})
-    except (ValueError, argparse.ArgumentTypeError):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
-    return lengths
-
-
-def default_lengths(longest_train_len):
-    """128, 256, ... up to 16x the longest training length among the checkpoints."""
-    lengths = [128]
-    while lengths[-1] * 2 <= 16 * longest_train_len:
-        lengths.append(lengths[-1] * 2)
-    return lengths
 
 
 def load_run(path, device, overrides):

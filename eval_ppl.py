@@ -34,13 +34,14 @@ def fail(message):
 
 
 def parse_lengths(text):
+    """argparse type: '128,256,512' -> [128, 256, 512] (sorted, without repeats, each >= 2)."""
     try:
-        lengths = [int(x) for x in text.split(",") if x.strip()]
+        lengths = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        fail(f"--lengths must be a comma-separated list of integers, got {text!r}")
-    if not lengths or min(lengths) < 2:
-        fail(f"--lengths must be integers of at least 2, got {text!r}")
-    return sorted(set(lengths))
+        lengths = []
+    if not lengths or lengths[0] < 2:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers of at least 2, got {text!r}")
+    return lengths
 
 
 def default_lengths(train_len):
@@ -149,7 +150,8 @@ def plot(results, path, ylabel, key, log_y=True):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", nargs="+", required=True, help="one or more checkpoints")
-    parser.add_argument("--lengths", help="comma-separated lengths (default: 128 doubling to 16x train_len)")
+    parser.add_argument("--lengths", type=parse_lengths,
+                        help="comma-separated lengths (default: 128 doubling to 16x train_len)")
     parser.add_argument("--mode", choices=("chunks", "sliding"), default="chunks")
     parser.add_argument("--max_tokens", type=int, default=0, help="evaluate only the first N validation tokens (0: all)")
     parser.add_argument("--batch_tokens", type=int, default=16384, help="tokens per forward pass")
@@ -168,7 +170,7 @@ def main(argv=None):
             states.append((path, load_checkpoint(path)))
         except CheckpointError as e:
             fail(str(e))
-    lengths = parse_lengths(args.lengths) if args.lengths else default_lengths(
+    lengths = args.lengths or default_lengths(
         max(s["model_config"]["train_len"] for _, s in states))
 
     results = []

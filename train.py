@@ -160,7 +160,7 @@ def learning_rate(step, settings):
     return peak * (settings["min_lr_ratio"] + (1 - settings["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model, settings, device):
+def make_optimizer(model, settings):
     # As in the authors' OLMo configs, weight decay applies to every trained parameter
     # (norms and embeddings too). FoPE's frozen coefficients are not trained at all.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -227,7 +227,7 @@ def main(argv=None):
     except ValueError as e:
         fail(str(e))
     model = GPT(config).to(device)
-    optimizer = make_optimizer(model, settings, device)
+    optimizer = make_optimizer(model, settings)
     batches = Batches(prepared.train, settings, prepared.enc, prepared.eot)
     val_batches = validation_batches(prepared.val, settings["train_len"], settings["batch_size"], settings["eval_batches"])
     step, val_loss = 0, None
