@@ -298,6 +298,7 @@ def test_loss_ignores_targets_marked_minus_one():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+
 # -----------------------------------------------------------------------------
 # context extension without training: PI, NTK-aware, YaRN (notes §4.4)
 
@@ -691,6 +692,13 @@ def corpus_file(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("".join(lines))
     return path
+
+
+def test_a_run_is_named_by_every_setting_that_changes_what_is_trained():
+    settings = {**train.DEFAULTS, "pe": "fope", "vocab_size": 257, "seed": 1, "max_steps": 50, "eval_batches": 3}
+    # vocab_size and seed change the model; max_steps may grow on resume and eval_batches only measures
+    assert train.run_name(settings, "cpu") == "fope-seed1-vocab_size257"
+    assert train.run_name({**train.DEFAULTS, "pe": "rope"}, "cpu") == "rope"
 
 
 def tiny_run_args(tmp_path, *extra):

@@ -51,7 +51,7 @@ PRESETS = {
 # Settings that may change when a run is resumed: they do not change what is computed.
 RESUMABLE = {"max_steps", "eval_interval", "log_interval", "compile", "device", "resume", "out_dir", "preset"}
 # Settings that do not name a run.
-UNNAMED = RESUMABLE | {"run_name", "data_dir", "vocab_size", "eval_batches"}
+UNNAMED = RESUMABLE | {"run_name", "data_dir", "eval_batches"}
 
 
 def parse_args(argv=None):
