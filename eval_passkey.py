@@ -28,7 +28,7 @@ import torch
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import encoding_from_state
-from eval_ppl import add_extension_options, curve_label, default_lengths, extension_overrides, parse_lengths
+from eval_ppl import add_extension_options, default_lengths, extension_overrides, label_runs, parse_lengths
 from fope_gpt import GPTConfig
 from passkey import MAX_KEY, build_prompt, score
 
@@ -172,17 +172,6 @@ def evaluate_run(run, args, lengths, label):
     return record
 
 
-def run_labels(runs):
-    """A legend label per run: its position embedding (and context extension), plus the run's
-    name where two share one."""
-    labels = []
-    for run in runs:
-        label = curve_label(run["model_config"])  # e.g. 'rope+yarn16'
-        shared = sum(curve_label(other["model_config"]) == label for other in runs) > 1
-        labels.append(f"{label} ({run['run_name']})" if shared else label)
-    return labels
-
-
 def plot_accuracy(records, labels, lengths, path):
     """Accuracy versus prompt length, one curve per checkpoint, its train_len dashed."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -249,7 +238,7 @@ def main(argv=None):
     except OSError as error:
         sys.exit(f"eval_passkey.py: error: cannot create the folder of --out {args.out}: {error.strerror}")
     lengths = args.lengths or default_lengths(max(run["train_len"] for run in runs))
-    labels = run_labels(runs)
+    labels = label_runs(runs, name_key="run_name")
     records = [evaluate_run(run, args, lengths, label) for run, label in zip(runs, labels)]
 
     results = {

@@ -119,10 +119,11 @@ def curve_label(config):
     return config["pe"] if scaling == "none" else f"{config['pe']}+{scaling}{config['rope_scale']:g}"
 
 
-def label_runs(results):
-    """Label curves by pe (and extension), adding the run name where two labels coincide."""
+def label_runs(results, name_key="run"):
+    """Label curves by pe (and extension), e.g. 'rope+yarn16', adding the run name (the record's
+    `name_key` field) where two labels coincide."""
     labels = [curve_label(r["model_config"]) for r in results]
-    return [label if labels.count(label) == 1 else f"{label} ({r['run']})" for label, r in zip(labels, results)]
+    return [label if labels.count(label) == 1 else f"{label} ({r[name_key]})" for label, r in zip(labels, results)]
 
 
 def plot(results, path, ylabel, key, log_y=True):
