@@ -30,7 +30,7 @@ from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import encoding_from_state
 from eval_ppl import add_extension_options, default_lengths, extension_overrides, label_runs, parse_lengths
 from fope_gpt import GPTConfig
-from passkey import MAX_KEY, build_prompt, score
+from passkey import ANSWER, MAX_KEY, build_prompt, score
 
 MAX_NEW_TOKENS = 10  # as in the authors' script
 # Default prompts per forward pass: about this many tokens, so that the activations of a batch
@@ -151,6 +151,55 @@ def accuracy_by_depth(correct, depths, buckets):
     return [float(h / c) if c else None for h, c in zip(hits, counts)]
 
 
+# -----------------------------------------------------------------------------
+# why retrieval works or fails: two measurements at train_len
+
+
+@torch.no_grad()
+def copy_losses(model, length, trials, seed, device):
+    """Mean loss on a run of length/2 random token ids the first time it is seen and when it
+    repeats. A model with an induction circuit (find the earlier occurrence of the current
+    token, predict what followed it) predicts the repeat far better; retrieval needs one."""
+    half = length // 2
+    generator = torch.Generator().manual_seed(seed)
+    run = torch.randint(0, model.config.vocab_size - 1, (trials, half), generator=generator)  # no end of text
+    idx = torch.cat((run, run), dim=1).to(device)  # (trials, 2 * half)
+    logits, _ = model(idx[:, :-1])
+    losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), idx[:, 1:], reduction="none")
+    # the first repeated token (position half) follows the run's end: nothing predicts it
+    return losses[:, :half - 1].mean().item(), losses[:, half:].mean().item()
+
+
+@torch.no_grad()
+def teacher_forced_digits(model, enc, length, trials, seed, device):
+    """On prompts of `length` tokens followed by the true answer: the share of first key digits,
+    and of later ones, that are the model's top prediction. The first digit needs the needle
+    found ("key is" -> digit); each later one is a copy of what followed the previous digit in
+    the needle, the step an induction circuit takes."""
+    keys, depths = trial_settings(seed, length, trials)
+    first, later = [], []
+    for key, depth in zip(keys, depths):
+        answer = enc.encode_ordinary(ANSWER.format(key=key))
+        prompt = build_prompt(enc, length - len(answer), depth, key)
+        digits = enc.encode_ordinary(str(key))
+        start = len(prompt) + next(i for i in range(len(answer)) if answer[i:i + len(digits)] == digits)
+        idx = torch.tensor([prompt + answer], device=device)  # (1, length)
+        predicted = model(idx)[0][0, start - 1:start - 1 + len(digits)].argmax(-1).tolist()  # predictions of the digits
+        hits = [p == d for p, d in zip(predicted, digits)]
+        first.append(hits[0])
+        later.extend(hits[1:])
+    return float(np.mean(first)), float(np.mean(later)) if later else float("nan")
+
+
+def diagnostics(run, trials, seed, device):
+    """The copy losses and teacher-forced digit accuracies at train_len, as a JSON record."""
+    model, length = run["model"], run["train_len"]
+    first_loss, repeat_loss = copy_losses(model, length, trials, seed, device)
+    first_digit, later_digits = teacher_forced_digits(model, run["enc"], length, trials, seed, device)
+    return {"length": length, "copy_loss_first": first_loss, "copy_loss_repeat": repeat_loss,
+            "first_digit_accuracy": first_digit, "later_digit_accuracy": later_digits}
+
+
 def evaluate_run(run, args, lengths, label):
     """Evaluate one checkpoint at every length; returns its JSON record."""
     record = {key: run[key] for key in ("path", "pe", "train_len", "run_name", "step", "model_config", "train_config")}
@@ -169,6 +218,14 @@ def evaluate_run(run, args, lengths, label):
         record["accuracy"][str(length)] = float(np.mean(correct))
         record["accuracy_by_depth"][str(length)] = accuracy_by_depth(correct, depths, args.depth_buckets)
         print(f"{label}: length {length:6d}  accuracy {np.mean(correct):.3f}  ({time.time() - start:.1f} s)", flush=True)
+    try:
+        record["diagnostics"] = found = diagnostics(run, min(args.trials, 64), args.seed, args.device)
+    except ValueError as error:  # train_len cannot hold a prompt
+        print(f"{label}: no diagnostics: {error}", flush=True)
+        return record
+    print(f"{label}: at length {found['length']}: loss on random tokens {found['copy_loss_first']:.2f} the first "
+          f"time, {found['copy_loss_repeat']:.2f} repeated; key digits with the answer fed in: first "
+          f"{found['first_digit_accuracy']:.2f}, later {found['later_digit_accuracy']:.2f}", flush=True)
     return record
 
 

@@ -622,6 +622,44 @@ def test_trial_settings_depend_on_seed_and_length_only():
     assert np.bincount((np.array(depths) * 5).astype(int), minlength=5).tolist() == [20] * 5
 
 
+class InductionOracle(torch.nn.Module):
+    """A stand-in model that does exactly what an induction circuit does: at every position it
+    predicts the token that followed the most recent earlier occurrence of the current token."""
+
+    def __init__(self, vocab_size, train_len):
+        super().__init__()
+        self.config = types.SimpleNamespace(vocab_size=vocab_size, train_len=train_len)
+
+    def forward(self, idx):
+        logits = torch.zeros(*idx.shape, self.config.vocab_size)
+        for b, row in enumerate(idx.tolist()):
+            next_of = {}
+            for t, token in enumerate(row):
+                if token in next_of:
+                    logits[b, t, next_of[token]] = 30.0
+                if t + 1 < len(row):
+                    next_of[token] = row[t + 1]
+        return logits, None
+
+
+def test_copy_diagnostics_tell_an_induction_circuit_from_its_absence():
+    enc = byte_encoding()
+    oracle = InductionOracle(4096, 320)
+    first, repeat = eval_passkey.copy_losses(oracle, 320, 4, 0, "cpu")
+    # the first time only chance repeats of a token are predicted (wrongly); a repeated token
+    # that also occurs twice in the run is the oracle's only mistake the second time
+    assert repeat < 0.25 * first
+    oracle = InductionOracle(257, 320)
+    first_digit, later_digits = eval_passkey.teacher_forced_digits(oracle, enc, 320, 20, 0, "cpu")
+    # token-level copying finds the later digits (all but those after a digit the key repeats);
+    # the first digit needs a two-token match ("key is" -> digit), which one-token copying lacks
+    assert later_digits > 0.5 and first_digit == 0.0
+    torch.manual_seed(0)
+    untrained = GPT(GPTConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=32, train_len=320))
+    first, repeat = eval_passkey.copy_losses(untrained, 320, 4, 0, "cpu")
+    assert abs(first - repeat) < 0.05
+
+
 def save_tiny_checkpoint(path, pe="fope"):
     """A random-weight 1-layer model with a byte-level tokenizer, saved like a training run."""
     torch.manual_seed(0)
@@ -660,6 +698,7 @@ def test_eval_passkey_end_to_end(tmp_path):
         assert 0.0 <= record["accuracy"]["256"] <= 1.0
         assert all(v is None or 0.0 <= v <= 1.0 for v in record["accuracy_by_depth"]["256"])
         assert len(record["accuracy_by_depth"]["256"]) == 5
+        assert "diagnostics" not in record  # train_len 64 cannot hold a prompt
     assert (tmp_path / "res" / "pk.png").stat().st_size > 0
     assert (tmp_path / "res" / "pk_heatmap.png").stat().st_size > 0
 
