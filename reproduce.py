@@ -611,6 +611,24 @@ def section_markdown(section, results, lengths, figure_dir):
     return lines
 
 
+def diagnostics_markdown(results):
+    """A table of eval_passkey.py's diagnostics at train_len, one row per evaluated run: does the
+    model copy at all (an induction circuit), and which digits of the key does it find."""
+    rows = [(entry, kinds["passkey"]["diagnostics"]) for entry, kinds in results.items()
+            if kinds["passkey"] and "diagnostics" in kinds["passkey"]]
+    if not rows:
+        return []
+    lines = ["#### Copying at train_len", "",
+             "Retrieval needs an induction circuit: find the earlier occurrence of the current token and copy "
+             "what followed it. Columns: loss on a run of random tokens the first time and when it repeats "
+             "(no lower the second time: no such circuit); with the true answer fed in, the share of first "
+             "and of later key digits that are the model's top prediction (a guess: 10%).", "",
+             "| run | random run, first | repeated | first digit | later digits |", "|---|---|---|---|---|"]
+    lines += [f"| {entry} | {d['copy_loss_first']:.2f} | {d['copy_loss_repeat']:.2f} | "
+              f"{d['first_digit_accuracy']:.0%} | {d['later_digit_accuracy']:.0%} |" for entry, d in rows]
+    return lines + [""]
+
+
 def report_markdown(grid_name, grid, sections, results, figure_dir):
     """The report's Markdown; figure links start with figure_dir."""
     lines = [f"Grid `{grid_name}` of `reproduce.py`. {grid.about}", "",
@@ -621,7 +639,7 @@ def report_markdown(grid_name, grid, sections, results, figure_dir):
              f"from the evaluation JSON.", ""]
     for section in sections:
         lines += section_markdown(section, results, grid.lengths, figure_dir)
-    return "\n".join(lines)
+    return "\n".join(lines + diagnostics_markdown(results))
 
 
 def update_readme(path, block, name="results"):
