@@ -8,7 +8,8 @@ For each prompt length every checkpoint answers the same trials (keys and needle
 from --seed alone), by greedy decoding of up to 10 tokens; a trial is correct when the first
 number in the answer is the key (protocol: ../shared/PAPER_NOTES.md §6.2, prompts: passkey.py).
 Writes a JSON file and two figures next to it: accuracy versus length, and a heatmap of
-accuracy over length x needle depth per checkpoint.
+accuracy over length x needle depth per checkpoint. The JSON also holds, per checkpoint, two
+diagnostics at train_len that tell why retrieval fails when it does (see diagnostics()).
 """
 
 import argparse
