@@ -309,7 +309,9 @@ def main(argv=None):
         },
         "checkpoints": records,
     }
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    partial = args.out.with_name(args.out.name + ".tmp")
+    partial.write_text(json.dumps(results, indent=2) + "\n")
+    partial.replace(args.out)  # atomic: an interrupted run never leaves a half-written JSON
     accuracy_png = args.out.with_name(args.out.stem + ".png")
     heatmap_png = args.out.with_name(args.out.stem + "_heatmap.png")
     plot_accuracy(records, labels, lengths, accuracy_png)
