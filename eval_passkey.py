@@ -159,8 +159,8 @@ def accuracy_by_depth(correct, depths, buckets):
 @torch.no_grad()
 def copy_losses(model, length, trials, seed, device):
     """Mean loss on a run of length/2 random token ids the first time it is seen and when it
-    repeats. A model with an induction circuit (find the earlier occurrence of the current
-    token, predict what followed it) predicts the repeat far better; retrieval needs one."""
+    repeats. A model with a general induction circuit (find the earlier occurrence of the
+    current token, predict what followed it) predicts the repeat far better."""
     half = length // 2
     generator = torch.Generator().manual_seed(seed)
     run = torch.randint(0, model.config.vocab_size - 1, (trials, half), generator=generator)  # no end of text

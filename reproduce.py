@@ -612,20 +612,20 @@ def section_markdown(section, results, lengths, figure_dir):
 
 
 def diagnostics_markdown(results):
-    """A table of eval_passkey.py's diagnostics at train_len, one row per evaluated run: does the
-    model copy at all (an induction circuit), and which digits of the key does it find."""
+    """A table of eval_passkey.py's diagnostics at train_len, one row per evaluated run: which
+    digits of the key the model finds, and whether it copies random tokens at all."""
     rows = [(entry, kinds["passkey"]["diagnostics"]) for entry, kinds in results.items()
             if kinds["passkey"] and "diagnostics" in kinds["passkey"]]
     if not rows:
         return []
     lines = ["#### Copying at train_len", "",
-             "Retrieval needs an induction circuit: find the earlier occurrence of the current token and copy "
-             "what followed it. Columns: loss on a run of random tokens the first time and when it repeats "
-             "(no lower the second time: no such circuit); with the true answer fed in, the share of first "
-             "and of later key digits that are the model's top prediction (a guess: 10%).", "",
-             "| run | random run, first | repeated | first digit | later digits |", "|---|---|---|---|---|"]
-    lines += [f"| {entry} | {d['copy_loss_first']:.2f} | {d['copy_loss_repeat']:.2f} | "
-              f"{d['first_digit_accuracy']:.0%} | {d['later_digit_accuracy']:.0%} |" for entry, d in rows]
+             "With the true answer fed in: the share of first key digits (the needle found) and of later ones (each a copy "
+             "of the digit that followed the previous one in the needle) that are the model's top prediction; a "
+             "guess gets 10%. Then the loss on a run of random tokens the first time and when it repeats: lower the "
+             "second time means a general copying circuit.", "",
+             "| run | first digit | later digits | random run, first time | repeated |", "|---|---|---|---|---|"]
+    lines += [f"| {entry} | {d['first_digit_accuracy']:.0%} | {d['later_digit_accuracy']:.0%} | "
+              f"{d['copy_loss_first']:.2f} | {d['copy_loss_repeat']:.2f} |" for entry, d in rows]
     return lines + [""]
 
 
