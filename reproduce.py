@@ -358,9 +358,10 @@ def plan(grid, runs, out_grid, results_grid):
     return steps
 
 
-def run_steps(steps, results_grid, dry_run, argv):
+def run_steps(steps, results_grid, dry_run, argv, grid_steps):
     """Run the steps in order, printing progress; log each finished one to steps.jsonl. Before
-    the first step that runs, environment.json records this invocation."""
+    the first step that runs, environment.json records this invocation and every step of the
+    grid (`grid_steps`, not only those selected now, so that --only does not lose the record)."""
     start, ran = time.time(), 0
     for number, step in enumerate(steps, 1):
         prefix = f"[{number}/{len(steps)}] {step.title}"
@@ -374,7 +375,7 @@ def run_steps(steps, results_grid, dry_run, argv):
             continue
         if not ran:
             os.makedirs(results_grid, exist_ok=True)
-            write_environment(os.path.join(results_grid, "environment.json"), argv, steps)
+            write_environment(os.path.join(results_grid, "environment.json"), argv, grid_steps)
         ran += 1
         step_start = time.time()
         if step.run(command) != 0:
@@ -399,7 +400,7 @@ def cpu_model():
 
 
 def write_environment(path, argv, steps):
-    """Versions, hardware, and the exact command lines of this invocation."""
+    """Versions, hardware, this invocation, and the exact command lines of `steps`."""
     environment = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
@@ -714,7 +715,7 @@ def main(argv=None):
         return
     steps = plan(grid, select_runs(grid, args.only), out_grid, results_grid)
     print(f"grid {args.grid}: {grid.about}", flush=True)
-    run_steps(steps, results_grid, args.dry_run, argv)
+    run_steps(steps, results_grid, args.dry_run, argv, plan(grid, grid.runs, out_grid, results_grid))
     if not args.dry_run:
         write_report(args.grid, grid, results_grid)
 

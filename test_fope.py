@@ -1214,6 +1214,13 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
         assert (results / f"{name}.png").stat().st_size > 0 and f"]({name}.png)" in markdown
     assert (HERE / "README.md").read_bytes() == readme  # the README shows the default grid only
 
+    # a partial invocation runs only what it names, and the record still holds the whole grid
+    result = run_reproduce("--quick", "--only", "fope-s1", "--out_dir", tmp_path, "--results_dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "[1/3] train fope-s1: done" in result.stdout and (results / "passkey" / "fope-s1.json").is_file()
+    again = json.loads((results / "environment.json").read_text())
+    assert again["steps"] == environment["steps"] and "--only fope-s1" in again["command"]
+
 
 # =============================================================================
 # bench.py
