@@ -31,7 +31,7 @@ from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import encoding_from_state
 from eval_ppl import add_extension_options, default_lengths, extension_overrides, label_runs, parse_lengths
 from fope_gpt import GPTConfig
-from passkey import ANSWER, MAX_KEY, build_prompt, score
+from passkey import ANSWER, MAX_KEY, NEEDLE, build_prompt, score
 
 MAX_NEW_TOKENS = 10  # as in the authors' script
 # Default prompts per forward pass: about this many tokens, so that the activations of a batch
@@ -156,19 +156,20 @@ def accuracy_by_depth(correct, depths, buckets):
 # why retrieval works or fails: two measurements at train_len
 
 
-@torch.no_grad()
-def copy_losses(model, length, trials, seed, device):
-    """Mean loss on a run of length/2 random token ids the first time it is seen and when it
-    repeats. A model with a general induction circuit (find the earlier occurrence of the
-    current token, predict what followed it) predicts the repeat far better."""
-    half = length // 2
-    generator = torch.Generator().manual_seed(seed)
-    run = torch.randint(0, model.config.vocab_size - 1, (trials, half), generator=generator)  # no end of text
-    idx = torch.cat((run, run), dim=1).to(device)  # (trials, 2 * half)
-    logits, _ = model(idx[:, :-1])
-    losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), idx[:, 1:], reduction="none")
-    # the first repeated token (position half) follows the run's end: nothing predicts it
-    return losses[:, :half - 1].mean().item(), losses[:, half:].mean().item()
+# The needle line with three more words between the key's two mentions: a copy that looked back
+# a fixed number of tokens lands on the wrong token; a copy that looks up the key does not.
+NEEDLE_FURTHER = "The pass key is {key}. Remember it very well now. {key} is the pass key."
+
+
+def top_predictions(model, tokens, start, count, device):
+    """The model's top prediction for each of tokens[start:start + count], given every token
+    before it (teacher forcing): a list of `count` token ids."""
+    idx = torch.tensor([tokens], device=device)  # (1, len(tokens))
+    return model(idx)[0][0, start - 1:start - 1 + count].argmax(-1).tolist()
+
+
+def later_digits_hits(predicted, digits):
+    return [p == d for p, d in zip(predicted[1:], digits[1:])]
 
 
 @torch.no_grad()
@@ -176,7 +177,7 @@ def teacher_forced_digits(model, enc, length, trials, seed, device):
     """On prompts of `length` tokens followed by the true answer: the share of first key digits,
     and of later ones, that are the model's top prediction. The first digit needs the needle
     found ("key is" -> digit); each later one is a copy of what followed the previous digit in
-    the needle, the step an induction circuit takes."""
+    the needle."""
     keys, depths = trial_settings(seed, length, trials)
     first, later = [], []
     for key, depth in zip(keys, depths):
@@ -184,21 +185,36 @@ def teacher_forced_digits(model, enc, length, trials, seed, device):
         prompt = build_prompt(enc, length - len(answer), depth, key)
         digits = enc.encode_ordinary(str(key))
         start = len(prompt) + next(i for i in range(len(answer)) if answer[i:i + len(digits)] == digits)
-        idx = torch.tensor([prompt + answer], device=device)  # (1, length)
-        predicted = model(idx)[0][0, start - 1:start - 1 + len(digits)].argmax(-1).tolist()  # predictions of the digits
-        hits = [p == d for p, d in zip(predicted, digits)]
-        first.append(hits[0])
-        later.extend(hits[1:])
+        predicted = top_predictions(model, prompt + answer, start, len(digits), device)
+        first.append(predicted[0] == digits[0])
+        later.extend(later_digits_hits(predicted, digits))
     return float(np.mean(first)), float(np.mean(later)) if later else float("nan")
 
 
+@torch.no_grad()
+def needle_repeat_digits(model, enc, length, trials, seed, device, needle_text):
+    """The share of the later digits of the key's second mention inside the needle line
+    ("... N is the pass key.") that are the model's top prediction, in prompts of `length`."""
+    keys, depths = trial_settings(seed, length, trials)
+    later = []
+    for key, depth in zip(keys, depths):
+        prompt = build_prompt(enc, length, depth, key, needle_text)
+        digits = enc.encode_ordinary(str(key))
+        mentions = [i for i in range(len(prompt)) if prompt[i:i + len(digits)] == digits]
+        later.extend(later_digits_hits(top_predictions(model, prompt, mentions[1], len(digits), device), digits))
+    return float(np.mean(later)) if later else float("nan")
+
+
 def diagnostics(run, trials, seed, device):
-    """The copy losses and teacher-forced digit accuracies at train_len, as a JSON record."""
-    model, length = run["model"], run["train_len"]
-    first_loss, repeat_loss = copy_losses(model, length, trials, seed, device)
-    first_digit, later_digits = teacher_forced_digits(model, run["enc"], length, trials, seed, device)
-    return {"length": length, "copy_loss_first": first_loss, "copy_loss_repeat": repeat_loss,
-            "first_digit_accuracy": first_digit, "later_digit_accuracy": later_digits}
+    """Why retrieval works or fails, at train_len, as a JSON record: the answer's digits with
+    the true answer fed in, and the needle's own repeat of the key as trained and with the two
+    mentions three words further apart (a fixed-offset copy fails there, a lookup does not)."""
+    model, enc, length = run["model"], run["enc"], run["train_len"]
+    first_digit, later_digits = teacher_forced_digits(model, enc, length, trials, seed, device)
+    return {"length": length, "first_digit_accuracy": first_digit, "later_digit_accuracy": later_digits,
+            "repeat_later_digits": needle_repeat_digits(model, enc, length, trials, seed, device, NEEDLE),
+            "repeat_later_digits_further": needle_repeat_digits(model, enc, length, trials, seed, device,
+                                                                NEEDLE_FURTHER)}
 
 
 def evaluate_run(run, args, lengths, label):
@@ -224,9 +240,10 @@ def evaluate_run(run, args, lengths, label):
     except ValueError as error:  # train_len cannot hold a prompt
         print(f"{label}: no diagnostics: {error}", flush=True)
         return record
-    print(f"{label}: at length {found['length']}: loss on random tokens {found['copy_loss_first']:.2f} the first "
-          f"time, {found['copy_loss_repeat']:.2f} repeated; key digits with the answer fed in: first "
-          f"{found['first_digit_accuracy']:.2f}, later {found['later_digit_accuracy']:.2f}", flush=True)
+    print(f"{label}: at length {found['length']}, with the answer fed in: first key digit "
+          f"{found['first_digit_accuracy']:.2f}, later digits {found['later_digit_accuracy']:.2f}; the needle's "
+          f"repeat of the key, later digits: {found['repeat_later_digits']:.2f} as trained, "
+          f"{found['repeat_later_digits_further']:.2f} three words further", flush=True)
     return record
 
 

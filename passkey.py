@@ -29,11 +29,11 @@ ANSWER = " {key}."
 MAX_KEY = 50_000  # keys are uniform in 1..MAX_KEY
 
 
-def fixed_tokens(enc, key):
+def fixed_tokens(enc, key, needle_text=NEEDLE):
     """The prompt's three fixed pieces as token lists: (task line + "\\n",
     "\\n" + needle line + "\\n", "\\n" + question); the filler goes between them."""
     head = enc.encode_ordinary(TASK + "\n")
-    needle = enc.encode_ordinary("\n" + NEEDLE.format(key=key) + "\n")
+    needle = enc.encode_ordinary("\n" + needle_text.format(key=key) + "\n")
     tail = enc.encode_ordinary("\n" + QUESTION)
     return head, needle, tail
 
@@ -58,12 +58,13 @@ def filler_tokens(enc, count):
     return repeated_filler(enc, repeats)[:count]
 
 
-def build_prompt(enc, target_len, depth, key):
-    """A passkey prompt of exactly target_len tokens with the needle at relative depth `depth`
-    (0: right after the task line, 1: right before the question). Returns a list of token ids."""
+def build_prompt(enc, target_len, depth, key, needle_text=NEEDLE):
+    """A passkey prompt of exactly target_len tokens with the needle line at relative depth
+    `depth` (0: right after the task line, 1: right before the question). Returns a list of
+    token ids. `needle_text` replaces the benchmark's needle line (for a diagnostic only)."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    head, needle, tail = fixed_tokens(enc, key)
+    head, needle, tail = fixed_tokens(enc, key, needle_text)
     num_filler = target_len - len(head) - len(needle) - len(tail)
     if num_filler < 0:
         raise ValueError(

@@ -614,19 +614,24 @@ def section_markdown(section, results, lengths, figure_dir):
 
 def diagnostics_markdown(results):
     """A table of eval_passkey.py's diagnostics at train_len, one row per evaluated run: which
-    digits of the key the model finds, and whether it copies random tokens at all."""
+    digits of the key the model finds, and whether it copies by looking the key up."""
     rows = [(entry, kinds["passkey"]["diagnostics"]) for entry, kinds in results.items()
             if kinds["passkey"] and "diagnostics" in kinds["passkey"]]
     if not rows:
         return []
+
+    def share(record, key):  # "-" in records written before the measurement existed
+        return f"{record[key]:.0%}" if key in record else "-"
     lines = ["#### Copying at train_len", "",
              "With the true answer fed in: the share of first key digits (the needle found) and of later ones (each a copy "
              "of the digit that followed the previous one in the needle) that are the model's top prediction; a "
-             "guess gets 10%. Then the loss on a run of random tokens the first time and when it repeats: lower the "
-             "second time means a general copying circuit.", "",
-             "| run | first digit | later digits | random run, first time | repeated |", "|---|---|---|---|---|"]
-    lines += [f"| {entry} | {d['first_digit_accuracy']:.0%} | {d['later_digit_accuracy']:.0%} | "
-              f"{d['copy_loss_first']:.2f} | {d['copy_loss_repeat']:.2f} |" for entry, d in rows]
+             "guess gets 10%. Then the later digits of the needle's own repeat of the key (\"Remember it. N is the "
+             "pass key.\"), as trained and with the two mentions three words further apart: a model that learned to "
+             "copy from a fixed distance back loses them there, one that looks the key up does not.", "",
+             "| run | answer: first digit | answer: later digits | needle repeat: later digits | "
+             "3 words further |", "|---|---|---|---|---|"]
+    lines += [f"| {entry} | {share(d, 'first_digit_accuracy')} | {share(d, 'later_digit_accuracy')} | "
+              f"{share(d, 'repeat_later_digits')} | {share(d, 'repeat_later_digits_further')} |" for entry, d in rows]
     return lines + [""]
 
 

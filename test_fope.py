@@ -642,22 +642,39 @@ class InductionOracle(torch.nn.Module):
         return logits, None
 
 
-def test_copy_diagnostics_tell_an_induction_circuit_from_its_absence():
+class FixedOffsetOracle(torch.nn.Module):
+    """A stand-in model that copies the token a fixed number of positions back: the shortcut
+    that predicts the needle's repeat of a five-digit key without looking the key up."""
+
+    def __init__(self, vocab_size, train_len, offset):
+        super().__init__()
+        self.config = types.SimpleNamespace(vocab_size=vocab_size, train_len=train_len)
+        self.offset = offset
+
+    def forward(self, idx):
+        logits = torch.zeros(*idx.shape, self.config.vocab_size)
+        for b, row in enumerate(idx.tolist()):
+            for t in range(self.offset - 1, len(row)):
+                logits[b, t, row[t + 1 - self.offset]] = 30.0
+        return logits, None
+
+
+def test_digit_diagnostics_tell_a_lookup_from_a_fixed_offset_copy():
     enc = byte_encoding()
-    oracle = InductionOracle(4096, 320)
-    first, repeat = eval_passkey.copy_losses(oracle, 320, 4, 0, "cpu")
-    # the first time only chance repeats of a token are predicted (wrongly); a repeated token
-    # that also occurs twice in the run is the oracle's only mistake the second time
-    assert repeat < 0.25 * first
-    oracle = InductionOracle(257, 320)
-    first_digit, later_digits = eval_passkey.teacher_forced_digits(oracle, enc, 320, 20, 0, "cpu")
+    induction = InductionOracle(257, 320)
+    first_digit, later_digits = eval_passkey.teacher_forced_digits(induction, enc, 320, 20, 0, "cpu")
     # token-level copying finds the later digits (all but those after a digit the key repeats);
     # the first digit needs a two-token match ("key is" -> digit), which one-token copying lacks
     assert later_digits > 0.5 and first_digit == 0.0
-    torch.manual_seed(0)
-    untrained = GPT(GPTConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=32, train_len=320))
-    first, repeat = eval_passkey.copy_losses(untrained, 320, 4, 0, "cpu")
-    assert abs(first - repeat) < 0.05
+    repeat = [eval_passkey.needle_repeat_digits(induction, enc, 320, 20, 0, "cpu", needle)
+              for needle in (passkey.NEEDLE, eval_passkey.NEEDLE_FURTHER)]
+    assert min(repeat) > 0.5  # a lookup does not care how far back the first mention is
+    offset = len(enc.encode_ordinary("12345. Remember it. "))  # first to second mention of a 5-digit key
+    shortcut = FixedOffsetOracle(257, 320, offset)
+    as_trained, further = [eval_passkey.needle_repeat_digits(shortcut, enc, 320, 20, 0, "cpu", needle)
+                           for needle in (passkey.NEEDLE, eval_passkey.NEEDLE_FURTHER)]
+    assert as_trained > 0.8 and further < 0.2
+    assert eval_passkey.teacher_forced_digits(shortcut, enc, 320, 20, 0, "cpu")[1] < 0.2  # no use for the answer
 
 
 def save_tiny_checkpoint(path, pe="fope"):
