@@ -91,10 +91,12 @@ def training_sequence(enc, rng, seq_len, eot):
     must be copied: its second mention in the needle line ("Remember it. N is ...") and the
     answer. Only those carry loss: with the whole sample as ordinary next-token loss a tiny
     model spends its capacity on the predictable filler and never learns retrieval
-    (../shared/PAPER_NOTES.md §9). The needle's own repetition is a copy over a few tokens,
-    easy to learn first; the answer is the same copy over up to seq_len tokens. With loss on
-    the answer alone, the default model had learned the answer's format but not retrieval
-    after 1200 steps (0-1% even within train_len).
+    (../shared/PAPER_NOTES.md §9). The needle's own repetition is meant as the easy first
+    step: a copy over a few tokens, which the answer repeats over up to seq_len tokens. ALiBi
+    models learn it as that copy (a lookup of the key); rotary models learn it from a fixed
+    offset instead, which does not carry over to the answer (eval_passkey.py's diagnostics).
+    With loss on the answer alone, the default model had learned the answer's format but not
+    retrieval after 1200 steps (0-1% even within train_len).
     """
     key = int(rng.integers(1, MAX_KEY + 1))
     answer = enc.encode_ordinary(ANSWER.format(key=key))
