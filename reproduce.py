@@ -619,9 +619,6 @@ def diagnostics_markdown(results):
             if kinds["passkey"] and "diagnostics" in kinds["passkey"]]
     if not rows:
         return []
-
-    def share(record, key):  # "-" in records written before the measurement existed
-        return f"{record[key]:.0%}" if key in record else "-"
     lines = ["#### Copying at train_len", "",
              "With the true answer fed in: the share of first key digits (the needle found) and of later ones (each a copy "
              "of the digit that followed the previous one in the needle) that are the model's top prediction; a "
@@ -630,8 +627,8 @@ def diagnostics_markdown(results):
              "copy from a fixed distance back loses them there, one that looks the key up does not.", "",
              "| run | answer: first digit | answer: later digits | needle repeat: later digits | "
              "3 words further |", "|---|---|---|---|---|"]
-    lines += [f"| {entry} | {share(d, 'first_digit_accuracy')} | {share(d, 'later_digit_accuracy')} | "
-              f"{share(d, 'repeat_later_digits')} | {share(d, 'repeat_later_digits_further')} |" for entry, d in rows]
+    lines += [f"| {entry} | {d['first_digit_accuracy']:.0%} | {d['later_digit_accuracy']:.0%} | "
+              f"{d['repeat_later_digits']:.0%} | {d['repeat_later_digits_further']:.0%} |" for entry, d in rows]
     return lines + [""]
 
 
