@@ -31,7 +31,7 @@ from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import encoding_from_state
 from eval_ppl import add_extension_options, default_lengths, extension_overrides, label_runs, parse_lengths
 from fope_gpt import GPTConfig
-from passkey import ANSWER, MAX_KEY, NEEDLE, build_prompt, score
+from passkey import ANSWER, MAX_KEY, NEEDLE, build_prompt, key_mentions, score
 
 MAX_NEW_TOKENS = 10  # as in the authors' script
 # Default prompts per forward pass: about this many tokens, so that the activations of a batch
@@ -184,7 +184,7 @@ def teacher_forced_digits(model, enc, length, trials, seed, device):
         answer = enc.encode_ordinary(ANSWER.format(key=key))
         prompt = build_prompt(enc, length - len(answer), depth, key)
         digits = enc.encode_ordinary(str(key))
-        start = len(prompt) + next(i for i in range(len(answer)) if answer[i:i + len(digits)] == digits)
+        start = len(prompt) + key_mentions(answer, digits)[0]
         predicted = top_predictions(model, prompt + answer, start, len(digits), device)
         first.append(predicted[0] == digits[0])
         later.extend(later_digits_hits(predicted, digits))
@@ -200,8 +200,8 @@ def needle_repeat_digits(model, enc, length, trials, seed, device, needle_text):
     for key, depth in zip(keys, depths):
         prompt = build_prompt(enc, length, depth, key, needle_text)
         digits = enc.encode_ordinary(str(key))
-        mentions = [i for i in range(len(prompt)) if prompt[i:i + len(digits)] == digits]
-        later.extend(later_digits_hits(top_predictions(model, prompt, mentions[1], len(digits), device), digits))
+        repeat = key_mentions(prompt, digits)[1]
+        later.extend(later_digits_hits(top_predictions(model, prompt, repeat, len(digits), device), digits))
     return float(np.mean(later)) if later else float("nan")
 
 

@@ -76,6 +76,12 @@ def build_prompt(enc, target_len, depth, key, needle_text=NEEDLE):
     return head + filler[:num_prefix] + needle + filler[: num_filler - num_prefix] + tail
 
 
+def key_mentions(tokens, digits):
+    """Start index of every occurrence of the key's digit tokens in tokens (a list of ids).
+    A prompt holds no other digits, so these are the needle's two mentions, then the answer's."""
+    return [i for i in range(len(tokens)) if tokens[i:i + len(digits)] == digits]
+
+
 def score(text, key):
     """True iff the first run of digits in the generated text is the key (no number: wrong)."""
     match = re.search(r"\d+", text)
@@ -112,7 +118,7 @@ def training_sequence(enc, rng, seq_len, eot):
     answer_targets = slice(prompt_len - 1, prompt_len - 1 + len(answer))  # positions that predict the answer
     y[answer_targets] = tokens[1:][answer_targets]
     digits = enc.encode_ordinary(str(key))  # one token per digit; no other digits in a prompt
-    mentions = [i for i in range(prompt_len) if tokens[i:i + len(digits)] == digits]  # the needle's two
-    repeat_targets = slice(mentions[1] - 1, mentions[1] - 1 + len(digits))  # positions that predict the repeat
+    repeat = key_mentions(tokens, digits)[1]  # the needle's second mention
+    repeat_targets = slice(repeat - 1, repeat - 1 + len(digits))  # positions that predict the repeat
     y[repeat_targets] = tokens[1:][repeat_targets]
     return x, y
