@@ -1226,6 +1226,7 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     assert all(entry in markdown for entry in grid_entries(grid))
     assert "Not yet run: fope-s1." in markdown and "| fope (1 of 2 seeds) |" in markdown
     assert "| rope (2 seeds) |" in markdown
+    assert f"Measured: {len(steps)} of the grid's {len(steps)} steps took" in markdown  # wall time, from steps.jsonl
     assert "#### Copying at train_len" in markdown and "| rope-s0 |" in markdown and "| fope-s1 |" not in markdown
     for name in ("ppl", "ppl_ratio", "passkey", "ablations", "extension_inference", "extension_finetune"):
         assert (results / f"{name}.png").stat().st_size > 0 and f"]({name}.png)" in markdown
