@@ -632,8 +632,8 @@ def diagnostics_markdown(results):
     return lines + [""]
 
 
-def measured_markdown(grid, results_grid):
-    """What the grid's finished steps cost and where they ran, from steps.jsonl and
+def measured_markdown(steps, results_grid):
+    """What the grid's finished steps (plan()'s) cost and where they ran, from steps.jsonl and
     environment.json (empty when either is missing). A step finished twice counts its last run."""
     try:
         with open(os.path.join(results_grid, "steps.jsonl")) as f:
@@ -642,8 +642,7 @@ def measured_markdown(grid, results_grid):
             environment = json.load(f)
     except FileNotFoundError:
         return []
-    titles = [f"train {run.name}" for run in grid.runs] + [
-        f"{kind} {entry.name}" for entry in grid.runs + grid.extensions for kind in ("ppl", "passkey")]
+    titles = [step.title for step in steps]
     timed = [title for title in titles if title in seconds]
     by_kind = {}
     for title in timed:
@@ -688,7 +687,7 @@ def update_readme(path, block, name="results"):
     return f"updated the {name} block of {path}"
 
 
-def write_report(grid_name, grid, results_grid):
+def write_report(grid_name, grid, out_grid, results_grid):
     """Every figure, results.md and (for the README's grid) the README block, from saved JSON."""
     results = load_results(grid, results_grid)
     if not any(record for kinds in results.values() for record in kinds.values()):
@@ -698,7 +697,7 @@ def write_report(grid_name, grid, results_grid):
         if has_results(section, results):
             for name, metrics in section.figures:
                 plot_figure(os.path.join(results_grid, name), section, metrics, results, grid.lengths)
-    measured = measured_markdown(grid, results_grid)
+    measured = measured_markdown(plan(grid, grid.runs, out_grid, results_grid), results_grid)
     markdown_path = os.path.join(results_grid, "results.md")
     with open(markdown_path, "w") as f:
         f.write(f"### Results of the {grid_name} grid\n\n"
@@ -741,13 +740,13 @@ def main(argv=None):
     out_grid = os.path.abspath(os.path.join(args.out_dir, args.grid))
     results_grid = os.path.abspath(os.path.join(args.results_dir, args.grid))
     if args.report:
-        write_report(args.grid, grid, results_grid)
+        write_report(args.grid, grid, out_grid, results_grid)
         return
     steps = plan(grid, select_runs(grid, args.only), out_grid, results_grid)
     print(f"grid {args.grid}: {grid.about}", flush=True)
     run_steps(steps, results_grid, args.dry_run, argv, plan(grid, grid.runs, out_grid, results_grid))
     if not args.dry_run:
-        write_report(args.grid, grid, results_grid)
+        write_report(args.grid, grid, out_grid, results_grid)
 
 
 if __name__ == "__main__":
