@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from data import encoding_from_state
+from data import encoding_from_state, write_atomically
 from eval_ppl import add_extension_options, default_lengths, extension_overrides, label_runs, parse_lengths
 from fope_gpt import GPTConfig
 from passkey import ANSWER, MAX_KEY, NEEDLE, build_prompt, key_mentions, score
@@ -326,9 +326,7 @@ def main(argv=None):
         },
         "checkpoints": records,
     }
-    partial = args.out.with_name(args.out.name + ".tmp")
-    partial.write_text(json.dumps(results, indent=2) + "\n")
-    partial.replace(args.out)  # atomic: an interrupted run never leaves a half-written JSON
+    write_atomically(args.out, (json.dumps(results, indent=2) + "\n").encode())  # never half-written
     accuracy_png = args.out.with_name(args.out.stem + ".png")
     heatmap_png = args.out.with_name(args.out.stem + "_heatmap.png")
     plot_accuracy(records, labels, lengths, accuracy_png)

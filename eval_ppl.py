@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -204,10 +205,8 @@ def main(argv=None):
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     report = {"mode": args.mode, "lengths": lengths, "dtype": args.dtype, "max_tokens": args.max_tokens, "checkpoints": results}
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(args.out + ".tmp", args.out)
-    png = args.out[:-len(".json")] + ".png"
+    data.write_atomically(Path(args.out), (json.dumps(report, indent=2) + "\n").encode())
+    png = Path(args.out).with_suffix(".png")
     plot(results, png, f"validation perplexity ({args.mode})", "ppl")
     print(f"wrote {args.out} and {png}")
 
