@@ -671,7 +671,8 @@ def measured_markdown(steps, results_grid):
         kind = title.split()[0]
         by_kind[kind] = by_kind.get(kind, 0.0) + seconds[title]
     kinds = ", ".join(f"{kind} {train.clock(total)}" for kind, total in by_kind.items())
-    untimed = [title for title in titles if title not in seconds]
+    # a step that is done but has no time (it ran before steps.jsonl existed); steps still to run are not counted
+    untimed = [step.title for step in steps if step.title not in seconds and step.skip_reason()]
     return [f"Measured: {len(timed)} of the grid's {len(titles)} steps took "
             f"{train.clock(sum(by_kind.values()))} of wall time ({kinds})"
             + (f"; not timed: {', '.join(untimed)}" if untimed else "")
