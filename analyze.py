@@ -31,6 +31,7 @@ import sys
 import numpy as np
 import torch
 
+import hardware
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from eval_ppl import label_runs, validation_tokens
 from fope_gpt import FoPE, apply_rotary, kept_frequencies
@@ -494,7 +495,7 @@ def parse_args(argv):
     parser.add_argument("--text_tokens", type=int, help="validation tokens for q/k statistics (default 4 x train_len)")
     parser.add_argument("--max_distance", type=int, help="largest distance for the logits (default 16 x train_len)")
     parser.add_argument("--data_dir", default="data")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto: cuda if PyTorch sees a GPU, else cpu")
     parser.add_argument("--out_dir", default="results/analysis")
     args = parser.parse_args(argv)
     for name in ("text_tokens", "max_distance"):
@@ -525,6 +526,10 @@ def write_outputs(results, out_dir):
 def main(argv=None):
     args = parse_args(argv)
     # every check first, so that bad input never overwrites earlier results
+    try:
+        args.device = hardware.resolve_device(args.device)
+    except hardware.HardwareError as e:
+        fail(str(e))
     runs = []
     for path in args.ckpt:
         try:

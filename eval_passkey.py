@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+import hardware
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import encoding_from_state, write_atomically
 from eval_ppl import add_extension_options, default_lengths, extension_overrides, label_runs, parse_lengths
@@ -61,7 +62,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--depth_buckets", type=positive_int, default=5, help="needle depth bins (default 5)")
     parser.add_argument("--out", type=Path, default=Path("results/passkey.json"), help="JSON output path")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", default="auto", help="torch device; auto: cuda if PyTorch sees a GPU, else cpu")
     add_extension_options(parser)
     return parser.parse_args(argv)
 
@@ -294,9 +295,9 @@ def main(argv=None):
     """Check every input, evaluate every checkpoint, then write the JSON file and the figures."""
     args = parse_args(argv)
     try:
-        torch.empty(0, device=args.device)
-    except Exception as error:  # unknown name, or a backend this torch was built without
-        sys.exit(f"eval_passkey.py: error: device {args.device!r} is not usable: {str(error).splitlines()[0]}")
+        args.device = hardware.resolve_device(args.device)
+    except hardware.HardwareError as error:
+        sys.exit(f"eval_passkey.py: error: {error}")
     if args.out.suffix != ".json" or args.out.is_dir():
         sys.exit(f"eval_passkey.py: error: --out must be a .json file path (the figures go next to it), got {args.out}")
     overrides = extension_overrides(args)
@@ -323,6 +324,7 @@ def main(argv=None):
             "lengths": lengths,
             "depth_buckets": args.depth_buckets,
             "max_new_tokens": MAX_NEW_TOKENS,
+            "dtype": "fp32",  # see the note at the top: evaluation never autocasts
         },
         "checkpoints": records,
     }

@@ -13,8 +13,8 @@ no biases, untied embeddings) with four ways to tell tokens where they are:
     nope   no position signal; causal masking alone
 
 The file reads in the order the data flows: config -> position embeddings -> attention ->
-block -> model -> generation. FoPE follows the authors' released code (see
-../shared/PAPER_NOTES.md); every deviation is marked "Deviation:" in a comment.
+block -> model -> generation. FoPE follows the authors' released code; every deviation is
+marked "Deviation:" in a comment.
 """
 
 import math
@@ -135,6 +135,12 @@ def step_eye(num_kept, num_pairs):
     return eye
 
 
+def no_autocast(tensor):
+    """Turn autocast off for table building: under bf16 autocast einsum and outer products
+    would round the tables to bf16 (errors near 0.01 at long positions); they stay float32."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 def apply_rotary(x, cos, sin):
     """NeoX half-split rotation: pair j is channels (j, j + d/2). Done in float32.
 
@@ -159,7 +165,8 @@ class RoPE(nn.Module):
 
     @torch.no_grad()
     def _build_tables(self, T):
-        phase = torch.outer(torch.arange(T, dtype=torch.float32, device=self.freqs.device), self.freqs)
+        with no_autocast(self.freqs):
+            phase = torch.outer(torch.arange(T, dtype=torch.float32, device=self.freqs.device), self.freqs)
         self.register_buffer("cos_table", phase.cos(), persistent=False)  # (T, d/2)
         self.register_buffer("sin_table", phase.sin(), persistent=False)
 
@@ -211,9 +218,10 @@ class FoPE(nn.Module):
 
     def _tables(self, T):
         t = torch.arange(T, dtype=torch.float32, device=self.freqs.device)
-        phase = torch.outer(t, self.freqs)                                     # (T, K)
-        cos = torch.einsum("tk,hkm->htm", phase.cos(), self.cos_coef.float())  # (H, T, M)
-        sin = torch.einsum("tk,hkm->htm", phase.sin(), self.sin_coef.float())
+        with no_autocast(t):
+            phase = torch.outer(t, self.freqs)                                     # (T, K)
+            cos = torch.einsum("tk,hkm->htm", phase.cos(), self.cos_coef.float())  # (H, T, M)
+            sin = torch.einsum("tk,hkm->htm", phase.sin(), self.sin_coef.float())
         pad = self.half_dim - cos.shape[-1]
         return F.pad(cos, (0, pad), value=1.0), F.pad(sin, (0, pad), value=self.sin_pad)  # (H, T, d/2)
 
