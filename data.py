@@ -14,7 +14,6 @@ import base64
 import hashlib
 import heapq
 import importlib.util
-import itertools
 import json
 import os
 import re

@@ -15,7 +15,6 @@ diagnostics at train_len that tell why retrieval fails when it does (see diagnos
 import argparse
 import dataclasses
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -125,10 +124,10 @@ def trial_settings(seed, length, trials):
 
 
 def completion_text(enc, ids):
-    """Decode generated ids, up to the first newline or tab (where OLMo's generate stops)."""
+    """Decode all generated ids. The authors' script generates with eliminate_token_ids=False,
+    so nothing stops at a newline or tab: the first number anywhere in the 10 tokens counts."""
     # A model whose vocabulary is padded past the tokenizer's can emit ids with no text.
-    text = enc.decode([i for i in ids if i < enc.n_vocab])
-    return re.split(r"[\n\t]", text, maxsplit=1)[0]
+    return enc.decode([i for i in ids if i < enc.n_vocab])
 
 
 def answer_prompts(run, prompts, keys, batch_size, device):

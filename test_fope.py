@@ -314,6 +314,17 @@ def test_loss_ignores_targets_marked_minus_one():
 
 
 
+def test_pytorch_init_keeps_torchs_defaults_and_olmo_init_is_the_authors_std():
+    torch.manual_seed(0)
+    olmo = G.GPT(tiny_config(n_embd=64))
+    torch.manual_seed(0)
+    default = G.GPT(tiny_config(n_embd=64, init="pytorch"))
+    assert abs(olmo.tok_emb.weight.std().item() - 0.02) < 0.002 and olmo.tok_emb.weight.abs().max() <= 0.06
+    assert abs(default.tok_emb.weight.std().item() - 1.0) < 0.05       # nn.Embedding: N(0, 1)
+    qkv = default.blocks[0].attn.qkv.weight                              # nn.Linear: U(-1/sqrt(fan_in), ..)
+    assert qkv.abs().max() <= 1 / math.sqrt(64) and qkv.std().item() > 0.9 / math.sqrt(3 * 64)
+
+
 # -----------------------------------------------------------------------------
 # context extension without training: PI, NTK-aware, YaRN (notes §4.4)
 
@@ -617,6 +628,25 @@ def test_training_sequence_has_loss_only_where_the_key_is_copied(encoding, seed)
     assert (x[prompt_end + len(answer_positions):] == eot).all()  # padding after the answer
     x_again, y_again = passkey.training_sequence(enc, np.random.default_rng(seed), seq_len, eot)
     assert (x == x_again).all() and (y == y_again).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_with_loss_on_the_answer_only_the_needle_repeat_carries_no_loss(seed):
+    enc = byte_encoding()
+    both = passkey.training_sequence(enc, np.random.default_rng(seed), 400, 256)
+    x, y = passkey.training_sequence(enc, np.random.default_rng(seed), 400, 256, loss_on="answer")
+    assert (x == both[0]).all()  # the same sample; only where the loss falls differs
+    key = int(re.search(r"\d+", enc.decode(x.tolist())).group())
+    targets = np.flatnonzero(y != -1)
+    assert targets.tolist() == list(range(targets[0], targets[0] + len(f" {key}.")))
+    assert enc.decode(y[targets].tolist()) == f" {key}." and set(targets) < set(np.flatnonzero(both[1] != -1))
+
+
+def test_a_completion_is_scored_whole_as_the_authors_do():
+    # their generate runs with eliminate_token_ids=False: a newline before the key does not end it
+    enc = byte_encoding()
+    ids = enc.encode_ordinary("\n\t12345 is it")
+    assert passkey.score(eval_passkey.completion_text(enc, ids), 12345)
 
 
 def test_training_sequence_spans_lengths_and_rejects_a_short_seq_len():

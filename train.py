@@ -48,7 +48,7 @@ DEFAULTS = dict(
     dataset="shakespeare", tokenizer="bpe", data_dir="data", hf_tokens=0,
     batch_size=16, max_steps=800, lr=2e-3, warmup_steps=40, min_lr_ratio=0.1,
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-    passkey_frac=0.0, passkey_seed=1000, seed=1337, init_from="", fope_grow="fresh",
+    passkey_frac=0.0, passkey_loss="answer+repeat", passkey_seed=1000, seed=1337, init_from="", fope_grow="fresh",
     eval_interval=100, eval_batches=20, log_interval=25,
     dtype="auto", compile=False, device="auto", out_dir="out", run_name="",
 )
@@ -122,7 +122,7 @@ class Batches:
     def __init__(self, tokens, settings, enc, eot):
         self.tokens, self.enc, self.eot = tokens, enc, eot
         self.batch_size, self.seq_len = settings["batch_size"], settings["train_len"]
-        self.passkey_frac = settings["passkey_frac"]
+        self.passkey_frac, self.passkey_loss = settings["passkey_frac"], settings["passkey_loss"]
         self.rng = np.random.default_rng(settings["seed"])
         self.passkey_rng = np.random.default_rng(settings["passkey_seed"])
         if len(tokens) <= self.seq_len + 1:
@@ -133,7 +133,8 @@ class Batches:
         y = np.empty_like(x)
         for row in range(self.batch_size):
             if self.passkey_frac > 0 and self.passkey_rng.random() < self.passkey_frac:
-                x[row], y[row] = passkey.training_sequence(self.enc, self.passkey_rng, self.seq_len, self.eot)
+                x[row], y[row] = passkey.training_sequence(self.enc, self.passkey_rng, self.seq_len, self.eot,
+                                                           self.passkey_loss)
             else:
                 start = self.rng.integers(0, len(self.tokens) - self.seq_len - 1)
                 window = self.tokens[start:start + self.seq_len + 1].astype(np.int64)
@@ -198,6 +199,8 @@ def main(argv=None):
     args, settings, given = parse_args(argv)
     if settings["fope_grow"] not in ("fresh", "zeros"):
         fail(f"--fope_grow must be fresh or zeros (got {settings['fope_grow']!r})")
+    if settings["passkey_loss"] not in passkey.PASSKEY_LOSSES:
+        fail(f"--passkey_loss must be one of {', '.join(passkey.PASSKEY_LOSSES)} (got {settings['passkey_loss']!r})")
     if not 0.0 <= settings["passkey_frac"] <= 1.0:
         fail(f"--passkey_frac must be between 0 and 1 (got {settings['passkey_frac']})")
     name = settings["run_name"] or run_name(settings, args.preset)
