@@ -196,7 +196,7 @@ def main(argv=None):
         config = dataclasses.asdict(model.config)
         result = {"path": path, "run": os.path.basename(os.path.dirname(os.path.abspath(path))), "pe": config["pe"],
                   "train_len": config["train_len"], "model_config": config, "step": state["step"],
-                  "train_config": state.get("train_config", {}),
+                  "train_config": state.get("train_config", {}), "eval_dtype": args.dtype,
                   "loss": {}, "ppl": {}, "tokens": {}}
         for length in lengths:
             start = time.time()
