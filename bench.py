@@ -11,7 +11,8 @@ Everything is measured in the same run so that the ratios hold on a noisy machin
     batch 1, as eval_ppl.py runs; each in a fresh process, whose peak memory includes torch);
   - a bf16 GEMM peak (a large square matrix multiply) and the model FLOPs utilisation that
     follows: (6 N + 12 n_layer n_embd T) FLOPs per training token over that peak.
-Writes results/bench.json and results/bench.md; with --readme, also the README's speed table.
+Writes out/bench/bench.json and out/bench/bench.md (outside the committed results; --out
+chooses); with --readme, also the README's speed table.
 """
 
 import argparse
@@ -21,10 +22,12 @@ import multiprocessing
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
 
+import data
 from fope_gpt import GPT, GPTConfig, POSITION_EMBEDDINGS
 from reproduce import README, update_readme
 from train import DEFAULTS
@@ -174,13 +177,13 @@ def markdown(report):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pe", nargs="+", default=list(POSITION_EMBEDDINGS), choices=POSITION_EMBEDDINGS)
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per measurement")
     parser.add_argument("--lengths", default="1,4,16", help="evaluation lengths as multiples of train_len")
     parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile measurements")
-    parser.add_argument("--out", default="results/bench.json")
+    parser.add_argument("--out", default="out/bench/bench.json")
     parser.add_argument("--readme", action="store_true", help="put the table into README.md")
     parser.add_argument("--report", action="store_true", help="measure nothing: rebuild the table from --out")
     args = parser.parse_args(argv)
@@ -192,14 +195,29 @@ def main(argv=None):
         parser.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
     if args.steps < 1 or min(multiples) < 1:
         parser.error("--steps and --lengths must be positive")
+    args.multiples = multiples
+    return args
 
+
+def main(argv=None):
+    """Measure and write the table; I/O errors (a full disk, a folder that cannot be written) end
+    in one line on stderr and a non-zero exit."""
+    try:
+        measure(parse_args(argv))
+    except OSError as error:
+        sys.exit(f"bench.py: error: {data.error_line(error)}")
+
+
+def measure(args):
+    """Every measurement, then the JSON and the table (or, with --report, the table alone)."""
     if args.report:
         try:
             with open(args.out) as f:
                 report = json.load(f)
         except (OSError, ValueError) as e:
-            parser.error(f"--report needs the JSON of an earlier run at {args.out}: {e}")
+            sys.exit(f"bench.py: error: --report needs the JSON of an earlier run at {args.out}: {e}")
         return publish(report, args)
+    data.check_writable_folder(os.path.dirname(os.path.abspath(args.out)))  # before minutes of measuring
 
     config = GPTConfig(**{f.name: DEFAULTS[f.name] for f in dataclasses.fields(GPTConfig)})
     batch_size = DEFAULTS["batch_size"]
@@ -215,7 +233,7 @@ def main(argv=None):
         per_token = flops_per_token(GPT(pe_config), pe_config)
         row = {mode: {**speeds[pe], "mfu": speeds[pe]["tok_per_s"] * per_token / peak} for mode, speeds in modes.items()}
         row["eval"] = {str(m * config.train_len): in_fresh_process(evaluation_speed, pe_config, m * config.train_len,
-                                                                   max(3, 16 // m)) for m in multiples}
+                                                                   max(3, 16 // m)) for m in args.multiples}
         results[pe] = row
         print(f"{pe}: " + ", ".join(f"{k} {v['tok_per_s']:,.0f} tok/s" for k, v in row.items() if k != "eval")
               + "; eval " + ", ".join(f"@{n} {e['tok_per_s']:,.0f} tok/s {e['peak_rss_mb'] or 0:,.0f} MB"
@@ -225,17 +243,14 @@ def main(argv=None):
               "flops_per_token": per_token, "results": results,
               "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__, "python": platform.python_version()}}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    data.write_atomically(args.out, json.dumps(report, indent=2).encode())
     publish(report, args)
 
 
 def publish(report, args):
     """Write the Markdown table beside the JSON, print it, and put it into the README if asked."""
     table = markdown(report)
-    with open(args.out[:-len(".json")] + ".md", "w") as f:
-        f.write(table)
+    data.write_atomically(args.out[:-len(".json")] + ".md", table.encode())
     print(table)
     if args.readme:
         print(update_readme(README, table, "bench"))
