@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 import data
+import hardware
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from eval_ppl import label_runs, validation_tokens
 from fope_gpt import FoPE, apply_rotary, kept_frequencies
@@ -499,7 +500,7 @@ def parse_args(argv):
     parser.add_argument("--text_tokens", type=int, help="validation tokens for q/k statistics (default 4 x train_len)")
     parser.add_argument("--max_distance", type=int, help="largest distance for the logits (default 16 x train_len)")
     parser.add_argument("--data_dir", default="data")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto: cuda if PyTorch sees a GPU, else cpu")
     parser.add_argument("--out_dir", default="out/analysis")
     args = parser.parse_args(argv)
     for name in ("text_tokens", "max_distance"):
@@ -539,6 +540,10 @@ def main(argv=None):
 def analyze_all(args):
     """Check every checkpoint, its data and the output folder, then analyse and write."""
     # every check first, so that bad input never overwrites earlier results nor costs the work
+    try:
+        args.device = hardware.resolve_device(args.device)
+    except hardware.HardwareError as e:
+        fail(str(e))
     runs = []
     for path in args.ckpt:
         try:

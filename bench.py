@@ -4,15 +4,17 @@ bench.py: speed of the default model, every position embedding, in one process a
     python bench.py                      # the full table (about 10 minutes on 2 CPU cores)
     python bench.py --steps 3 --no_compile --lengths 1,4   # a quick look
 
-Everything is measured in the same run so that the ratios hold on a noisy machine:
-  - training tokens/s (forward, backward, AdamW step) in bf16 autocast, eager and compiled,
-    the position embeddings timed in turns so that their ratios survive the machine's noise;
+Everything is measured in the same run so that its ratios hold on a noisy machine:
+  - the machine's matrix-multiply peak: float32 and bf16 GEMMs at a few sizes, the better of
+    the two (each measurement bounded to about a second), and the precision that train.py's
+    --dtype auto picks here;
+  - training tokens/s (forward, backward, fused AdamW step) in that precision, eager and
+    compiled, for each position embedding and for a plain reference GPT of the same shape
+    (below), all timed in turns so that a slow spell of the machine hits them alike;
   - evaluation tokens/s and peak memory at 1x, 4x and 16x train_len (forward only, float32,
-    batch 1, as eval_ppl.py runs; each in a fresh process, whose peak memory includes torch);
-  - a bf16 GEMM peak (a large square matrix multiply) and the model FLOPs utilisation that
-    follows: (6 N + 12 n_layer n_embd T) FLOPs per training token over that peak.
-Writes out/bench/bench.json and out/bench/bench.md (outside the committed results; --out
-chooses); with --readme, also the README's speed table.
+    batch 1, as eval_ppl.py runs; each in a fresh process, whose peak memory is its own).
+On CUDA the times come from CUDA events and the memory from torch.cuda.max_memory_allocated.
+Writes out/bench/bench.json and bench.md beside it (--out to choose).
 """
 
 import argparse
@@ -26,39 +28,98 @@ import sys
 import time
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import data
+import hardware
 from fope_gpt import GPT, GPTConfig, POSITION_EMBEDDINGS
-from reproduce import README, update_readme
-from train import DEFAULTS
+
+BATCH_SIZE = 16  # train.py's default: 16 x 256 = 4096 tokens a step
+BASELINE = "reference"  # the plain GPT's row in the tables
+
+# -----------------------------------------------------------------------------
+# a plain reference GPT: what the default model would cost with nothing of this project in it
 
 
-def gemm_peak(sizes=(1024, 2048, 4096), repeats=10):
-    """bf16 FLOP/s of large square matrix multiplies, the best size: the ceiling a model can approach."""
+class ReferenceGPT(nn.Module):
+    """A nanoGPT-style GPT of the default model's shape: RMSNorm, SwiGLU, RoPE, SDPA and
+    nothing else. If fope_gpt.GPT trains much slower than this, the project costs speed."""
+
+    def __init__(self, config):
+        super().__init__()
+        C, d = config.n_embd, config.head_dim
+        self.n_head = config.n_head
+        self.emb = nn.Embedding(config.vocab_size, C)
+        self.layers = nn.ModuleList(nn.ModuleDict(dict(
+            norm1=nn.RMSNorm(C), qkv=nn.Linear(C, 3 * C, bias=False), proj=nn.Linear(C, C, bias=False),
+            norm2=nn.RMSNorm(C), up=nn.Linear(C, 8 * C, bias=False), down=nn.Linear(4 * C, C, bias=False),
+        )) for _ in range(config.n_layer))
+        self.norm = nn.RMSNorm(C)
+        self.head = nn.Linear(C, config.vocab_size, bias=False)
+        phase = torch.outer(torch.arange(config.train_len).float(), config.rope_theta ** (-torch.arange(0, d, 2) / d))
+        self.register_buffer("cos", phase.cos(), persistent=False)  # (T, d/2)
+        self.register_buffer("sin", phase.sin(), persistent=False)
+
+    def rotate(self, x):  # (B, H, T, d), NeoX half-split pairs
+        a, b = x.chunk(2, dim=-1)
+        return torch.cat((a * self.cos - b * self.sin, b * self.cos + a * self.sin), dim=-1)
+
+    def forward(self, idx, targets):
+        B, T = idx.shape
+        x = self.emb(idx)
+        for layer in self.layers:
+            q, k, v = layer.qkv(layer.norm1(x)).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(self.rotate(q), self.rotate(k), v, is_causal=True)
+            x = x + layer.proj(y.transpose(1, 2).reshape(B, T, -1))
+            value, gate = layer.up(layer.norm2(x)).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * value)
+        logits = self.head(self.norm(x))
+        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+# -----------------------------------------------------------------------------
+# timing
+
+
+def timed(function, device):
+    """Seconds that function() takes, by CUDA events on a GPU (no host clock around queued work)."""
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        function()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def gemm_peak(device, dtype, sizes=(512, 1024, 2048, 4096), budget_s=1.0):
+    """FLOP/s of square matrix multiplies in one dtype, the best size. Each size gets about
+    budget_s of repeats; a size whose single multiply already takes longer than that ends the
+    search, so that a dtype this machine only emulates (bf16 on an AVX2 CPU) costs seconds."""
     best = 0.0
     for size in sizes:
-        a, b = torch.randn(size, size, dtype=torch.bfloat16), torch.randn(size, size, dtype=torch.bfloat16)
-        for _ in range(3):
-            a @ b
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - start)
+        a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+        first = timed(lambda: a @ b, device)
+        if first > budget_s:
+            best = max(best, 2 * size ** 3 / first)
+            break
+        times = [timed(lambda: a @ b, device) for _ in range(max(3, min(50, int(budget_s / max(first, 1e-6)))))]
         best = max(best, 2 * size ** 3 / statistics.median(times))
     return best
 
 
-def training_step(config, batch_size, compiled):
-    """A function that runs one full training step of a fresh model on a fixed batch."""
-    torch.manual_seed(0)
-    model = GPT(config)
+def training_step(model, batch_size, dtype, device, compiled):
+    """A function that runs one full training step of `model` on a fixed batch."""
     step_model = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
-    x = torch.randint(0, config.vocab_size, (batch_size, config.train_len))
+    x = torch.randint(0, model.config.vocab_size, (batch_size, model.config.train_len), device=device)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with hardware.autocast(dtype, device):
             _, loss = step_model(x, x)
         loss.backward()
         optimizer.step()
@@ -66,28 +127,36 @@ def training_step(config, batch_size, compiled):
     return step
 
 
-def training_speed(configs, batch_size, steps, compiled):
-    """Tokens/s of full training steps for several configs, timed in turns (one step of each,
-    again and again), so that a slow spell of the machine hits them all alike; the median step
-    time of each, after warm-up steps that absorb compilation."""
+def build(name, config, device):
+    torch.manual_seed(0)
+    if name == BASELINE:
+        model = ReferenceGPT(config)
+        model.config = config
+    else:
+        model = GPT(dataclasses.replace(config, pe=name))
+    return model.to(device)
+
+
+def training_speed(names, config, batch_size, steps, dtype, device, compiled):
+    """Tokens/s of full training steps for several models, timed in turns (one step of each,
+    again and again); the median step time of each, after warm-up steps that absorb compilation."""
     step_functions = {}
-    for name, config in configs.items():
-        step_functions[name] = training_step(config, batch_size, compiled)
-        for _ in range(6 if compiled else 3):  # compiled code settles after a few steps
+    for name in names:
+        step_functions[name] = training_step(build(name, config, device), batch_size, dtype, device, compiled)
+        for _ in range(6 if compiled else 2):  # compiled code settles after a few steps
             step_functions[name]()
-    times = {name: [] for name in configs}
+    times = {name: [] for name in names}
     for _ in range(steps):
         for name, step in step_functions.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    tokens = batch_size * next(iter(configs.values())).train_len
-    return {name: {"tok_per_s": tokens / statistics.median(t), "step_s": statistics.median(t)}
-            for name, t in times.items()}
+            times[name].append(timed(step, device))
+    tokens = batch_size * config.train_len
+    return {name: {"tok_per_s": tokens / statistics.median(t), "step_s": statistics.median(t)} for name, t in times.items()}
 
 
-def peak_rss_mb():
-    """This process's peak resident memory (Linux), or None where /proc is missing."""
+def peak_memory_mb(device):
+    """Peak memory of this process: CUDA allocations on a GPU, resident memory (Linux) on a CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
@@ -96,18 +165,13 @@ def peak_rss_mb():
 
 
 @torch.no_grad()
-def evaluation_speed(config, length, repeats):
+def evaluation_speed(config, length, repeats, device):
     """Forward tokens/s and peak memory at one length, batch 1, float32 (as eval_ppl.py)."""
-    torch.manual_seed(0)
-    model = GPT(config).eval()
-    x = torch.randint(0, config.vocab_size, (1, length))
+    model = build(config.pe, config, device).eval()
+    x = torch.randint(0, config.vocab_size, (1, length), device=device)
     model(x)  # builds the position tables for this length
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - start)
-    return {"tok_per_s": length / statistics.median(times), "peak_rss_mb": peak_rss_mb()}
+    times = [timed(lambda: model(x), device) for _ in range(repeats)]
+    return {"tok_per_s": length / statistics.median(times), "peak_memory_mb": peak_memory_mb(device)}
 
 
 def in_fresh_process(function, *args):
@@ -117,13 +181,15 @@ def in_fresh_process(function, *args):
         return pool.apply(function, args)
 
 
-def flops_per_token(model, config):
+def flops_per_token(config):
     """Training FLOPs per token: 6 per matmul parameter plus attention (PaLM's estimate)."""
-    matmul_params = model.num_params() - config.vocab_size * config.n_embd  # the embedding is a lookup
+    matmul_params = GPT(config).num_params() - config.vocab_size * config.n_embd  # the embedding is a lookup
     return 6 * matmul_params + 12 * config.n_layer * config.n_embd * config.train_len
 
 
-def cpu_name():
+def machine_name(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
     try:
         with open("/proc/cpuinfo") as f:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -131,60 +197,74 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
-def targets(rows):
-    """The project's speed targets for the default model, each with its measured value."""
-    lines = []
+# -----------------------------------------------------------------------------
+# the report
 
-    def check(name, value, met):
-        lines.append(f"- {name}: {value} ({'met' if met else 'not met'})")
+
+def ratios(rows):
+    """The comparisons the benchmark exists for, each from this run's own times."""
+    found = {}
+    if BASELINE in rows:
+        for pe in POSITION_EMBEDDINGS:
+            if pe in rows:
+                found[f"{pe} / reference, training tok/s (eager)"] = rows[pe]["eager"]["tok_per_s"] / rows[BASELINE]["eager"]["tok_per_s"]
     if "rope" in rows and "fope" in rows:
-        ratio = rows["fope"]["eager"]["step_s"] / rows["rope"]["eager"]["step_s"]
-        check("FoPE step time / RoPE step time <= 1.03", f"{ratio:.3f}", ratio <= 1.03)
-    compiled = {pe: row for pe, row in rows.items() if "compiled" in row}
-    if compiled:
-        speedups = {pe: row["compiled"]["tok_per_s"] / row["eager"]["tok_per_s"] for pe, row in compiled.items()}
-        check("compiled training >= 1.7x eager", ", ".join(f"{pe} {x:.2f}x" for pe, x in speedups.items()),
-              min(speedups.values()) >= 1.7)
-        mfus = {pe: row["compiled"]["mfu"] for pe, row in compiled.items()}
-        check("compiled training >= 30% of the bf16 GEMM peak", ", ".join(f"{pe} {x:.0%}" for pe, x in mfus.items()),
-              min(mfus.values()) >= 0.3)
-    return lines
+        found["fope / rope, step time (eager)"] = rows["fope"]["eager"]["step_s"] / rows["rope"]["eager"]["step_s"]
+        if "compiled" in rows["rope"]:
+            found["fope / rope, step time (compiled)"] = rows["fope"]["compiled"]["step_s"] / rows["rope"]["compiled"]["step_s"]
+    for name, row in rows.items():
+        if "compiled" in row:
+            found[f"{name}: compiled / eager, training tok/s"] = row["compiled"]["tok_per_s"] / row["eager"]["tok_per_s"]
+    return found
 
 
 def markdown(report):
-    cfg, rows = report["config"], report["results"]
+    cfg, rows, m = report["config"], report["results"], report["machine"]
     lines = [f"Default model ({cfg['n_layer']} layers, {cfg['n_embd']} wide, {cfg['n_head']} heads, "
              f"train_len {cfg['train_len']}, vocab {cfg['vocab_size']}, batch {report['batch_size']}) on "
-             f"{report['machine']['cpu']} ({report['machine']['threads']} threads), torch {report['machine']['torch']}. "
-             f"bf16 GEMM peak: {report['gemm_peak_tflops']:.2f} TFLOP/s.", ""]
-    header = "| pe | train tok/s eager | train tok/s compiled | compiled / eager | MFU compiled | step time / RoPE (eager) |"
+             f"{m['name']} ({m['device']}, {m['threads']} threads), torch {m['torch']}. GEMM peak: "
+             f"{report['gemm_peak_tflops']['fp32']:.2f} TFLOP/s float32, {report['gemm_peak_tflops']['bf16']:.2f} "
+             f"bf16; training below in {report['dtype']}, the precision --dtype auto picks here. "
+             f"`{BASELINE}` is the plain GPT of the same shape in bench.py.", ""]
+    header = "| model | train tok/s eager | train tok/s compiled | MFU eager | MFU compiled |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
-    rope_step = rows["rope"]["eager"]["step_s"] if "rope" in rows else None
-    for pe, r in rows.items():
-        eager, compiled = r["eager"], r.get("compiled")
-        lines.append(f"| {pe} | {eager['tok_per_s']:,.0f} | "
-                     + (f"{compiled['tok_per_s']:,.0f} | {compiled['tok_per_s'] / eager['tok_per_s']:.2f}x | "
-                        f"{compiled['mfu']:.1%} | " if compiled else "– | – | – | ")
-                     + (f"{eager['step_s'] / rope_step:.3f} |" if rope_step else "– |"))
-    lines += ["", *targets(rows)]
-    lengths = list(next(iter(rows.values()))["eval"])
-    lines += ["", "| pe | " + " | ".join(f"eval tok/s @{n}" for n in lengths) + " | "
-              + " | ".join(f"peak MB @{n}" for n in lengths) + " |", "|" + "---|" * (1 + 2 * len(lengths))]
-    for pe, r in rows.items():
-        evals = [r["eval"][n] for n in lengths]
-        lines.append(f"| {pe} | " + " | ".join(f"{e['tok_per_s']:,.0f}" for e in evals) + " | "
-                     + " | ".join(f"{e['peak_rss_mb']:,.0f}" if e["peak_rss_mb"] else "–" for e in evals) + " |")
+    for name, row in rows.items():
+        eager, compiled = row["eager"], row.get("compiled")
+        lines.append(f"| {name} | {eager['tok_per_s']:,.0f} | " + (f"{compiled['tok_per_s']:,.0f}" if compiled else "–")
+                     + f" | {eager['mfu']:.1%} | " + (f"{compiled['mfu']:.1%}" if compiled else "–") + " |")
+    lines += ["", "| ratio | value |", "|---|---|"]
+    lines += [f"| {name} | {value:.3f} |" for name, value in report["ratios"].items()]
+    evaluated = {name: row["eval"] for name, row in rows.items() if "eval" in row}
+    if evaluated:
+        lengths = list(next(iter(evaluated.values())))
+        lines += ["", "| pe | " + " | ".join(f"eval tok/s @{n}" for n in lengths) + " | "
+                  + " | ".join(f"peak MB @{n}" for n in lengths) + " |", "|" + "---|" * (1 + 2 * len(lengths))]
+        for name, evals in evaluated.items():
+            lines.append(f"| {name} | " + " | ".join(f"{evals[n]['tok_per_s']:,.0f}" for n in lengths) + " | "
+                         + " | ".join(f"{evals[n]['peak_memory_mb']:,.0f}" if evals[n]["peak_memory_mb"] else "–"
+                                      for n in lengths) + " |")
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv=None):
+def main(argv=None):
+    """Measure and write the table; I/O errors (a full disk, a folder that cannot be written) end
+    in one line on stderr and a non-zero exit."""
+    try:
+        measure(argv)
+    except OSError as error:
+        sys.exit(f"bench.py: error: {data.error_line(error)}")
+
+
+def measure(argv):
+    """Every measurement, then the JSON and the table (or, with --report, the table alone)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pe", nargs="+", default=list(POSITION_EMBEDDINGS), choices=POSITION_EMBEDDINGS)
-    parser.add_argument("--steps", type=int, default=8, help="timed training steps per measurement")
-    parser.add_argument("--lengths", default="1,4,16", help="evaluation lengths as multiples of train_len")
+    parser.add_argument("--pe", nargs="+", default=list(POSITION_EMBEDDINGS), choices=POSITION_EMBEDDINGS,
+                        help="position embeddings to time (default: all)")
+    parser.add_argument("--steps", type=int, default=8, help="timed training steps per measurement (default 8)")
+    parser.add_argument("--lengths", default="1,4,16", help="evaluation lengths as multiples of train_len (default 1,4,16)")
     parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile measurements")
-    parser.add_argument("--out", default="out/bench/bench.json")
-    parser.add_argument("--readme", action="store_true", help="put the table into README.md")
+    parser.add_argument("--device", default="auto", help="auto: cuda if PyTorch sees a GPU, else cpu")
+    parser.add_argument("--out", default="out/bench/bench.json", help="JSON path; the Markdown table goes beside it")
     parser.add_argument("--report", action="store_true", help="measure nothing: rebuild the table from --out")
     args = parser.parse_args(argv)
     if not args.out.endswith(".json"):
@@ -195,65 +275,58 @@ def parse_args(argv=None):
         parser.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
     if args.steps < 1 or min(multiples) < 1:
         parser.error("--steps and --lengths must be positive")
-    args.multiples = multiples
-    return args
-
-
-def main(argv=None):
-    """Measure and write the table; I/O errors (a full disk, a folder that cannot be written) end
-    in one line on stderr and a non-zero exit."""
-    try:
-        measure(parse_args(argv))
-    except OSError as error:
-        sys.exit(f"bench.py: error: {data.error_line(error)}")
-
-
-def measure(args):
-    """Every measurement, then the JSON and the table (or, with --report, the table alone)."""
     if args.report:
         try:
             with open(args.out) as f:
-                report = json.load(f)
+                return publish(json.load(f), args.out)
         except (OSError, ValueError) as e:
-            sys.exit(f"bench.py: error: --report needs the JSON of an earlier run at {args.out}: {e}")
-        return publish(report, args)
-    data.check_writable_folder(os.path.dirname(os.path.abspath(args.out)))  # before minutes of measuring
+            parser.error(f"--report needs the JSON of an earlier run at {args.out}: {e}")
+    try:
+        device = hardware.resolve_device(args.device)
+        dtype = hardware.resolve_dtype("auto", device)
+        data.check_writable_folder(os.path.dirname(os.path.abspath(args.out)))  # fail before measuring
+    except hardware.HardwareError as e:
+        sys.exit(f"bench.py: error: {e}")
+    except OSError as e:
+        sys.exit(f"bench.py: error: cannot write into the folder of --out {args.out}: {e.strerror}")
 
-    config = GPTConfig(**{f.name: DEFAULTS[f.name] for f in dataclasses.fields(GPTConfig)})
-    batch_size = DEFAULTS["batch_size"]
-    training_speed({"warm-up": config}, batch_size, 1, compiled=False)  # wakes the thread pool and the allocator
-    peak = gemm_peak()
-    print(f"bf16 GEMM peak {peak / 1e12:.2f} TFLOP/s, {torch.get_num_threads()} threads", flush=True)
-    configs = {pe: dataclasses.replace(config, pe=pe) for pe in args.pe}
-    modes = {"eager": training_speed(configs, batch_size, args.steps, compiled=False)}
+    config = GPTConfig()
+    names = [*args.pe, BASELINE]
+    training_speed([BASELINE], config, BATCH_SIZE, 1, dtype, device, compiled=False)  # wakes threads and allocator
+    peaks = {"fp32": gemm_peak(device, torch.float32), "bf16": gemm_peak(device, torch.bfloat16)}
+    print(f"GEMM peak: {peaks['fp32'] / 1e12:.2f} TFLOP/s float32, {peaks['bf16'] / 1e12:.2f} bf16; "
+          f"training in {dtype}", flush=True)
+    modes = {"eager": training_speed(names, config, BATCH_SIZE, args.steps, dtype, device, compiled=False)}
+    print("eager: " + ", ".join(f"{n} {r['tok_per_s']:,.0f} tok/s" for n, r in modes["eager"].items()), flush=True)
     if not args.no_compile:
-        modes["compiled"] = training_speed(configs, batch_size, args.steps, compiled=True)
-    results = {}
-    for pe, pe_config in configs.items():
-        per_token = flops_per_token(GPT(pe_config), pe_config)
-        row = {mode: {**speeds[pe], "mfu": speeds[pe]["tok_per_s"] * per_token / peak} for mode, speeds in modes.items()}
-        row["eval"] = {str(m * config.train_len): in_fresh_process(evaluation_speed, pe_config, m * config.train_len,
-                                                                   max(3, 16 // m)) for m in args.multiples}
-        results[pe] = row
-        print(f"{pe}: " + ", ".join(f"{k} {v['tok_per_s']:,.0f} tok/s" for k, v in row.items() if k != "eval")
-              + "; eval " + ", ".join(f"@{n} {e['tok_per_s']:,.0f} tok/s {e['peak_rss_mb'] or 0:,.0f} MB"
-                                     for n, e in row["eval"].items()), flush=True)
+        modes["compiled"] = training_speed(names, config, BATCH_SIZE, args.steps, dtype, device, compiled=True)
+        print("compiled: " + ", ".join(f"{n} {r['tok_per_s']:,.0f} tok/s" for n, r in modes["compiled"].items()), flush=True)
+    per_token = flops_per_token(config)  # the same for every position embedding: none has trained weights
+    peak = max(peaks.values())
+    results = {name: {mode: {**speeds[name], "mfu": speeds[name]["tok_per_s"] * per_token / peak}
+                      for mode, speeds in modes.items()} for name in names}
+    for pe in args.pe:
+        results[pe]["eval"] = {str(m * config.train_len): in_fresh_process(
+            evaluation_speed, dataclasses.replace(config, pe=pe), m * config.train_len, max(3, 16 // m), device)
+            for m in multiples}
+        print(f"{pe} eval: " + ", ".join(f"@{n} {e['tok_per_s']:,.0f} tok/s" for n, e in results[pe]["eval"].items()),
+              flush=True)
 
-    report = {"config": dataclasses.asdict(config), "batch_size": batch_size, "gemm_peak_tflops": peak / 1e12,
-              "flops_per_token": per_token, "results": results,
-              "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(),
+    report = {"config": dataclasses.asdict(config), "batch_size": BATCH_SIZE, "dtype": dtype,
+              "gemm_peak_tflops": {k: v / 1e12 for k, v in peaks.items()}, "flops_per_token": per_token,
+              "results": results, "ratios": ratios(results),
+              "machine": {"name": machine_name(device), "device": device, "threads": torch.get_num_threads(),
+                          "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": dtype == "bf16",
                           "torch": torch.__version__, "python": platform.python_version()}}
     data.write_atomically(args.out, json.dumps(report, indent=2).encode())
-    publish(report, args)
+    publish(report, args.out)
 
 
-def publish(report, args):
-    """Write the Markdown table beside the JSON, print it, and put it into the README if asked."""
+def publish(report, out):
+    """Write the Markdown table beside the JSON and print it."""
     table = markdown(report)
-    data.write_atomically(args.out[:-len(".json")] + ".md", table.encode())
+    data.write_atomically(out[:-len(".json")] + ".md", table.encode())
     print(table)
-    if args.readme:
-        print(update_readme(README, table, "bench"))
 
 
 if __name__ == "__main__":

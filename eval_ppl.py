@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import hardware
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from fope_gpt import GPTConfig
 
@@ -63,7 +64,7 @@ def validation_tokens(state, data_dir):
     settings, meta = state.get("train_config") or {}, state.get("data") or {}
     try:
         prepared = data.prepare_data(settings["dataset"], settings["tokenizer"], settings["vocab_size"], data_dir,
-                                     log=lambda line: print(line, file=sys.stderr))
+                                     log=lambda line: print(line, file=sys.stderr), hf_tokens=settings.get("hf_tokens") or 0)
     except KeyError:
         raise data.DataError("the checkpoint does not record its dataset") from None
     if prepared.meta["hash"] != meta.get("hash"):
@@ -80,7 +81,7 @@ def mean_loss(model, windows, score_from, batch_size, device, dtype):
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
         batch = torch.from_numpy(windows[i:i + batch_size].astype(np.int64)).to(device)
-        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        with hardware.autocast(dtype, device):
             logits, _ = model(batch[:, :-1])
         losses = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")  # (B, T-1)
         total += losses[:, score_from:].double().sum().item()
@@ -161,8 +162,9 @@ def parse_args(argv=None):
     parser.add_argument("--mode", choices=("chunks", "sliding"), default="chunks")
     parser.add_argument("--max_tokens", type=int, default=0, help="evaluate only the first N validation tokens (0: all)")
     parser.add_argument("--batch_tokens", type=int, default=16384, help="tokens per forward pass")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=hardware.DTYPES, default="auto",
+                        help="bf16 autocast or float32; auto: bf16 where the hardware has it natively")
+    parser.add_argument("--device", default="auto", help="auto: cuda if PyTorch sees a GPU, else cpu")
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--out", default="out/eval/ppl.json", help="JSON path; the PNG goes beside it")
     add_extension_options(parser)
@@ -174,6 +176,11 @@ def parse_args(argv=None):
     try:
         GPTConfig(**extension_overrides(args))  # a bad override is the user's mistake, not a corrupt checkpoint
     except ValueError as e:
+        fail(str(e))
+    try:
+        args.device = hardware.resolve_device(args.device)
+        args.dtype = hardware.resolve_dtype(args.dtype, args.device)  # the JSON records what was used
+    except hardware.HardwareError as e:
         fail(str(e))
     return args
 

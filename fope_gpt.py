@@ -13,8 +13,8 @@ no biases, untied embeddings) with four ways to tell tokens where they are:
     nope   no position signal; causal masking alone
 
 The file reads in the order the data flows: config -> position embeddings -> attention ->
-block -> model -> generation. FoPE follows the authors' released code (see
-../shared/PAPER_NOTES.md); every deviation is marked "Deviation:" in a comment.
+block -> model -> generation. FoPE follows the authors' released code; every deviation is
+marked "Deviation:" in a comment.
 """
 
 import math
@@ -47,6 +47,7 @@ class GPTConfig:
     rope_scaling: str = "none"    # context extension of rope/fope frequencies: none, pi, ntk, yarn
     rope_scale: float = 1.0       # s, the factor by which the context is meant to grow
     rope_original_len: int = 0    # YaRN's L0, the length the frequencies were trained at (0: train_len)
+    init: str = "olmo"            # weights: "olmo" truncated N(0, 0.02) as the authors; "pytorch" its defaults
 
     def __post_init__(self):
         if self.pe not in POSITION_EMBEDDINGS:
@@ -67,6 +68,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.rope_scaling must be one of none, pi, ntk, yarn, got {self.rope_scaling!r}")
         if not self.rope_scale >= 1:
             raise ValueError(f"GPTConfig.rope_scale must be at least 1, got {self.rope_scale!r}")
+        if self.init not in ("olmo", "pytorch"):
+            raise ValueError(f"GPTConfig.init must be olmo or pytorch, got {self.init!r}")
         if not isinstance(self.rope_original_len, int) or self.rope_original_len < 0:
             raise ValueError(f"GPTConfig.rope_original_len must be a non-negative integer, got {self.rope_original_len!r}")
 
@@ -135,6 +138,12 @@ def step_eye(num_kept, num_pairs):
     return eye
 
 
+def no_autocast(tensor):
+    """Turn autocast off for table building: under bf16 autocast einsum and outer products
+    would round the tables to bf16 (errors near 0.01 at long positions); they stay float32."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 def apply_rotary(x, cos, sin):
     """NeoX half-split rotation: pair j is channels (j, j + d/2). Done in float32.
 
@@ -159,7 +168,8 @@ class RoPE(nn.Module):
 
     @torch.no_grad()
     def _build_tables(self, T):
-        phase = torch.outer(torch.arange(T, dtype=torch.float32, device=self.freqs.device), self.freqs)
+        with no_autocast(self.freqs):
+            phase = torch.outer(torch.arange(T, dtype=torch.float32, device=self.freqs.device), self.freqs)
         self.register_buffer("cos_table", phase.cos(), persistent=False)  # (T, d/2)
         self.register_buffer("sin_table", phase.sin(), persistent=False)
 
@@ -211,9 +221,10 @@ class FoPE(nn.Module):
 
     def _tables(self, T):
         t = torch.arange(T, dtype=torch.float32, device=self.freqs.device)
-        phase = torch.outer(t, self.freqs)                                     # (T, K)
-        cos = torch.einsum("tk,hkm->htm", phase.cos(), self.cos_coef.float())  # (H, T, M)
-        sin = torch.einsum("tk,hkm->htm", phase.sin(), self.sin_coef.float())
+        with no_autocast(t):
+            phase = torch.outer(t, self.freqs)                                     # (T, K)
+            cos = torch.einsum("tk,hkm->htm", phase.cos(), self.cos_coef.float())  # (H, T, M)
+            sin = torch.einsum("tk,hkm->htm", phase.sin(), self.sin_coef.float())
         pad = self.half_dim - cos.shape[-1]
         return F.pad(cos, (0, pad), value=1.0), F.pad(sin, (0, pad), value=self.sin_pad)  # (H, T, d/2)
 
@@ -385,9 +396,13 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.final_norm = RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.trunc_normal_(module.weight, mean=0.0, std=0.02, a=-0.06, b=0.06)
+        # Deviation (init="pytorch", off by default): PyTorch's own initialisation, embeddings
+        # N(0, 1) and linear layers Kaiming-uniform; part of the passkey recipe that EXPERIMENTS.md
+        # measures, for tiny models that must learn retrieval from a training mix, not web text.
+        if config.init == "olmo":
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.trunc_normal_(module.weight, mean=0.0, std=0.02, a=-0.06, b=0.06)
 
     def num_params(self, trainable=True):
         """Parameter count; FoPE's frozen coefficients count only with trainable=False."""

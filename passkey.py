@@ -88,16 +88,19 @@ def score(text, key):
     return match is not None and int(match.group()) == key
 
 
-def training_sequence(enc, rng, seq_len, eot):
+PASSKEY_LOSSES = ("answer+repeat", "answer")
+
+
+def training_sequence(enc, rng, seq_len, eot, loss_on="answer+repeat"):
     """One passkey training sample of seq_len tokens: (x, y), int64 arrays of shape (seq_len,).
 
     x is a prompt of random length (from the shortest possible to seq_len minus the answer),
     random depth and random key, then the answer " N.", then end-of-text padding; y is x
     shifted by one, with every target set to -1 except those that predict the key where it
-    must be copied: its second mention in the needle line ("Remember it. N is ...") and the
-    answer. Only those carry loss: with the whole sample as ordinary next-token loss a tiny
-    model spends its capacity on the predictable filler and never learns retrieval
-    (../shared/PAPER_NOTES.md §9). The needle's own repetition is meant as the easy first
+    must be copied: the answer and, with loss_on="answer+repeat", also its second mention in the
+    needle line ("Remember it. N is ..."). Only those carry loss: with the whole sample as
+    ordinary next-token loss a tiny model spends its capacity on the predictable filler and
+    never learns retrieval (see EXPERIMENTS.md). The needle's own repetition is meant as the easy first
     step: a copy over a few tokens, which the answer repeats over up to seq_len tokens. ALiBi
     models learn it as that copy (a lookup of the key); rotary models learn it from a fixed
     offset instead, which does not carry over to the answer (eval_passkey.py's diagnostics).
@@ -117,6 +120,8 @@ def training_sequence(enc, rng, seq_len, eot):
     y = np.full(seq_len, -1, dtype=np.int64)
     answer_targets = slice(prompt_len - 1, prompt_len - 1 + len(answer))  # positions that predict the answer
     y[answer_targets] = tokens[1:][answer_targets]
+    if loss_on == "answer":
+        return x, y
     digits = enc.encode_ordinary(str(key))  # one token per digit; no other digits in a prompt
     repeat = key_mentions(tokens, digits)[1]  # the needle's second mention
     repeat_targets = slice(repeat - 1, repeat - 1 + len(digits))  # positions that predict the repeat

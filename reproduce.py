@@ -93,7 +93,10 @@ SEEDS = [["--seed", "1337", "--passkey_seed", "1000"],
 # Shared by every run of the default grid: train.py's default CPU model (4 layers, 256 wide,
 # head_dim 64, train_len 256, 16 x 256 = 4096 tokens per step, Shakespeare with a BPE-4096
 # tokenizer), half the sequences from the passkey task (loss on the answer only, notes §9).
-GRID_TRAINING = ["--passkey_frac", "0.5", "--max_steps", "1200"]
+# The CPU grids pin float32 (train.py's "auto" would pick bf16 on CPUs that have it) so that runs
+# made on different CPUs compute the same thing.
+CPU_PRECISION = ["--dtype", "fp32"]
+GRID_TRAINING = ["--passkey_frac", "0.5", "--max_steps", "1200", *CPU_PRECISION]
 
 # The fine-tunes of the extension experiment double train_len and halve batch_size, so a step
 # keeps its 4096 tokens; 150 steps are an eighth of pre-training's tokens, the passkey mix stays
@@ -142,16 +145,15 @@ DEFAULT = Grid(
     lengths=[128, 256, 512, 1024, 2048, 4096],
     # the authors' chunked protocol on the first 65 536 validation tokens (16 chunks at 4096):
     # half the evaluation time of all 142k tokens
-    ppl_args=["--max_tokens", "65536"],
+    ppl_args=["--max_tokens", "65536", *CPU_PRECISION],
     passkey_args=["--trials", "100"],
 )
 
 # Tiny models that exercise every kind of step in about a minute. train_len 128 leaves room for
 # passkey samples: the fixed prompt text takes 95 BPE-4096 tokens and the answer up to 7 more.
-# fp32, because for matrices this small bf16 autocast on a CPU is several times slower.
 QUICK_TRAINING = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--train_len", "128", "--batch_size", "4",
                   "--max_steps", "25", "--warmup_steps", "5", "--passkey_frac", "0.5", "--eval_batches", "2",
-                  "--dtype", "fp32"]
+                  *CPU_PRECISION]
 
 QUICK = Grid(
     about="A smoke test of the pipeline with 1-layer, 32-wide models trained for 25 steps: "
@@ -169,7 +171,7 @@ QUICK = Grid(
     ],
     extensions=[Extension("rope-s0+yarn4", "rope-s0", ["--rope_scaling", "yarn", "--rope_scale", "4"])],
     lengths=[128, 256, 512],
-    ppl_args=["--max_tokens", "4096"],
+    ppl_args=["--max_tokens", "4096", *CPU_PRECISION],
     passkey_args=["--trials", "4"],
     # Matrices this small gain nothing from a second thread, and on a machine whose cores are busy
     # two threads wait for each other: one thread trains several times faster there.
@@ -178,14 +180,16 @@ QUICK = Grid(
 
 GPU60M = Grid(
     about="The paper's 60M shape (train.py --preset gpu60m: 8 layers, 512 wide, 8 heads, train_len 512, "
-          "20 000 steps of 64 x 512 tokens) on FineWeb-Edu with the GPT-2 tokenizer, for one GPU. Untested "
-          "here (no GPU, no network; streaming needs the datasets package). Estimate, not measured: about "
-          "2.5e17 training FLOPs per run, so about an hour per run on one A100 and 3-4 hours with "
-          "evaluations. Caveat: hf: data sets are cut at data.prepare_data's 10 000 documents (train.py "
-          "cannot raise it), roughly 10M tokens, which 20 000 steps would repeat many times.",
+          "20 000 steps of 64 x 512 tokens) on FineWeb-Edu with the GPT-2 tokenizer, in bf16, for one GPU or "
+          "several with torchrun. Untested here (no GPU, no network; streaming needs the datasets package). "
+          "Data: train.py streams as much text as one pass over the run's 655M training tokens needs, and a "
+          "tenth more (--hf_tokens, about 2.9 GB of text at 4 characters a token), then tokenizes it once on "
+          "one CPU core (tens of minutes at a few MB/s: an estimate, not measured) into a cache that every "
+          "later run reuses. Estimate, not measured: about 2.5e17 training FLOPs per run, so about an hour "
+          "per run on one A100 and 3-4 hours with evaluations.",
     # a small passkey mix: a 60M model learns more from web text than the tiny CPU models do
     training=["--preset", "gpu60m", "--dataset", "hf:HuggingFaceFW/fineweb-edu", "--tokenizer", "gpt2",
-              "--passkey_frac", "0.1"],
+              "--passkey_frac", "0.1", "--dtype", "bf16"],
     runs=[
         Run("rope-s0", "main", ["--pe", "rope", *SEEDS[0]]),
         Run("fope-s0", "main", ["--pe", "fope", *SEEDS[0]]),
@@ -193,8 +197,8 @@ GPU60M = Grid(
     ],
     extensions=[],
     lengths=[128, 256, 512, 1024, 2048, 4096, 8192],
-    ppl_args=["--device", "cuda"],
-    passkey_args=["--trials", "100", "--device", "cuda"],
+    ppl_args=["--dtype", "bf16"],
+    passkey_args=["--trials", "100"],
 )
 
 # The default grid's 1200 steps teach ALiBi retrieval but not RoPE or FoPE (README, "Passkey
@@ -206,7 +210,8 @@ PASSKEY = Grid(
     about="The default grid's model and passkey mix trained for 8000 steps instead of 1200, one run per "
           "method at seed 0, for the passkey curves. Estimated time on 2 CPU cores: 4 runs x about "
           "100 min of training, 4 evaluations x (1-2 min perplexity + 3 min passkey); about 7 hours in all.",
-    training=["--passkey_frac", "0.5", "--max_steps", "8000", "--eval_interval", "400", "--compile", "true"],
+    training=["--passkey_frac", "0.5", "--max_steps", "8000", "--eval_interval", "400", "--compile", "true",
+              *CPU_PRECISION],
     runs=[
         Run("fope-s0", "main", ["--pe", "fope", *SEEDS[0]]),
         Run("rope-s0", "main", ["--pe", "rope", *SEEDS[0]]),

@@ -5,17 +5,23 @@ train.py: train one model and leave a checkpoint that the evaluation scripts can
     python train.py --pe rope --seed 1              # another run, in its own folder
     python train.py --pe fope --resume              # continue out/<run>/ after a stop
     python train.py --preset gpu60m --pe fope       # the paper's 60M shape, for one GPU
+    torchrun --standalone --nproc_per_node=8 train.py --preset gpu60m   # the same on 8 GPUs
 
 Every GPTConfig field and every training setting below is a --flag. The run folder
 out/<run-name>/ holds ckpt.pt (written atomically), log.jsonl and config.json; its name
 follows from the settings that differ from the defaults. Every setting is checked before
 anything is read or written, and one process at a time writes a run folder (its train.lock).
+
+Under torchrun, N processes train one model with DistributedDataParallel (NCCL on GPUs,
+gloo on CPUs): each computes its share of the same global batch of --batch_size sequences,
+rank 0 writes the checkpoints and the log, and a run resumes on any number of processes.
 """
 
 import argparse
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -24,8 +30,11 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 import data
+import hardware
 import passkey
 from checkpoint import CheckpointError, LockError, load_checkpoint, run_lock, save_checkpoint
 from fope_gpt import GPT, GPTConfig, kept_frequencies
@@ -38,12 +47,12 @@ MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
 # pairs at train_len 256) for about 10 minutes on 2 cores.
 DEFAULTS = dict(
     **{f.name: f.default for f in dataclasses.fields(GPTConfig)},
-    dataset="shakespeare", tokenizer="bpe", data_dir="data",
+    dataset="shakespeare", tokenizer="bpe", data_dir="data", hf_tokens=0,
     batch_size=16, max_steps=800, decay_steps=0, lr=2e-3, warmup_steps=40, min_lr_ratio=0.1,
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-    passkey_frac=0.0, passkey_seed=1000, seed=1337, init_from="", fope_grow="fresh",
+    passkey_frac=0.0, passkey_loss="answer+repeat", passkey_seed=1000, seed=1337, init_from="", fope_grow="fresh",
     eval_interval=100, eval_batches=20, log_interval=25,
-    dtype="bf16", compile=False, device="auto", out_dir="out", run_name="",
+    dtype="auto", compile=False, device="auto", out_dir="out", run_name="",
 )
 PRESETS = {
     "cpu": {},
@@ -51,11 +60,12 @@ PRESETS = {
     "gpu60m": dict(n_layer=8, n_head=8, n_embd=512, train_len=512, batch_size=64,
                    max_steps=20000, lr=6e-4, warmup_steps=1000, eval_interval=1000),
 }
-# Settings that may change when a run is resumed: where it stops, what it reports, where its
-# files are; none changes the steps already computed. decay_steps re-stretches the schedule from
-# the resumed step on, which is why it is only changed when given.
-RESUMABLE = {"max_steps", "decay_steps", "eval_interval", "log_interval", "compile", "device", "resume", "out_dir",
-             "preset", "run_name", "data_dir"}
+# Settings that may change when a run is resumed: where it stops, how fast it runs, what it
+# reports, where its files are; none changes the steps already computed (a run keeps the
+# precision it started with unless --dtype is given again). decay_steps re-stretches the
+# schedule from the resumed step on, which is why it is only changed when given.
+RESUMABLE = {"max_steps", "decay_steps", "eval_interval", "log_interval", "compile", "device", "dtype", "resume",
+             "out_dir", "preset", "run_name", "data_dir"}
 # Settings that do not name a run.
 UNNAMED = RESUMABLE | {"eval_batches"}
 # The allowed values of the training settings (GPTConfig checks its own fields), in words for
@@ -68,6 +78,8 @@ ALLOWED = {
     "grad_clip": (lambda v: v > 0, "> 0"),
     "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "passkey_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "passkey_loss": (lambda v: v in passkey.PASSKEY_LOSSES, " or ".join(passkey.PASSKEY_LOSSES)),
+    "hf_tokens": (lambda v: v >= 0, ">= 0 (0: what max_steps needs)"),
     "max_steps": (lambda v: v >= 1, ">= 1"),
     "decay_steps": (lambda v: v >= 0, ">= 0"),
     "warmup_steps": (lambda v: v >= 0, ">= 0"),
@@ -176,7 +188,7 @@ class Batches:
     def __init__(self, tokens, settings, enc, eot):
         self.tokens, self.enc, self.eot = tokens, enc, eot
         self.batch_size, self.seq_len = settings["batch_size"], settings["train_len"]
-        self.passkey_frac = settings["passkey_frac"]
+        self.passkey_frac, self.passkey_loss = settings["passkey_frac"], settings["passkey_loss"]
         self.rng = np.random.default_rng(settings["seed"])
         self.passkey_rng = np.random.default_rng(settings["passkey_seed"])
         if len(tokens) <= self.seq_len + 1:
@@ -187,7 +199,8 @@ class Batches:
         y = np.empty_like(x)
         for row in range(self.batch_size):
             if self.passkey_frac > 0 and self.passkey_rng.random() < self.passkey_frac:
-                x[row], y[row] = passkey.training_sequence(self.enc, self.passkey_rng, self.seq_len, self.eot)
+                x[row], y[row] = passkey.training_sequence(self.enc, self.passkey_rng, self.seq_len, self.eot,
+                                                           self.passkey_loss)
             else:
                 start = self.rng.integers(0, len(self.tokens) - self.seq_len - 1)
                 window = self.tokens[start:start + self.seq_len + 1].astype(np.int64)
@@ -234,16 +247,12 @@ def make_optimizer(model, settings):
                              weight_decay=settings["weight_decay"], fused=True)
 
 
-def autocast(settings, device):
-    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=settings["dtype"] == "bf16")
-
-
 @torch.no_grad()
 def evaluate(model, batches, settings, device):
     model.eval()
     losses = []
     for x, y in batches:
-        with autocast(settings, device):
+        with hardware.autocast(settings["dtype"], device):
             losses.append(model(x.to(device), y.to(device))[1].item())
     model.train()
     return float(np.mean(losses))
@@ -271,15 +280,9 @@ def run(argv, held):
         validate_settings(settings)
     except ValueError as e:
         fail(str(e))
-    device = settings["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if settings["dtype"] not in ("bf16", "fp32"):
-        fail(f"--dtype must be bf16 or fp32 (got {settings['dtype']!r})")
     name = settings["run_name"] or run_name(settings, args.preset)
     run_dir = os.path.join(settings["out_dir"], name)
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
-    held.enter_context(run_lock(run_dir))  # before anything in the folder is read or written
 
     resumed = None
     if args.resume:
@@ -290,7 +293,31 @@ def run(argv, held):
     settings = {**settings, "decay_steps": settings["decay_steps"] or settings["max_steps"]}
 
     try:
-        prepared = data.prepare_data(settings["dataset"], settings["tokenizer"], settings["vocab_size"], settings["data_dir"])
+        rank, world, device = start_processes(settings["device"])
+        asked = settings["dtype"]
+        settings["dtype"] = hardware.resolve_dtype(asked, device)  # the run keeps what "auto" chose
+    except hardware.HardwareError as e:
+        fail(str(e))
+    if settings["batch_size"] % world:
+        fail(f"--batch_size {settings['batch_size']} must be divisible by the {world} processes")
+    rows = slice(rank * settings["batch_size"] // world, (rank + 1) * settings["batch_size"] // world)
+    leader = rank == 0  # the one process that prints, logs and writes checkpoints
+    if leader:
+        held.enter_context(run_lock(run_dir))  # before anything is written: data cache or run folder
+        why = ("native bf16 here" if settings["dtype"] == "bf16" else "no native bf16 here") if asked == "auto" else "as asked"
+        print(f"run {run_dir}: {settings['pe']} on {device}" + (f" x {world} processes" if world > 1 else "")
+              + f", precision {settings['dtype']} ({why})", flush=True)
+
+    if settings["dataset"].startswith("hf:") and not settings["hf_tokens"]:
+        # stream what one pass over the run's training tokens needs, and a tenth more for validation
+        settings["hf_tokens"] = math.ceil(1.1 * settings["max_steps"] * settings["batch_size"] * settings["train_len"])
+    try:  # rank 0 tokenizes and caches the data; the others then read its cache
+        if leader:
+            prepared = prepare(settings)
+        if world > 1:
+            dist.barrier()
+        if not leader:
+            prepared = prepare(settings, log=lambda message: None)
     except data.DataError as e:
         fail(str(e))
     if resumed is not None:
@@ -312,16 +339,17 @@ def run(argv, held):
     elif settings["init_from"]:
         start_from_checkpoint(model, settings["init_from"], settings["fope_grow"], prepared)
     if step >= settings["max_steps"]:
-        print(f"{run_dir}: already finished ({step} steps, val loss {val_loss:.4f})")
-        return
+        if leader:
+            print(f"{run_dir}: already finished ({step} steps, val loss {val_loss:.4f})")
+        return stop_processes(world)
 
-    os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.join(run_dir, "log.jsonl")
-    truncate_log(log_path, step)
-    data.write_atomically(os.path.join(run_dir, "config.json"), json.dumps(settings, indent=2).encode())
-    print(f"run {run_dir}: {config.pe}, {model.num_params() / 1e6:.2f}M parameters, "
-          f"{len(prepared.train) / 1e6:.2f}M training tokens, {device}, {settings['dtype']}"
-          + (f", resuming at step {step}" if step else ""))
+    if leader:
+        os.makedirs(run_dir, exist_ok=True)
+        truncate_log(log_path, step)
+        data.write_atomically(os.path.join(run_dir, "config.json"), json.dumps(settings, indent=2).encode())
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters, {len(prepared.train) / 1e6:.2f}M training tokens"
+              + (f", resuming at step {step}" if step else ""), flush=True)
 
     def checkpoint():
         save_checkpoint(ckpt_path, {
@@ -332,18 +360,32 @@ def run(argv, held):
         })
 
     train_step = torch.compile(model) if settings["compile"] else model
+    if world > 1:
+        # The rotary tables are buffers that every process builds alike: nothing to sync per step
+        # (torch 2.13 renamed the switch; older versions know only the first name).
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+            else "broadcast_buffers"
+        train_step = DistributedDataParallel(train_step, device_ids=[device] if device.startswith("cuda") else None,
+                                             **{no_sync: False})
     tokens_per_step = settings["batch_size"] * settings["train_len"]
     t_start = t_last = time.time()
     steps_timed = 0
-    with open(log_path, "a") as log:
+    with open(log_path, "a") if leader else contextlib.nullcontext() as log:
         while step < settings["max_steps"]:
             lr = learning_rate(step, settings)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = batches.next()
-            with autocast(settings, device):
-                _, loss = train_step(x.to(device), y.to(device))
-            loss.backward()
+            # Every process draws the whole global batch (the same random state everywhere, so a
+            # run resumes on any number of processes) and trains on its own rows of it.
+            x, y = batches.next()  # (batch_size, train_len) each
+            share = int((y[rows] >= 0).sum()) / int((y >= 0).sum())  # its part of the batch's loss targets
+            with hardware.autocast(settings["dtype"], device):
+                _, loss = train_step(x[rows].to(device), y[rows].to(device))
+            # DDP averages gradients over processes; weighting each process's mean loss by its
+            # share of the targets makes that average the gradient of the whole batch's mean loss,
+            # even when passkey rows (loss on few tokens) fall unevenly. One process: share = 1.
+            loss = loss * share
+            (loss * world).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -351,28 +393,61 @@ def run(argv, held):
             steps_timed += 1
 
             if step % settings["log_interval"] == 0 or step == settings["max_steps"]:
+                if world > 1:
+                    loss = loss.detach().clone()
+                    dist.all_reduce(loss)  # the shares add up to the whole batch's mean loss
                 loss_value = loss.item()  # the only host sync of a step, once per log interval
                 if not math.isfinite(loss_value):
                     fail(f"loss became {loss_value} at step {step}; {what_is_kept(ckpt_path)}")
                 now = time.time()
                 tok_s = steps_timed * tokens_per_step / (now - t_last)
                 eta = (settings["max_steps"] - step) * tokens_per_step / tok_s
-                print(f"step {step}/{settings['max_steps']} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                      f"{tok_s / 1e3:.1f}k tok/s | {clock(now - t_start)} elapsed | ETA {clock(eta)}", flush=True)
-                log.write(json.dumps({"step": step, "loss": loss_value, "lr": lr, "tok_per_s": round(tok_s)}) + "\n")
-                log.flush()
+                if leader:
+                    print(f"step {step}/{settings['max_steps']} | loss {loss_value:.4f} | lr {lr:.2e} | "
+                          f"{tok_s / 1e3:.1f}k tok/s | {clock(now - t_start)} elapsed | ETA {clock(eta)}", flush=True)
+                    log.write(json.dumps({"step": step, "loss": loss_value, "lr": lr, "tok_per_s": round(tok_s)}) + "\n")
+                    log.flush()
                 t_last, steps_timed = now, 0
 
             if step % settings["eval_interval"] == 0 or step == settings["max_steps"]:
+                # every process measures the same fixed windows, so no process waits for another's number
                 val_loss = evaluate(model, val_batches, settings, device)
                 if not math.isfinite(val_loss):
                     fail(f"validation loss became {val_loss} at step {step}; {what_is_kept(ckpt_path)}")
-                print(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f})", flush=True)
-                log.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
-                log.flush()
-                checkpoint()
+                if leader:
+                    print(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f})", flush=True)
+                    log.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+                    log.flush()
+                    checkpoint()
                 t_last, steps_timed = time.time(), 0  # evaluation time is not training time
-    print(f"done: {step} steps in {clock(time.time() - t_start)}, val loss {val_loss:.4f}; checkpoint {ckpt_path}")
+    if leader:
+        print(f"done: {step} steps in {clock(time.time() - t_start)}, val loss {val_loss:.4f}; checkpoint {ckpt_path}")
+    stop_processes(world)
+
+
+def prepare(settings, log=print):
+    """The run's tokenized data, from the cache in data_dir (built on first use)."""
+    return data.prepare_data(settings["dataset"], settings["tokenizer"], settings["vocab_size"], settings["data_dir"],
+                             log=log, hf_tokens=settings.get("hf_tokens") or 0)
+
+
+def start_processes(device_setting):
+    """(rank, world size, device) of this process. Under torchrun (which sets RANK, LOCAL_RANK
+    and WORLD_SIZE) join the process group: process i takes GPU i of its node, or the CPU."""
+    device = hardware.resolve_device(device_setting)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
+
+
+def stop_processes(world):
+    if world > 1:
+        dist.destroy_process_group()
 
 
 def what_is_kept(ckpt_path):

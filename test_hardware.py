@@ -1,0 +1,166 @@
+"""
+Where and how the project runs: the precision chosen by the hardware, the device chosen by
+what PyTorch sees, several processes under torchrun, the GPU check and the benchmark.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import analyze
+import bench
+import checkpoint
+import eval_passkey
+import eval_ppl
+import hardware
+import train
+from conftest import error_of, logged_losses, tiny_run_args
+
+HERE = Path(__file__).resolve().parent
+
+# -----------------------------------------------------------------------------
+# precision: bf16 autocast only where the hardware multiplies bf16 natively
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(False, False, "fp32"), (True, False, "bf16"),
+                                                        (False, True, "bf16")])
+def test_auto_precision_follows_the_cpus_bf16_support(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert hardware.resolve_dtype("auto", "cpu") == expected
+    assert hardware.resolve_dtype("fp32", "cpu") == "fp32" and hardware.resolve_dtype("bf16", "cpu") == "bf16"
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_run_says_its_precision_first_and_keeps_it_in_the_checkpoint(tmp_path, monkeypatch, capsys, native):
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: native)
+    train.main(tiny_run_args(tmp_path, "--pe", "fope", "--max_steps", "2", "--eval_interval", "2"))
+    first_line = capsys.readouterr().out.splitlines()[0]
+    expected = "bf16" if native else "fp32"
+    assert first_line.startswith("run ") and f"precision {expected} (" + ("native" if native else "no native") in first_line
+    state = checkpoint.load_checkpoint(str(tmp_path / "out" / "tiny" / "ckpt.pt"))
+    assert state["train_config"]["dtype"] == expected
+
+
+def test_a_resumed_run_keeps_the_precision_it_started_with(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: False)
+    train.main(tiny_run_args(tmp_path, "--pe", "rope", "--max_steps", "4", "--eval_interval", "2"))
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: True)  # e.g. moved to a bf16 machine
+    train.main(tiny_run_args(tmp_path, "--pe", "rope", "--max_steps", "6", "--eval_interval", "2", "--resume"))
+    assert "precision fp32 (as asked)" in capsys.readouterr().out
+    state = checkpoint.load_checkpoint(str(tmp_path / "out" / "tiny" / "ckpt.pt"))
+    assert state["train_config"]["dtype"] == "fp32"
+
+
+def test_eval_ppl_records_the_precision_it_used(tmp_path, monkeypatch):
+    train.main(tiny_run_args(tmp_path, "--pe", "rope", "--max_steps", "2", "--eval_interval", "2", "--dtype", "fp32"))
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: True)
+    out = tmp_path / "ppl.json"
+    eval_ppl.main(["--ckpt", str(tmp_path / "out" / "tiny" / "ckpt.pt"), "--lengths", "32", "--data_dir",
+                   str(tmp_path / "data"), "--out", str(out)])
+    assert json.loads(out.read_text())["dtype"] == "bf16"
+
+
+# -----------------------------------------------------------------------------
+# device: cuda where PyTorch sees a GPU, a one-line error where it is asked for and absent
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("script", ["train", "eval_ppl", "eval_passkey", "analyze"])
+def test_asking_for_cuda_without_a_gpu_is_one_clear_line(tmp_path, script):
+    if script == "train":
+        argv = tiny_run_args(tmp_path, "--device", "cuda")
+    else:
+        argv = ["--ckpt", str(tmp_path / "missing.pt"), "--device", "cuda", "--out", str(tmp_path / "x.json")]
+    main = {"train": train.main, "eval_ppl": eval_ppl.main, "eval_passkey": eval_passkey.main,
+            "analyze": analyze.main}[script]
+    if script == "analyze":
+        argv = ["--ckpt", str(tmp_path / "missing.pt"), "--device", "cuda", "--out_dir", str(tmp_path / "a")]
+    assert "sees no CUDA GPU" in error_of(main, argv)
+    assert hardware.resolve_device("auto") == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_model_computes_the_same_on_the_gpu_as_on_the_cpu():
+    from test_fope import tiny_config, spread_weights
+    from fope_gpt import GPT
+    for pe in ("rope", "fope", "alibi"):
+        model = spread_weights(GPT(tiny_config(pe=pe))).eval()
+        idx = torch.randint(0, 61, (2, 64))
+        on_cpu = model(idx)[0]
+        on_gpu = model.to("cuda")(idx.to("cuda"))[0].cpu()
+        assert torch.allclose(on_cpu, on_gpu, atol=1e-3, rtol=1e-3), pe
+
+
+# -----------------------------------------------------------------------------
+# torchrun: N processes train the model one process would, on the same global batch
+
+
+def test_two_processes_under_torchrun_train_what_one_would_and_resume_in_one(tmp_path):
+    # passkey rows put their loss on a few answer tokens, so the two halves of a batch hold
+    # different numbers of targets: the per-process weighting is what makes the losses agree
+    common = ["--train_len", "256", "--passkey_frac", "0.5", "--min_lr_ratio", "1", "--warmup_steps", "0",
+              "--eval_interval", "3", "--dtype", "fp32", "--device", "cpu"]
+    train.main(tiny_run_args(tmp_path, *common, "--max_steps", "6", "--run_name", "one"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(HERE / "train.py"), *tiny_run_args(tmp_path, *common, "--max_steps", "3", "--run_name", "two")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "x 2 processes" in two.stdout
+    # a constant learning rate: continuing to 6 steps follows the schedule of the 6-step run
+    train.main(tiny_run_args(tmp_path, *common, "--max_steps", "6", "--run_name", "two", "--resume"))
+    one, two = logged_losses(tmp_path / "out" / "one"), logged_losses(tmp_path / "out" / "two")
+    assert [step for step, _, _ in one] == [step for step, _, _ in two]
+    for (_, loss_one, val_one), (_, loss_two, val_two) in zip(one, two):
+        assert (loss_one is None) == (loss_two is None) and (val_one is None) == (val_two is None)
+        assert loss_one is None or loss_one == pytest.approx(loss_two, rel=1e-5)
+        assert val_one is None or val_one == pytest.approx(val_two, rel=1e-5)
+
+
+def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "start_processes", lambda device: (0, 3, "cpu"))
+    assert "must be divisible by the 3 processes" in error_of(train.main, tiny_run_args(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# the GPU check and the benchmark
+
+
+def test_the_gpu_check_parses_and_stops_with_one_line_where_there_is_no_gpu(tmp_path):
+    assert subprocess.run(["bash", "-n", str(HERE / "gpu_check.sh")]).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: run gpu_check.sh itself")
+    before = (HERE / "results").stat().st_mtime_ns
+    result = subprocess.run(["bash", str(HERE / "gpu_check.sh")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "gpu_check.sh: error: PyTorch sees no CUDA GPU here (torch.cuda.is_available() is False); nothing was run"]
+    assert (HERE / "results").stat().st_mtime_ns == before and not (HERE / "results" / "gpu_check.json").exists()
+
+
+def test_bench_times_the_reference_beside_the_model_and_derives_its_ratios_from_its_own_times(tmp_path):
+    out = tmp_path / "b.json"
+    bench.main(["--pe", "rope", "fope", "--steps", "1", "--no_compile", "--lengths", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    rows, ratios = report["results"], report["ratios"]
+    assert list(rows) == ["rope", "fope", bench.BASELINE]
+    assert ratios["fope / rope, step time (eager)"] == rows["fope"]["eager"]["step_s"] / rows["rope"]["eager"]["step_s"]
+    assert ratios["rope / reference, training tok/s (eager)"] == (
+        rows["rope"]["eager"]["tok_per_s"] / rows[bench.BASELINE]["eager"]["tok_per_s"])
+    tokens = report["batch_size"] * report["config"]["train_len"]
+    for row in rows.values():
+        assert row["eager"]["tok_per_s"] == pytest.approx(tokens / row["eager"]["step_s"])
+    assert report["dtype"] == hardware.resolve_dtype("auto", "cpu")
+    assert set(rows["fope"]["eval"]) == {"256"} and bench.BASELINE + " |" in (tmp_path / "b.md").read_text()
+
+
+def test_the_reference_gpt_has_the_default_models_trained_parameter_count():
+    config = bench.GPTConfig()
+    reference, model = bench.ReferenceGPT(config), bench.GPT(config)
+    assert sum(p.numel() for p in reference.parameters()) == model.num_params()
