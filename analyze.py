@@ -20,6 +20,9 @@ claims two things go wrong, and this script makes both visible, side by side per
 q and k always come from real validation text, run through the model in windows of
 train_len tokens (the positions it was trained on), captured before the rotation; the
 rotation to other positions is then done with each layer's own position module.
+
+The files go to out/analysis/ by default (outside the committed results); every checkpoint,
+its data and the output folder are checked before the first analysis.
 """
 
 import argparse
@@ -27,10 +30,12 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
+import data
 import hardware
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from eval_ppl import label_runs, validation_tokens
@@ -333,11 +338,11 @@ def check_indices(model, layer, head, pair):
 
 
 def load_tokens(path, state, data_dir):
-    """validation_tokens() of eval_ppl, with its one-line errors reported under this script's name."""
+    """validation_tokens() of eval_ppl, its one-line errors naming the checkpoint."""
     try:
         return validation_tokens(state, data_dir)
-    except SystemExit as e:
-        fail(f"{path}: {str(e.code).split(': error: ', 1)[-1]}")
+    except data.DataError as e:
+        fail(f"{path}: {e}")
 
 
 # -----------------------------------------------------------------------------
@@ -496,7 +501,7 @@ def parse_args(argv):
     parser.add_argument("--max_distance", type=int, help="largest distance for the logits (default 16 x train_len)")
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--device", default="auto", help="auto: cuda if PyTorch sees a GPU, else cpu")
-    parser.add_argument("--out_dir", default="results/analysis")
+    parser.add_argument("--out_dir", default="out/analysis")
     args = parser.parse_args(argv)
     for name in ("text_tokens", "max_distance"):
         value = getattr(args, name)
@@ -507,12 +512,12 @@ def parse_args(argv):
 
 def write_outputs(results, out_dir):
     """The JSON (written atomically) and the figures, all into out_dir."""
-    os.makedirs(out_dir, exist_ok=True)
     labels = label_runs(results)
-    path = os.path.join(out_dir, "analysis.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"checkpoints": results}, f)
-    os.replace(path + ".tmp", path)
+    try:
+        text = json.dumps({"checkpoints": results}, allow_nan=False)
+    except ValueError:  # a bare NaN is not JSON
+        fail("an analysis gave a number that is not finite, so nothing is written")
+    data.write_atomically(Path(out_dir) / "analysis.json", text.encode())
     plot_pair_norms(results, labels, os.path.join(out_dir, "pair_norms.png"))
     plot_spectra(results, labels, os.path.join(out_dir, "spectrum.png"))
     plot_logits(results, labels, os.path.join(out_dir, "logit_vs_distance.png"))
@@ -524,8 +529,17 @@ def write_outputs(results, out_dir):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    # every check first, so that bad input never overwrites earlier results
+    """Analyse every checkpoint; the project's own errors and I/O errors (a full disk, a folder
+    that cannot be written) end in one line on stderr and a non-zero exit."""
+    try:
+        analyze_all(parse_args(argv))
+    except (CheckpointError, data.DataError, OSError) as error:
+        fail(data.error_line(error))
+
+
+def analyze_all(args):
+    """Check every checkpoint, its data and the output folder, then analyse and write."""
+    # every check first, so that bad input never overwrites earlier results nor costs the work
     try:
         args.device = hardware.resolve_device(args.device)
     except hardware.HardwareError as e:
@@ -545,6 +559,7 @@ def main(argv=None):
             fail(f"{path}: {message}")
         runs.append((path, state, model))
     runs = [(path, state, model, load_tokens(path, state, args.data_dir)) for path, state, model in runs]
+    data.check_writable_folder(args.out_dir)
 
     results = []
     for path, state, model, tokens in runs:

@@ -24,12 +24,14 @@ import multiprocessing
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 import hardware
 from fope_gpt import GPT, GPTConfig, POSITION_EMBEDDINGS
 
@@ -245,6 +247,16 @@ def markdown(report):
 
 
 def main(argv=None):
+    """Measure and write the table; I/O errors (a full disk, a folder that cannot be written) end
+    in one line on stderr and a non-zero exit."""
+    try:
+        measure(argv)
+    except OSError as error:
+        sys.exit(f"bench.py: error: {data.error_line(error)}")
+
+
+def measure(argv):
+    """Every measurement, then the JSON and the table (or, with --report, the table alone)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pe", nargs="+", default=list(POSITION_EMBEDDINGS), choices=POSITION_EMBEDDINGS,
                         help="position embeddings to time (default: all)")
@@ -272,11 +284,11 @@ def main(argv=None):
     try:
         device = hardware.resolve_device(args.device)
         dtype = hardware.resolve_dtype("auto", device)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # fail before measuring
+        data.check_writable_folder(os.path.dirname(os.path.abspath(args.out)))  # fail before measuring
     except hardware.HardwareError as e:
-        parser.exit(1, f"bench.py: error: {e}\n")
+        sys.exit(f"bench.py: error: {e}")
     except OSError as e:
-        parser.exit(1, f"bench.py: error: cannot create the folder of --out {args.out}: {e.strerror}\n")
+        sys.exit(f"bench.py: error: cannot write into the folder of --out {args.out}: {e.strerror}")
 
     config = GPTConfig()
     names = [*args.pe, BASELINE]
@@ -306,16 +318,14 @@ def main(argv=None):
               "machine": {"name": machine_name(device), "device": device, "threads": torch.get_num_threads(),
                           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": dtype == "bf16",
                           "torch": torch.__version__, "python": platform.python_version()}}
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    data.write_atomically(args.out, json.dumps(report, indent=2).encode())
     publish(report, args.out)
 
 
 def publish(report, out):
     """Write the Markdown table beside the JSON and print it."""
     table = markdown(report)
-    with open(out[:-len(".json")] + ".md", "w") as f:
-        f.write(table)
+    data.write_atomically(out[:-len(".json")] + ".md", table.encode())
     print(table)
 
 

@@ -11,8 +11,12 @@ A checkpoint is one torch file holding everything needed to continue a run or to
     tokenizer      the tokenizer itself (see data.tokenizer_state), so evaluation needs no cache
     data           the token cache's metadata (dataset, token counts, source hash)
     val_loss       the last validation loss
+
+While train.py writes a run folder it holds the folder's lock file (run_lock), so that a second
+process never writes the same run.
 """
 
+import contextlib
 import dataclasses
 import os
 
@@ -20,17 +24,37 @@ import torch
 
 from fope_gpt import GPT, GPTConfig
 
+LOCK_NAME = "train.lock"
+
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message is one line for the user."""
+    """A checkpoint that cannot be used or written; the message is one line for the user."""
+
+
+class LockError(Exception):
+    """A run folder that another process is writing; the message is one line for the user."""
 
 
 def save_checkpoint(path, state):
     """Write to a temporary file beside `path`, then rename over it: a partly written file
-    never replaces a good one (os.replace is atomic within a file system)."""
+    never replaces a good one (os.replace is atomic within a file system). A failed write (a
+    full disk) removes the temporary file and raises CheckpointError."""
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # through a Python file, a failed write is an OSError with its reason
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        if not isinstance(error, (OSError, RuntimeError)):
+            raise
+        if isinstance(error, OSError) and error.strerror:
+            reason = error.strerror
+        else:
+            reason = str(error).strip().splitlines()[-1]
+        kept = "the previous checkpoint is kept" if os.path.exists(path) else "there is no earlier checkpoint"
+        raise CheckpointError(f"could not write checkpoint {path}: {reason}; {kept}") from None
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -48,12 +72,84 @@ def load_checkpoint(path, map_location="cpu"):
 
 def model_from_checkpoint(state, device="cpu", **overrides):
     """Rebuild the GPT of a checkpoint, in eval mode. `overrides` change config fields that
-    need no new weights, e.g. rope_scaling for context extension without training."""
+    need no new weights, e.g. rope_scaling for context extension without training; a bad
+    override raises ValueError (the user's mistake), a bad checkpoint CheckpointError."""
     known = {f.name for f in dataclasses.fields(GPTConfig)}
-    config = GPTConfig(**{k: v for k, v in {**state["model_config"], **overrides}.items() if k in known})
-    model = GPT(config)
+    try:
+        saved = {k: v for k, v in state["model_config"].items() if k in known}
+        GPT(GPTConfig(**saved))  # FoPE's coefficient shapes can fail too (train_len too short)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError) as error:
+        raise CheckpointError(f"checkpoint model_config is invalid: {error}") from None
+    model = GPT(GPTConfig(**{**saved, **overrides}))
     try:
         model.load_state_dict(state["model"])
-    except RuntimeError:
+    except (AttributeError, RuntimeError, TypeError):
         raise CheckpointError("checkpoint weights do not match its own model_config (corrupt checkpoint)") from None
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+        raise CheckpointError("checkpoint weights are not finite (NaN or inf): its run diverged")
     return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def run_lock(folder):
+    """Hold `folder`/train.lock while the block runs: one writer per run folder.
+
+    The lock file is created atomically (O_CREAT | O_EXCL) and holds the owner's process id.
+    A lock whose process is gone (a run killed with kill -9, a power loss) is stale: it is
+    replaced. A folder created here and still empty at the end is removed again, so a run
+    refused before its first file leaves nothing behind."""
+    created = not os.path.isdir(folder)
+    path = os.path.join(folder, LOCK_NAME)
+    take_lock(folder, path)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        if created:
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                os.rmdir(folder)
+
+
+def take_lock(folder, path):
+    for _ in range(3):  # a lock released or found stale between two looks: try again
+        os.makedirs(folder, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = lock_owner(path)
+            if owner == "gone":
+                continue
+            if owner is None:
+                raise LockError(f"{folder} is locked by {path}, which holds no process id: "
+                                f"delete it if no train.py is writing this run") from None
+            if process_alive(owner):
+                raise LockError(f"{folder} is being written by process {owner} (lock {path}): "
+                                f"wait for it to end, or give another --run_name") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return
+    raise LockError(f"could not take the lock {path}: other processes keep taking it")
+
+
+def lock_owner(path):
+    """The process id in a lock file; None if it holds none, "gone" if the file is gone."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return "gone"
+    return int(text) if text.isdigit() else None
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True

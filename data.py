@@ -11,6 +11,7 @@ Read top to bottom:
 """
 
 import base64
+import errno
 import hashlib
 import heapq
 import importlib.util
@@ -18,6 +19,7 @@ import json
 import os
 import re
 import socket
+import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -45,6 +47,27 @@ HELD_OUT_PLAYS = ["much-ado-about-nothing", "henry-v", "othello"]
 
 class DataError(Exception):
     """A problem the user can fix; the message is one line, printed without a traceback."""
+
+
+def error_line(error):
+    """One line for an error that a script reports without a traceback: an OSError as its
+    reason and file ("No space left on device: out/run/ckpt.pt.tmp"), anything else as the
+    first line of its message."""
+    if isinstance(error, OSError) and error.strerror:
+        files = [str(name) for name in (error.filename, error.filename2) if name is not None]
+        return f"{error.strerror}: {' -> '.join(files)}" if files else error.strerror
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def check_writable_folder(folder):
+    """Create `folder` if needed and write (then remove) a file in it, so that a script finds
+    an output folder it cannot use before its work, not after it. Raises OSError."""
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
 
 
 # ---------------------------------------------------------------------------
@@ -121,15 +144,28 @@ def split_documents(documents):
     return documents[:cut], documents[cut:]
 
 
+def read_text_file(path):
+    """The text of a UTF-8 file. A binary file (NUL bytes) or other encodings are refused:
+    decoded with replacement characters they would train the model on noise."""
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise DataError(f"{path} is not a text file (it contains NUL bytes)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text (invalid byte at offset {error.start}); "
+                        f"convert it to UTF-8") from None
+
+
 def load_local(path):
     """Return (train, val) texts from a text file or from every *.txt/*.md file below a folder."""
     path = Path(path)
     if path.is_file():
-        return split_text(path.read_text(encoding="utf-8", errors="replace"))
+        return split_text(read_text_file(path))
     files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
     if not files:
         raise DataError(f"no .txt or .md files in folder {path}")
-    return split_documents([p.read_text(encoding="utf-8", errors="replace") for p in files])
+    return split_documents([read_text_file(p) for p in files])
 
 
 # About right for English web text under GPT-2's tokenizer; it only sizes the download.
@@ -345,11 +381,19 @@ def fingerprint(settings, train_texts=(), val_texts=()):
 
 
 def write_atomically(path, data):
-    """Write bytes to path via a temporary file, so path is either complete or absent."""
+    """Write bytes to path via a temporary file, so path is either complete or absent (or
+    keeps its old content); a failed write (a full disk) removes the temporary file."""
+    path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as f:
-        f.write(data)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+        os.replace(temporary, path)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:  # a failed flush names no file
+            raise OSError(error.errno, error.strerror, str(path)) from None
+        raise
 
 
 def encode_documents(enc, documents, eot):

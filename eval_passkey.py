@@ -7,9 +7,10 @@ eval_passkey.py: passkey-retrieval accuracy versus prompt length, for one or mor
 For each prompt length every checkpoint answers the same trials (keys and needle depths come
 from --seed alone), by greedy decoding of up to 10 tokens; a trial is correct when the first
 number in the answer is the key (protocol: ../shared/PAPER_NOTES.md §6.2, prompts: passkey.py).
-Writes a JSON file and two figures next to it: accuracy versus length, and a heatmap of
-accuracy over length x needle depth per checkpoint. The JSON also holds, per checkpoint, two
-diagnostics at train_len that tell why retrieval fails when it does (see diagnostics()).
+Writes a JSON file (by default out/eval/passkey.json, outside the committed results) and two
+figures next to it: accuracy versus length, and a heatmap of accuracy over length x needle
+depth per checkpoint. The JSON also holds, per checkpoint, two diagnostics at train_len that
+tell why retrieval fails when it does (see diagnostics()).
 """
 
 import argparse
@@ -28,10 +29,10 @@ import torch
 
 import hardware
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from data import encoding_from_state, write_atomically
+from data import DataError, check_writable_folder, encoding_from_state, error_line, write_atomically
 from eval_ppl import add_extension_options, default_lengths, extension_overrides, label_runs, parse_lengths
 from fope_gpt import GPTConfig
-from passkey import ANSWER, MAX_KEY, NEEDLE, build_prompt, key_mentions, score
+from passkey import ANSWER, MAX_KEY, NEEDLE, build_prompt, key_mentions, score, shortest_prompt_len
 
 MAX_NEW_TOKENS = 10  # as in the authors' script
 # Default prompts per forward pass: about this many tokens, so that the activations of a batch
@@ -60,7 +61,7 @@ def parse_args(argv=None):
         help=f"prompts per forward pass (default: about {TOKENS_PER_FORWARD} tokens' worth)"
     )
     parser.add_argument("--depth_buckets", type=positive_int, default=5, help="needle depth bins (default 5)")
-    parser.add_argument("--out", type=Path, default=Path("results/passkey.json"), help="JSON output path")
+    parser.add_argument("--out", type=Path, default=Path("out/eval/passkey.json"), help="JSON output path")
     parser.add_argument("--device", default="auto", help="torch device; auto: cuda if PyTorch sees a GPU, else cpu")
     add_extension_options(parser)
     return parser.parse_args(argv)
@@ -91,6 +92,8 @@ def load_run(path, device, overrides):
     try:
         model = model_from_checkpoint(state, device, **overrides)
         enc = encoding_from_state(state["tokenizer"])
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
     except (KeyError, TypeError, ValueError) as error:  # a damaged model_config or tokenizer
         raise CheckpointError(f"checkpoint {path} is corrupt: {type(error).__name__}: {error}") from None
     if enc.n_vocab > model.config.vocab_size:
@@ -109,6 +112,12 @@ def load_run(path, device, overrides):
         "step": state["step"],
         "train_config": state.get("train_config", {}),
     }
+
+
+def feasible_lengths(run, lengths, seed, trials):
+    """The lengths whose every trial prompt can hold the fixed text (task, needle, question)."""
+    return [length for length in lengths
+            if max(shortest_prompt_len(run["enc"], key) for key in trial_settings(seed, length, trials)[0]) <= length]
 
 
 def trial_settings(seed, length, trials):
@@ -291,8 +300,15 @@ def plot_heatmaps(records, labels, lengths, buckets, path):
 
 
 def main(argv=None):
-    """Check every input, evaluate every checkpoint, then write the JSON file and the figures."""
-    args = parse_args(argv)
+    """Check every input, evaluate every checkpoint, then write the JSON file and the figures. The
+    project's own errors and I/O errors (a full disk) end in one line and a non-zero exit."""
+    try:
+        evaluate_all(parse_args(argv))
+    except (CheckpointError, DataError, OSError) as error:
+        sys.exit(f"eval_passkey.py: error: {error_line(error)}")
+
+
+def evaluate_all(args):
     try:
         args.device = hardware.resolve_device(args.device)
     except hardware.HardwareError as error:
@@ -308,11 +324,16 @@ def main(argv=None):
         runs = [load_run(path, args.device, overrides) for path in args.ckpt]  # all checked before any work
     except CheckpointError as error:
         sys.exit(f"eval_passkey.py: error: {error}")
-    try:
-        args.out.parent.mkdir(parents=True, exist_ok=True)  # fail now rather than after the evaluation
-    except OSError as error:
-        sys.exit(f"eval_passkey.py: error: cannot create the folder of --out {args.out}: {error.strerror}")
     lengths = args.lengths or default_lengths(max(run["train_len"] for run in runs))
+    for run in runs:
+        if not feasible_lengths(run, lengths, args.seed, args.trials):
+            sys.exit(f"eval_passkey.py: error: no length in {','.join(map(str, lengths))} can hold the fixed text "
+                     f"of {run['path']}'s prompts ({shortest_prompt_len(run['enc'], MAX_KEY)} tokens with a "
+                     f"{len(str(MAX_KEY))}-digit key): give longer --lengths")
+    try:
+        check_writable_folder(args.out.parent)  # fail now rather than after the evaluation
+    except OSError as error:
+        sys.exit(f"eval_passkey.py: error: cannot write into the folder of --out {args.out}: {error.strerror}")
     labels = label_runs(runs, name_key="run_name")
     records = [evaluate_run(run, args, lengths, label) for run, label in zip(runs, labels)]
 
@@ -327,7 +348,11 @@ def main(argv=None):
         },
         "checkpoints": records,
     }
-    write_atomically(args.out, (json.dumps(results, indent=2) + "\n").encode())  # never half-written
+    try:
+        text = json.dumps(results, indent=2, allow_nan=False)
+    except ValueError:  # a bare NaN is not JSON
+        sys.exit("eval_passkey.py: error: a result is not a finite number, so nothing is written")
+    write_atomically(args.out, (text + "\n").encode())  # never half-written
     accuracy_png = args.out.with_name(args.out.stem + ".png")
     heatmap_png = args.out.with_name(args.out.stem + "_heatmap.png")
     plot_accuracy(records, labels, lengths, accuracy_png)

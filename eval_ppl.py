@@ -10,7 +10,9 @@ and average the next-token cross-entropy over every target. Every length therefo
 many early, little-context tokens, and only the positions past train_len are new to the model.
 `--mode sliding` instead scores each token once with up to T tokens of context (stride T/2).
 
-Writes a JSON of the numbers and a PNG of perplexity vs length next to it.
+Writes a JSON of the numbers and a PNG of perplexity vs length next to it (by default
+out/eval/ppl.json, outside the committed results). Every checkpoint, its data and the output
+folder are checked before the first evaluation, so that a mistake never costs the work.
 """
 
 import argparse
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 import data
 import hardware
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from fope_gpt import GPTConfig
 
 
 def fail(message):
@@ -56,17 +59,18 @@ def default_lengths(train_len):
 
 
 def validation_tokens(state, data_dir):
-    """The validation split the checkpoint was trained beside, tokenized by its own tokenizer."""
+    """The validation split the checkpoint was trained beside, tokenized by its own tokenizer;
+    raises data.DataError if it is not there."""
     settings, meta = state.get("train_config") or {}, state.get("data") or {}
     try:
         prepared = data.prepare_data(settings["dataset"], settings["tokenizer"], settings["vocab_size"], data_dir,
                                      log=lambda line: print(line, file=sys.stderr), hf_tokens=settings.get("hf_tokens") or 0)
     except KeyError:
-        fail("the checkpoint does not record its dataset")
-    except data.DataError as e:
-        fail(str(e))
+        raise data.DataError("the checkpoint does not record its dataset") from None
     if prepared.meta["hash"] != meta.get("hash"):
-        fail(f"the token cache in {data_dir} for {settings['dataset']} differs from the one the checkpoint was trained on")
+        raise data.DataError(f"the token cache in {data_dir} for {settings['dataset']} (hash "
+                             f"{prepared.meta['hash'][:12]}) differs from the one the checkpoint was trained on "
+                             f"(hash {str(meta.get('hash'))[:12]}): the text changed")
     return prepared.val
 
 
@@ -150,7 +154,7 @@ def plot(results, path, ylabel, key, log_y=True):
     plt.close(fig)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", nargs="+", required=True, help="one or more checkpoints")
     parser.add_argument("--lengths", type=parse_lengths,
@@ -162,37 +166,65 @@ def main(argv=None):
                         help="bf16 autocast or float32; auto: bf16 where the hardware has it natively")
     parser.add_argument("--device", default="auto", help="auto: cuda if PyTorch sees a GPU, else cpu")
     parser.add_argument("--data_dir", default="data")
-    parser.add_argument("--out", default="results/ppl.json", help="JSON path; the PNG goes beside it")
+    parser.add_argument("--out", default="out/eval/ppl.json", help="JSON path; the PNG goes beside it")
     add_extension_options(parser)
     args = parser.parse_args(argv)
-    if not args.out.endswith(".json"):
-        fail(f"--out must end in .json, got {args.out!r}")
+    if not args.out.endswith(".json") or os.path.isdir(args.out):
+        fail(f"--out must be a path ending in .json, got {args.out!r}")
+    if args.max_tokens < 0 or args.batch_tokens < 1:
+        fail("--max_tokens must be >= 0 and --batch_tokens >= 1")
+    try:
+        GPTConfig(**extension_overrides(args))  # a bad override is the user's mistake, not a corrupt checkpoint
+    except ValueError as e:
+        fail(str(e))
     try:
         args.device = hardware.resolve_device(args.device)
         args.dtype = hardware.resolve_dtype(args.dtype, args.device)  # the JSON records what was used
     except hardware.HardwareError as e:
         fail(str(e))
+    return args
 
-    states = []
+
+def main(argv=None):
+    """Evaluate every checkpoint; the project's own errors and I/O errors (a full disk, a folder
+    that cannot be written) end in one line on stderr and a non-zero exit."""
+    try:
+        evaluate_all(parse_args(argv))
+    except (CheckpointError, data.DataError, OSError) as error:
+        fail(data.error_line(error))
+
+
+def load_all(args):
+    """Every checkpoint's model and validation tokens, all checked before any evaluation."""
+    loaded = []
     for path in args.ckpt:
         try:
-            states.append((path, load_checkpoint(path)))
+            state = load_checkpoint(path)
         except CheckpointError as e:
             fail(str(e))
-    lengths = args.lengths or default_lengths(
-        max(s["model_config"]["train_len"] for _, s in states))
-
-    results = []
-    for path, state in states:
         try:
             model = model_from_checkpoint(state, args.device, **extension_overrides(args))
         except (CheckpointError, ValueError) as e:
             fail(f"{path}: {e}")
-        tokens = validation_tokens(state, args.data_dir)
-        if args.max_tokens:
-            tokens = tokens[:args.max_tokens]
+        try:
+            tokens = validation_tokens(state, args.data_dir)
+        except data.DataError as e:
+            fail(f"{path}: {e}")
+        loaded.append((path, state, model, tokens[:args.max_tokens] if args.max_tokens else tokens))
+    return loaded
+
+
+def evaluate_all(args):
+    """Check every checkpoint, its data and the output folder, then evaluate and write."""
+    loaded = load_all(args)
+    lengths = args.lengths or default_lengths(max(model.config.train_len for _, _, model, _ in loaded))
+    for path, _, _, tokens in loaded:
         if max(lengths) > len(tokens):
-            fail(f"length {max(lengths)} is larger than the validation split ({len(tokens)} tokens)")
+            fail(f"{path}: length {max(lengths)} is larger than the validation split ({len(tokens)} tokens)")
+    data.check_writable_folder(os.path.dirname(os.path.abspath(args.out)))
+
+    results = []
+    for path, state, model, tokens in loaded:
         config = dataclasses.asdict(model.config)
         result = {"path": path, "run": os.path.basename(os.path.dirname(os.path.abspath(path))), "pe": config["pe"],
                   "train_len": config["train_len"], "model_config": config, "step": state["step"],
@@ -202,15 +234,17 @@ def main(argv=None):
             start = time.time()
             evaluate = chunked_ppl if args.mode == "chunks" else sliding_ppl
             loss, count = evaluate(model, tokens, length, max(1, args.batch_tokens // length), args.device, args.dtype)
-            result["loss"][str(length)], result["ppl"][str(length)] = loss, math.exp(loss)
+            ppl = math.exp(loss) if loss < 700 else math.inf  # a NaN loss gives inf too
+            if not math.isfinite(ppl):  # JSON has no NaN or inf: refused rather than written as invalid JSON
+                fail(f"{path}: the loss at length {length} is {loss}, so there is no perplexity to write")
+            result["loss"][str(length)], result["ppl"][str(length)] = loss, ppl
             result["tokens"][str(length)] = count
-            print(f"{path} [{config['pe']}] length {length}: ppl {math.exp(loss):.2f} "
+            print(f"{path} [{config['pe']}] length {length}: ppl {ppl:.2f} "
                   f"({count} targets, {time.time() - start:.1f} s)", flush=True)
         first = result["ppl"][str(min(lengths))]
         result["ppl_ratio"] = {k: v / result["ppl"].get(str(config["train_len"]), first) for k, v in result["ppl"].items()}
         results.append(result)
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     report = {"mode": args.mode, "lengths": lengths, "dtype": args.dtype, "max_tokens": args.max_tokens, "checkpoints": results}
     data.write_atomically(Path(args.out), (json.dumps(report, indent=2) + "\n").encode())
     png = Path(args.out).with_suffix(".png")

@@ -42,6 +42,7 @@ import torch
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+import data
 import train
 from checkpoint import CheckpointError, load_checkpoint
 
@@ -777,8 +778,15 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    """Plan the grid's steps, run those not done, then write the report (or only one of these)."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Plan the grid's steps, run those not done, then write the report (or only one of these).
+    I/O errors (a full disk, a folder that cannot be written) end in one line and a non-zero exit."""
+    try:
+        run_grid(sys.argv[1:] if argv is None else argv)
+    except OSError as error:
+        fail(data.error_line(error))
+
+
+def run_grid(argv):
     args = parse_args(argv)
     grid = GRIDS[args.grid]
     out_grid = os.path.abspath(os.path.join(args.out_dir, args.grid))

@@ -9,10 +9,7 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +25,7 @@ import passkey
 import reference_numpy as ref
 import reproduce
 import train
+from conftest import HERE, byte_encoding, dead_pid, error_of, logged_losses, run_script, snapshot, tiny_run_args
 from fope_gpt import GPT, GPTConfig, RoPE
 
 
@@ -519,14 +517,6 @@ def test_tokenizer_state_round_trip(tmp_path):
 # passkey retrieval: prompts, scoring, training sequences, eval_passkey.py
 
 
-HERE = Path(__file__).resolve().parent
-
-
-def byte_encoding():
-    """A byte-level tokenizer with the project's pre-tokenizer (digits are single tokens)."""
-    return data.build_encoding("bytes", {bytes([i]): i for i in range(256)})
-
-
 def word_encoding():
     """A small BPE trained on the prompt's own text: whole filler words become single tokens,
     so a prompt needs far fewer tokens than characters."""
@@ -735,19 +725,12 @@ def save_tiny_checkpoint(path, pe="fope"):
     torch.save(state, path)
 
 
-def run_eval(*args, cwd):
-    return subprocess.run(
-        [sys.executable, str(HERE / "eval_passkey.py"), *map(str, args)],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
-    )
-
-
 def test_eval_passkey_end_to_end(tmp_path):
     save_tiny_checkpoint(tmp_path / "fope.pt", "fope")
     save_tiny_checkpoint(tmp_path / "rope.pt", "rope")
     out = tmp_path / "res" / "pk.json"
-    result = run_eval(
-        "--ckpt", tmp_path / "fope.pt", tmp_path / "rope.pt", "--trials", 4, "--lengths", "128,256",
+    result = run_script(
+        "eval_passkey.py", "--ckpt", tmp_path / "fope.pt", tmp_path / "rope.pt", "--trials", 4, "--lengths", "128,256",
         "--out", out, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
@@ -771,10 +754,12 @@ def test_eval_passkey_bad_input_fails_cleanly(tmp_path):
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
     save_tiny_checkpoint(tmp_path / "good.pt")
     for bad_ckpt in ("missing.pt", "corrupt.pt"):
-        result = run_eval("--ckpt", tmp_path / "good.pt", tmp_path / bad_ckpt, "--out", out, cwd=tmp_path)
+        result = run_script("eval_passkey.py", "--ckpt", tmp_path / "good.pt", tmp_path / bad_ckpt, "--out", out,
+                            cwd=tmp_path)
         assert result.returncode != 0
         assert result.stderr.startswith("eval_passkey.py: error:") and len(result.stderr.strip().splitlines()) == 1
-    for bad_option in (["--lengths", "128,abc"], ["--lengths", "0"], ["--trials", "0"], ["--bogus"]):
+    for bad_option in (["--lengths", "128,abc"], ["--lengths", "0"], ["--trials", "0"], ["--bogus"],
+                       ["--lengths", "10"]):  # no length can hold a prompt: an error, not a silent exit 0
         with pytest.raises(SystemExit) as exit_info:
             eval_passkey.main(["--ckpt", str(tmp_path / "good.pt"), "--out", str(out), *bad_option])
         assert exit_info.value.code != 0
@@ -786,50 +771,11 @@ def test_eval_passkey_bad_input_fails_cleanly(tmp_path):
 # training and perplexity: train.py, checkpoints, resume, eval_ppl.py, bad input
 
 
-def corpus_file(tmp_path):
-    """A small local dataset: a few hundred lines of varied text."""
-    lines = [f"Line {i}: the {['king', 'queen', 'fool', 'ghost'][i % 4]} speaks {i * 7 % 13} times, then exits.\n"
-             for i in range(600)]
-    path = tmp_path / "corpus.txt"
-    path.write_text("".join(lines))
-    return path
-
-
 def test_a_run_is_named_by_every_setting_that_changes_what_is_trained():
     settings = {**train.DEFAULTS, "pe": "fope", "vocab_size": 257, "seed": 1, "max_steps": 50, "eval_batches": 3}
     # vocab_size and seed change the model; max_steps may grow on resume and eval_batches only measures
     assert train.run_name(settings, "cpu") == "fope-seed1-vocab_size257"
     assert train.run_name({**train.DEFAULTS, "pe": "rope"}, "cpu") == "rope"
-
-
-def tiny_run_args(tmp_path, *extra):
-    return ["--dataset", str(corpus_file(tmp_path)), "--vocab_size", "300", "--data_dir", str(tmp_path / "data"),
-            "--out_dir", str(tmp_path / "out"), "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
-            "--train_len", "32", "--batch_size", "4", "--max_steps", "30", "--warmup_steps", "5",
-            "--log_interval", "1", "--eval_interval", "10", "--eval_batches", "2", "--run_name", "tiny", *extra]
-
-
-def logged_losses(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [(r["step"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, f)]
-
-
-def snapshot(folder):
-    """Every file below a folder with its bytes, to show that nothing changed."""
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            with open(os.path.join(root, name), "rb") as f:
-                files[os.path.join(root, name)] = f.read()
-    return files
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """One tiny training run, shared by the tests that only read its results."""
-    tmp_path = tmp_path_factory.mktemp("run")
-    train.main(tiny_run_args(tmp_path, "--pe", "fope"))
-    return tmp_path, tmp_path / "out" / "tiny"
 
 
 def test_a_short_training_run_lowers_the_loss_and_leaves_a_checkpoint(trained_run):
@@ -854,9 +800,16 @@ def test_a_stopped_and_resumed_run_repeats_the_uninterrupted_losses(trained_run,
     with pytest.raises(KeyboardInterrupt):
         train.main(tiny_run_args(tmp_path, "--pe", "fope"))
     monkeypatch.setattr(train, "save_checkpoint", save)
-    assert checkpoint.load_checkpoint(str(tmp_path / "out" / "tiny" / "ckpt.pt"))["step"] == 10
+    run_dir = tmp_path / "out" / "tiny"
+    assert checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))["step"] == 10
+    # what a kill -9 a little later leaves: its lock, a log line cut short, a half-written checkpoint
+    (run_dir / "train.lock").write_text(f"{dead_pid()}\n")
+    with open(run_dir / "log.jsonl", "a") as log:
+        log.write('{"step": 11, "loss": 4.1')
+    (run_dir / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")
     train.main(tiny_run_args(tmp_path, "--pe", "fope", "--resume"))
-    assert logged_losses(tmp_path / "out" / "tiny") == uninterrupted
+    assert logged_losses(run_dir) == uninterrupted
+    assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "config.json", "log.jsonl"]  # the lock is released
 
 
 def test_eval_ppl_writes_numbers_and_a_figure(trained_run, tmp_path):
@@ -885,14 +838,6 @@ def test_chunked_perplexity_averages_every_target_of_every_chunk(trained_run):
 
 # -----------------------------------------------------------------------------
 # bad input: one clear line, a non-zero exit, and nothing lost
-
-
-def error_of(main, argv):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    message = exit_info.value.code
-    assert isinstance(message, str) and "\n" not in message.strip(), message
-    return message
 
 
 def test_an_unknown_pe_or_option_is_refused(tmp_path, capsys):
@@ -945,13 +890,19 @@ def test_a_length_longer_than_the_validation_split_is_refused(trained_run, tmp_p
     assert "1000000" in message and "validation split" in message
 
 
-def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
-    args = tiny_run_args(tmp_path, "--pe", "rope", "--lr", "1e4", "--warmup_steps", "1", "--eval_interval", "1",
-                         "--dtype", "fp32")
+@pytest.mark.parametrize("eval_interval", [1, 100])
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, eval_interval):
+    args = tiny_run_args(tmp_path, "--pe", "rope", "--lr", "1e4", "--warmup_steps", "1",
+                         "--eval_interval", str(eval_interval), "--dtype", "fp32")
     message = error_of(train.main, args)
-    assert "loss became" in message and "last good checkpoint" in message
-    state = checkpoint.load_checkpoint(str(tmp_path / "out" / "tiny" / "ckpt.pt"))
-    assert all(torch.isfinite(p).all() for p in state["model"].values())
+    ckpt = tmp_path / "out" / "tiny" / "ckpt.pt"
+    if eval_interval == 1:
+        assert "loss became" in message and "last good checkpoint" in message
+        state = checkpoint.load_checkpoint(str(ckpt))
+        assert all(torch.isfinite(p).all() for p in state["model"].values())
+    else:  # diverged before the first checkpoint: no checkpoint is said to be kept
+        assert "loss became" in message and "no checkpoint was written yet" in message and "kept" not in message
+        assert not ckpt.exists()
 
 
 @pytest.mark.parametrize("grow", ["fresh", "zeros"])
@@ -1017,11 +968,6 @@ def checkpoints(tmp_path_factory):
                     "train_config": {"dataset": str(corpus), "tokenizer": "bpe", "vocab_size": 300},
                     "tokenizer": data.tokenizer_state(prepared), "data": prepared.meta}, paths[pe])
     return tmp, paths
-
-
-def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, str(HERE / "analyze.py"), *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def test_captured_q_and_k_are_the_projection_of_the_normed_block_input():
@@ -1116,8 +1062,8 @@ def test_default_pair_has_the_period_closest_to_a_quarter_of_train_len():
 
 def test_cli_writes_every_figure_and_the_json(checkpoints):
     tmp, paths = checkpoints
-    result = run_cli("--ckpt", paths["rope"], paths["fope"], "--data_dir", tmp / "data", "--out_dir", tmp / "out",
-                     cwd=tmp)
+    result = run_script("analyze.py", "--ckpt", paths["rope"], paths["fope"], "--data_dir", tmp / "data",
+                        "--out_dir", tmp / "out", cwd=tmp)
     assert result.returncode == 0, result.stderr
     for name in ("pair_norms", "spectrum", "logit_vs_distance", "fope_coefficients"):
         assert (tmp / "out" / f"{name}.png").stat().st_size > 0
@@ -1145,11 +1091,6 @@ def test_cli_rejects_a_bad_layer_in_one_line_and_keeps_earlier_results(checkpoin
 
 # =============================================================================
 # reproduce.py: the whole experiment, end to end
-
-
-def run_reproduce(*args):
-    return subprocess.run([sys.executable, str(HERE / "reproduce.py"), *map(str, args)],
-                          cwd=HERE, capture_output=True, text=True, timeout=600)
 
 
 def grid_entries(grid):
@@ -1242,7 +1183,7 @@ def test_reproduce_bad_input_fails_in_one_line_and_writes_nothing(tmp_path):
 def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     readme = (HERE / "README.md").read_bytes()
     grid = reproduce.GRIDS["quick"]
-    result = run_reproduce("--quick", "--out_dir", tmp_path, "--results_dir", tmp_path)
+    result = run_script("reproduce.py", "--quick", "--out_dir", tmp_path, "--results_dir", tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr
     results = tmp_path / "quick"
     for entry in grid_entries(grid):
@@ -1278,7 +1219,8 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     assert (HERE / "README.md").read_bytes() == readme  # the README shows the default grid only
 
     # a partial invocation runs only what it names, and the record still holds the whole grid
-    result = run_reproduce("--quick", "--only", "fope-s1", "--out_dir", tmp_path, "--results_dir", tmp_path)
+    result = run_script("reproduce.py", "--quick", "--only", "fope-s1", "--out_dir", tmp_path, "--results_dir", tmp_path,
+                        timeout=600)
     assert result.returncode == 0, result.stderr
     assert "[1/3] train fope-s1: done" in result.stdout and (results / "passkey" / "fope-s1.json").is_file()
     again = json.loads((results / "environment.json").read_text())

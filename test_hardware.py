@@ -19,7 +19,7 @@ import eval_passkey
 import eval_ppl
 import hardware
 import train
-from test_fope import error_of, logged_losses, tiny_run_args
+from conftest import error_of, logged_losses, tiny_run_args
 
 HERE = Path(__file__).resolve().parent
 

@@ -9,7 +9,8 @@ train.py: train one model and leave a checkpoint that the evaluation scripts can
 
 Every GPTConfig field and every training setting below is a --flag. The run folder
 out/<run-name>/ holds ckpt.pt (written atomically), log.jsonl and config.json; its name
-follows from the settings that differ from the defaults.
+follows from the settings that differ from the defaults. Every setting is checked before
+anything is read or written, and one process at a time writes a run folder (its train.lock).
 
 Under torchrun, N processes train one model with DistributedDataParallel (NCCL on GPUs,
 gloo on CPUs): each computes its share of the same global batch of --batch_size sequences,
@@ -19,6 +20,7 @@ rank 0 writes the checkpoints and the log, and a run resumes on any number of pr
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -34,8 +36,8 @@ from torch.nn.parallel import DistributedDataParallel
 import data
 import hardware
 import passkey
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fope_gpt import GPT, GPTConfig
+from checkpoint import CheckpointError, LockError, load_checkpoint, run_lock, save_checkpoint
+from fope_gpt import GPT, GPTConfig, kept_frequencies
 
 # -----------------------------------------------------------------------------
 # settings
@@ -46,7 +48,7 @@ MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
 DEFAULTS = dict(
     **{f.name: f.default for f in dataclasses.fields(GPTConfig)},
     dataset="shakespeare", tokenizer="bpe", data_dir="data", hf_tokens=0,
-    batch_size=16, max_steps=800, lr=2e-3, warmup_steps=40, min_lr_ratio=0.1,
+    batch_size=16, max_steps=800, decay_steps=0, lr=2e-3, warmup_steps=40, min_lr_ratio=0.1,
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
     passkey_frac=0.0, passkey_loss="answer+repeat", passkey_seed=1000, seed=1337, init_from="", fope_grow="fresh",
     eval_interval=100, eval_batches=20, log_interval=25,
@@ -58,22 +60,59 @@ PRESETS = {
     "gpu60m": dict(n_layer=8, n_head=8, n_embd=512, train_len=512, batch_size=64,
                    max_steps=20000, lr=6e-4, warmup_steps=1000, eval_interval=1000),
 }
-# Settings that may change when a run is resumed: where and how fast it runs, not what it
-# learns (a run keeps the precision it started with unless --dtype is given again).
-RESUMABLE = {"max_steps", "eval_interval", "log_interval", "compile", "device", "dtype", "resume", "out_dir", "preset"}
+# Settings that may change when a run is resumed: where it stops, how fast it runs, what it
+# reports, where its files are; none changes the steps already computed (a run keeps the
+# precision it started with unless --dtype is given again). decay_steps re-stretches the
+# schedule from the resumed step on, which is why it is only changed when given.
+RESUMABLE = {"max_steps", "decay_steps", "eval_interval", "log_interval", "compile", "device", "dtype", "resume",
+             "out_dir", "preset", "run_name", "data_dir"}
 # Settings that do not name a run.
-UNNAMED = RESUMABLE | {"run_name", "data_dir", "eval_batches"}
+UNNAMED = RESUMABLE | {"eval_batches"}
+# The allowed values of the training settings (GPTConfig checks its own fields), in words for
+# the error and --help. A NaN fails every comparison, so it is refused too.
+ALLOWED = {
+    "lr": (lambda v: v > 0, "> 0"),
+    "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "grad_clip": (lambda v: v > 0, "> 0"),
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "passkey_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "passkey_loss": (lambda v: v in passkey.PASSKEY_LOSSES, " or ".join(passkey.PASSKEY_LOSSES)),
+    "hf_tokens": (lambda v: v >= 0, ">= 0 (0: what max_steps needs)"),
+    "max_steps": (lambda v: v >= 1, ">= 1"),
+    "decay_steps": (lambda v: v >= 0, ">= 0"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "eval_interval": (lambda v: v >= 1, ">= 1"),
+    "eval_batches": (lambda v: v >= 1, ">= 1"),
+    "log_interval": (lambda v: v >= 1, ">= 1"),
+    "seed": (lambda v: v >= 0, ">= 0"),
+    "passkey_seed": (lambda v: v >= 0, ">= 0"),
+    "fope_grow": (lambda v: v in ("fresh", "zeros"), "fresh or zeros"),
+    "tokenizer": (lambda v: v in ("bpe", "gpt2"), "bpe or gpt2"),
+}
+HELP = {
+    "max_steps": "where the run stops; with --resume it may grow or shrink, and the learning-rate "
+                 "schedule keeps its length (see --decay_steps)",
+    "decay_steps": "steps of the cosine decay to min_lr_ratio x lr (0: max_steps). Fixed when the run "
+                   "starts: a run resumed with a larger --max_steps trains the extra steps at the final "
+                   "learning rate. Given with --resume, it re-stretches the schedule from the resumed step on",
+}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--resume", action="store_true", help="continue out/<run-name>/ckpt.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue out/<run-name>/ckpt.pt, on the same data and tokenizer")
     for key, default in DEFAULTS.items():
+        words = "; ".join(part for part in (HELP.get(key), key in ALLOWED and f"allowed: {ALLOWED[key][1]}") if part)
         if isinstance(default, bool):
-            parser.add_argument(f"--{key}", type=parse_bool, metavar="true|false")
+            parser.add_argument(f"--{key}", type=parse_bool, metavar="true|false", help=words or None)
         else:
-            parser.add_argument(f"--{key}", type=type(default), metavar=type(default).__name__.upper())
+            parser.add_argument(f"--{key}", type=type(default), metavar=type(default).__name__.upper(),
+                                help=words or None)
     parser.set_defaults(**{k: None for k in DEFAULTS})
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
@@ -81,6 +120,33 @@ def parse_args(argv=None):
     if settings["pe"] not in ("rope", "fope", "alibi", "nope"):
         parser.error(f"--pe must be one of rope, fope, alibi, nope (got {settings['pe']!r})")
     return args, settings, given
+
+
+def validate_settings(settings):
+    """Raise ValueError, naming the flag and what it allows, for a setting out of range. The
+    range checks are all here, made before anything is read or written."""
+    for key, value in settings.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{key} must be a finite number, got {value}")
+    for key, (allowed, words) in ALLOWED.items():
+        if not allowed(settings[key]):
+            raise ValueError(f"--{key} must be {words}, got {settings[key]!r}")
+    if settings["tokenizer"] == "bpe" and settings["vocab_size"] < 257:
+        raise ValueError(f"--vocab_size must be >= 257 with --tokenizer bpe (256 bytes and end of text), "
+                         f"got {settings['vocab_size']}")
+    if settings["run_name"] in (".", "..") or os.path.basename(settings["run_name"]) != settings["run_name"]:
+        raise ValueError(f"--run_name must be a folder name, not a path, got {settings['run_name']!r}")
+    try:
+        config = GPTConfig(**{k: settings[k] for k in MODEL_FIELDS})
+    except ValueError as e:
+        raise ValueError(str(e).replace("GPTConfig.", "--")) from None  # each GPTConfig field is a flag
+    if config.pe == "fope":
+        if not len(kept_frequencies(config.head_dim, config.train_len, config.rope_theta, clip=config.fope_cf)):
+            raise ValueError(f"--pe fope keeps no frequency at --train_len {config.train_len} (K = 0: even the "
+                             f"fastest period, 2 pi, is longer); use --train_len 7 or more")
+        if config.fope_fs and config.fope_cf and config.head_dim < 4:
+            raise ValueError(f"--pe fope mixes frequencies into head_dim / 4 pairs: it needs n_embd / n_head >= 4, "
+                             f"got {config.head_dim}")
 
 
 def parse_bool(text):
@@ -164,8 +230,9 @@ def validation_batches(tokens, seq_len, batch_size, num_batches):
 
 
 def learning_rate(step, settings):
-    """Linear warm-up, then cosine decay to min_lr_ratio x the peak (notes §5)."""
-    peak, warmup, total = settings["lr"], settings["warmup_steps"], settings["max_steps"]
+    """Linear warm-up, then cosine decay over decay_steps to min_lr_ratio x the peak (notes §5),
+    which holds for any steps past decay_steps."""
+    peak, warmup, total = settings["lr"], settings["warmup_steps"], settings["decay_steps"]
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -196,30 +263,34 @@ def evaluate(model, batches, settings, device):
 
 
 def main(argv=None):
+    """Train one run. The project's own errors and I/O errors (a full disk, a folder that cannot
+    be written) end in one line on stderr and a non-zero exit; the run folder's lock is released
+    however the run ends (after a kill -9, the next run finds it stale)."""
+    with contextlib.ExitStack() as held:
+        try:
+            run(argv, held)
+        except (CheckpointError, LockError, data.DataError, OSError) as error:
+            fail(data.error_line(error))
+
+
+def run(argv, held):
+    """The run itself; `held` keeps the run folder's lock until main() ends."""
     args, settings, given = parse_args(argv)
-    if settings["fope_grow"] not in ("fresh", "zeros"):
-        fail(f"--fope_grow must be fresh or zeros (got {settings['fope_grow']!r})")
-    if settings["passkey_loss"] not in passkey.PASSKEY_LOSSES:
-        fail(f"--passkey_loss must be one of {', '.join(passkey.PASSKEY_LOSSES)} (got {settings['passkey_loss']!r})")
-    if not 0.0 <= settings["passkey_frac"] <= 1.0:
-        fail(f"--passkey_frac must be between 0 and 1 (got {settings['passkey_frac']})")
+    try:
+        validate_settings(settings)
+    except ValueError as e:
+        fail(str(e))
     name = settings["run_name"] or run_name(settings, args.preset)
     run_dir = os.path.join(settings["out_dir"], name)
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
 
     resumed = None
     if args.resume:
-        try:
-            resumed = load_checkpoint(ckpt_path)
-        except CheckpointError as e:
-            fail(f"cannot resume: {e}")
-        saved = resumed["train_config"]
-        for key, value in given.items():
-            if key not in RESUMABLE and key in saved and saved[key] != value:
-                fail(f"{ckpt_path} was trained with {key}={saved[key]!r} but --{key} {value!r} was given")
-        settings = {**saved, **{k: v for k, v in given.items() if k in RESUMABLE}}
+        resumed = checkpoint_to_resume(ckpt_path)
+        settings = resumed_settings(resumed["train_config"], given, ckpt_path)
     elif os.path.exists(ckpt_path):
         fail(f"{ckpt_path} exists: pass --resume to continue it, or --run_name to start another run")
+    settings = {**settings, "decay_steps": settings["decay_steps"] or settings["max_steps"]}
 
     try:
         rank, world, device = start_processes(settings["device"])
@@ -232,6 +303,7 @@ def main(argv=None):
     rows = slice(rank * settings["batch_size"] // world, (rank + 1) * settings["batch_size"] // world)
     leader = rank == 0  # the one process that prints, logs and writes checkpoints
     if leader:
+        held.enter_context(run_lock(run_dir))  # before anything is written: data cache or run folder
         why = ("native bf16 here" if settings["dtype"] == "bf16" else "no native bf16 here") if asked == "auto" else "as asked"
         print(f"run {run_dir}: {settings['pe']} on {device}" + (f" x {world} processes" if world > 1 else "")
               + f", precision {settings['dtype']} ({why})", flush=True)
@@ -248,6 +320,9 @@ def main(argv=None):
             prepared = prepare(settings, log=lambda message: None)
     except data.DataError as e:
         fail(str(e))
+    if resumed is not None:
+        check_same_data(f"cannot resume: {ckpt_path}", resumed, prepared,
+                        "restore the text it was trained on, or train a new run (--run_name)")
 
     torch.manual_seed(settings["seed"])
     try:  # the tokenizer decides the vocabulary (a tiny corpus may give fewer tokens than asked)
@@ -260,13 +335,9 @@ def main(argv=None):
     val_batches = validation_batches(prepared.val, settings["train_len"], settings["batch_size"], settings["eval_batches"])
     step, val_loss = 0, None
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        batches.load_state(resumed["rng"]["batches"])
-        torch.set_rng_state(resumed["rng"]["torch"])
-        step, val_loss = resumed["step"], resumed.get("val_loss")
+        step, val_loss = restore(resumed, model, optimizer, batches, ckpt_path)
     elif settings["init_from"]:
-        start_from_checkpoint(model, settings["init_from"], settings["fope_grow"], prepared.meta)
+        start_from_checkpoint(model, settings["init_from"], settings["fope_grow"], prepared)
     if step >= settings["max_steps"]:
         if leader:
             print(f"{run_dir}: already finished ({step} steps, val loss {val_loss:.4f})")
@@ -276,8 +347,7 @@ def main(argv=None):
     if leader:
         os.makedirs(run_dir, exist_ok=True)
         truncate_log(log_path, step)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(settings, f, indent=2)
+        data.write_atomically(os.path.join(run_dir, "config.json"), json.dumps(settings, indent=2).encode())
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {len(prepared.train) / 1e6:.2f}M training tokens"
               + (f", resuming at step {step}" if step else ""), flush=True)
 
@@ -328,7 +398,7 @@ def main(argv=None):
                     dist.all_reduce(loss)  # the shares add up to the whole batch's mean loss
                 loss_value = loss.item()  # the only host sync of a step, once per log interval
                 if not math.isfinite(loss_value):
-                    fail(f"loss became {loss_value} at step {step}; the last good checkpoint {ckpt_path} is kept")
+                    fail(f"loss became {loss_value} at step {step}; {what_is_kept(ckpt_path)}")
                 now = time.time()
                 tok_s = steps_timed * tokens_per_step / (now - t_last)
                 eta = (settings["max_steps"] - step) * tokens_per_step / tok_s
@@ -343,7 +413,7 @@ def main(argv=None):
                 # every process measures the same fixed windows, so no process waits for another's number
                 val_loss = evaluate(model, val_batches, settings, device)
                 if not math.isfinite(val_loss):
-                    fail(f"validation loss became {val_loss} at step {step}; the last good checkpoint {ckpt_path} is kept")
+                    fail(f"validation loss became {val_loss} at step {step}; {what_is_kept(ckpt_path)}")
                 if leader:
                     print(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f})", flush=True)
                     log.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
@@ -380,7 +450,104 @@ def stop_processes(world):
         dist.destroy_process_group()
 
 
-def start_from_checkpoint(model, path, grow, data_meta):
+def what_is_kept(ckpt_path):
+    """The end of a stopped run's last line: whether an earlier checkpoint is there to go back to."""
+    if os.path.exists(ckpt_path):
+        return f"the last good checkpoint {ckpt_path} is kept"
+    return "no checkpoint was written yet, so there is nothing to resume"
+
+
+def checkpoint_to_resume(path):
+    """The checkpoint of the run to continue, with everything that resuming needs."""
+    if not os.path.exists(path):
+        fail(f"cannot resume: {path} does not exist; start the run without --resume")
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as e:
+        fail(f"cannot resume: {e}")
+    missing = [key for key in ("train_config", "optimizer", "rng", "tokenizer", "data") if not state.get(key)]
+    if missing:
+        fail(f"cannot resume: {path} has no {', '.join(missing)}; it can be evaluated but not continued")
+    return state
+
+
+def resumed_settings(saved, given, ckpt_path):
+    """The checkpoint's settings, with the given ones that may change on resume (RESUMABLE); any
+    other given setting must equal the checkpoint's."""
+    if not isinstance(saved, dict) or "max_steps" not in saved:
+        fail(f"cannot resume: the train_config of {ckpt_path} is not the settings of a run")
+    # Settings added since the checkpoint was written take their defaults, except decay_steps:
+    # before it existed, max_steps set the schedule.
+    saved = {**DEFAULTS, "decay_steps": saved["max_steps"], **saved}
+    for key, value in given.items():
+        if key not in RESUMABLE and saved[key] != value:
+            fail(f"{ckpt_path} was trained with {key}={saved[key]!r} but --{key} {value!r} was given")
+    return {**saved, **{k: v for k, v in given.items() if k in RESUMABLE}}
+
+
+def weights_mismatch(own, saved):
+    """How a state dict differs from the model's own, in a few words; None if it fits."""
+    if not isinstance(saved, dict):
+        return "its weights are not a state dict"
+    problems = [f"{name} has shape {tuple(getattr(saved[name], 'shape', ()))}, the model needs {tuple(tensor.shape)}"
+                for name, tensor in own.items()
+                if name in saved and tuple(getattr(saved[name], "shape", ())) != tuple(tensor.shape)][:1]
+    missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if missing:
+        problems.append(f"it lacks {', '.join(missing[:3])}")
+    if extra:
+        problems.append(f"it has unexpected {', '.join(extra[:3])}")
+    return "; ".join(problems) or None
+
+
+def restore(resumed, model, optimizer, batches, ckpt_path):
+    """Load a checkpoint's weights, optimizer, sampler and random states into the run; returns
+    (step, val_loss)."""
+    mismatch = weights_mismatch(model.state_dict(), resumed["model"])
+    if mismatch:
+        fail(f"cannot resume: {ckpt_path} does not fit the model its train_config describes: {mismatch}")
+    try:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        batches.load_state(resumed["rng"]["batches"])
+        torch.set_rng_state(resumed["rng"]["torch"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        fail(f"cannot resume: the saved state in {ckpt_path} is damaged: {data.error_line(e)}")
+    return resumed["step"], resumed.get("val_loss")
+
+
+def describe_data(meta):
+    """A token cache in a few words: its source, size and hash."""
+    if not meta.get("hash"):
+        return "data it does not record"
+    size = meta.get("train_chars", 0) + meta.get("val_chars", 0)
+    return f"{meta.get('source', meta.get('dataset'))} ({size:,} characters, hash {meta['hash'][:12]})"
+
+
+def describe_tokenizer(state):
+    """A tokenizer state (data.tokenizer_state) in a few words: its name, size and merges' hash."""
+    if not isinstance(state, dict) or "ranks" not in state:
+        return "none recorded"
+    size = len(state["ranks"].splitlines()) + len(state.get("special_tokens", {}))
+    merges = hashlib.sha256(state["ranks"].encode()).hexdigest()[:12]
+    return f"{state.get('name')} ({size} tokens, merges hash {merges})"
+
+
+def check_same_data(what, state, prepared, advice):
+    """Refuse a checkpoint trained on other data or with another tokenizer than these settings
+    prepare: its token ids would mean other text. The data's hash and the tokenizer are compared,
+    not paths or names, so a copied or moved run folder still resumes."""
+    saved = state.get("data") or {}
+    if saved.get("hash") != prepared.meta["hash"]:
+        fail(f"{what} was trained on {describe_data(saved)}, but these settings prepare "
+             f"{describe_data(prepared.meta)}; {advice}")
+    tokenizer = data.tokenizer_state(prepared)
+    if state.get("tokenizer") != tokenizer:
+        fail(f"{what} was trained with tokenizer {describe_tokenizer(state.get('tokenizer'))}, but these settings "
+             f"prepare {describe_tokenizer(tokenizer)}; {advice}")
+
+
+def start_from_checkpoint(model, path, grow, prepared):
     """Begin from another run's weights, e.g. at a longer train_len (the paper's extension
     experiment). FoPE's coefficient tensors grow with K and M (notes §4.4): the old block is
     pasted into the top-left of a fresh initialisation ("fresh", the authors' x+fope configs)
@@ -390,8 +557,8 @@ def start_from_checkpoint(model, path, grow, data_meta):
         state = load_checkpoint(path)
     except CheckpointError as e:
         fail(f"--init_from: {e}")
-    if state.get("data", {}).get("hash") != data_meta["hash"]:
-        fail(f"--init_from {path} was trained on other data or another tokenizer")
+    check_same_data(f"--init_from {path}", state, prepared,
+                    "a run starts from a checkpoint of the same data and tokenizer")
     own = model.state_dict()
     with torch.no_grad():
         for name, old in state["model"].items():
@@ -411,14 +578,23 @@ def start_from_checkpoint(model, path, grow, data_meta):
 
 
 def truncate_log(path, step):
-    """On resume, drop log lines written after the checkpoint's step: they will be redone."""
+    """On resume, drop log lines written after the checkpoint's step: they will be redone. So
+    is a last line without its newline, cut short by a crash or a full disk (always after the
+    checkpoint: a checkpoint is written after the lines of its step)."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [line for line in f if json.loads(line)["step"] <= step]
-    with open(f"{path}.tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(f"{path}.tmp", path)
+    with open(path, encoding="utf-8", errors="replace") as f:  # a power loss can leave any bytes at the end
+        lines = f.readlines()
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            fail(f"{path} line {number} is not a log record: repair or delete that line, then resume again")
+    data.write_atomically(path, "".join(kept).encode())
 
 
 def clock(seconds):

@@ -1,0 +1,87 @@
+"""
+What the test files share: a tiny corpus and a tiny training run, a script run as the user
+runs it, and the checks that a failure is one line and leaves every existing file as it was.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import data
+import train
+
+HERE = Path(__file__).resolve().parent
+
+
+def byte_encoding():
+    """A byte-level tokenizer with the project's pre-tokenizer (digits are single tokens)."""
+    return data.build_encoding("bytes", {bytes([i]): i for i in range(256)})
+
+
+def run_script(script, *args, cwd=HERE, timeout=300):
+    """Run one of the project's scripts in a subprocess, as a user would; returns the
+    CompletedProcess with its exit status and text output."""
+    return subprocess.run([sys.executable, str(HERE / script), *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def dead_pid():
+    """The id of a process that has ended, as a run killed with kill -9 leaves in its lock file."""
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def corpus_file(tmp_path):
+    """A small local dataset: a few hundred lines of varied text."""
+    lines = [f"Line {i}: the {['king', 'queen', 'fool', 'ghost'][i % 4]} speaks {i * 7 % 13} times, then exits.\n"
+             for i in range(600)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(lines))
+    return path
+
+
+def tiny_run_args(tmp_path, *extra):
+    return ["--dataset", str(corpus_file(tmp_path)), "--vocab_size", "300", "--data_dir", str(tmp_path / "data"),
+            "--out_dir", str(tmp_path / "out"), "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+            "--train_len", "32", "--batch_size", "4", "--max_steps", "30", "--warmup_steps", "5",
+            "--log_interval", "1", "--eval_interval", "10", "--eval_batches", "2", "--run_name", "tiny", *extra]
+
+
+def logged_losses(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [(r["step"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, f)]
+
+
+def snapshot(folder):
+    """Every file below a folder with its bytes and modification time, to show that nothing
+    changed (not even a rewrite with the same bytes)."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                files[path] = (f.read(), os.stat(path).st_mtime_ns)
+    return files
+
+
+def error_of(main, argv):
+    """The message of a script's main that stops with sys.exit(message): exit status 1 and the
+    message on stderr, one line (any other exception would fail the test with its traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    message = exit_info.value.code
+    assert isinstance(message, str) and "\n" not in message.strip(), message
+    return message
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One tiny training run, shared by the tests that only read its results."""
+    tmp_path = tmp_path_factory.mktemp("run")
+    train.main(tiny_run_args(tmp_path, "--pe", "fope"))
+    return tmp_path, tmp_path / "out" / "tiny"
