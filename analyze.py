@@ -37,8 +37,8 @@ import torch
 
 import data
 import hardware
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from eval_ppl import label_runs, validation_tokens
+import runs
+from checkpoint import CheckpointError
 from fope_gpt import FoPE, apply_rotary, kept_frequencies
 
 NUM_SPECTRUM_VECTORS = 16   # real q (and k) vectors averaged in each spectrum
@@ -337,14 +337,6 @@ def check_indices(model, layer, head, pair):
     return None
 
 
-def load_tokens(path, state, data_dir):
-    """validation_tokens() of eval_ppl, its one-line errors naming the checkpoint."""
-    try:
-        return validation_tokens(state, data_dir)
-    except data.DataError as e:
-        fail(f"{path}: {e}")
-
-
 # -----------------------------------------------------------------------------
 # figures
 
@@ -512,7 +504,7 @@ def parse_args(argv):
 
 def write_outputs(results, out_dir):
     """The JSON (written atomically) and the figures, all into out_dir."""
-    labels = label_runs(results)
+    labels = runs.label_runs(results)
     try:
         text = json.dumps({"checkpoints": results}, allow_nan=False)
     except ValueError:  # a bare NaN is not JSON
@@ -544,28 +536,20 @@ def analyze_all(args):
         args.device = hardware.resolve_device(args.device)
     except hardware.HardwareError as e:
         fail(str(e))
-    runs = []
+    loaded = []
     for path in args.ckpt:
-        try:
-            state = load_checkpoint(path)
-        except CheckpointError as e:
-            fail(str(e))
-        try:
-            model = model_from_checkpoint(state, args.device)
-        except CheckpointError as e:
-            fail(f"{path}: {e}")
+        state, model = runs.load_model(path, args.device)
         message = check_indices(model, args.layer, args.head, args.pair)
         if message:
             fail(f"{path}: {message}")
-        runs.append((path, state, model))
-    runs = [(path, state, model, load_tokens(path, state, args.data_dir)) for path, state, model in runs]
+        loaded.append((path, state, model, runs.load_validation(path, state, args.data_dir)))
     data.check_writable_folder(args.out_dir)
 
     results = []
-    for path, state, model, tokens in runs:
+    for path, state, model, tokens in loaded:
         train_len = model.config.train_len
         pair = default_pair(model, args.layer) if args.pair is None else args.pair
-        result = {"path": path, "run": os.path.basename(os.path.dirname(os.path.abspath(path))),
+        result = {"path": path, "run": runs.run_of(path),
                   "pe": model.config.pe, "train_len": train_len, "step": state["step"],
                   "model_config": state["model_config"], "layer": args.layer, "head": args.head, "pair": pair}
         result["text_tokens"] = args.text_tokens or 4 * train_len

@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from data import write_atomically
 from fope_gpt import GPT, GPTConfig
 
 LOCK_NAME = "train.lock"
@@ -36,19 +37,11 @@ class LockError(Exception):
 
 
 def save_checkpoint(path, state):
-    """Write to a temporary file beside `path`, then rename over it: a partly written file
-    never replaces a good one (os.replace is atomic within a file system). A failed write (a
-    full disk) removes the temporary file and raises CheckpointError."""
-    tmp = f"{path}.tmp"
+    """Write the checkpoint atomically (data.write_atomically): a partly written file never
+    replaces a good one. A failed write (a full disk) raises CheckpointError."""
     try:
-        with open(tmp, "wb") as f:  # through a Python file, a failed write is an OSError with its reason
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException as error:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        if not isinstance(error, (OSError, RuntimeError)):
-            raise
+        write_atomically(path, lambda f: torch.save(state, f))
+    except (OSError, RuntimeError) as error:
         if isinstance(error, OSError) and error.strerror:
             reason = error.strerror
         else:

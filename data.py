@@ -380,14 +380,19 @@ def fingerprint(settings, train_texts=(), val_texts=()):
     return digest.hexdigest()
 
 
-def write_atomically(path, data):
-    """Write bytes to path via a temporary file, so path is either complete or absent (or
-    keeps its old content); a failed write (a full disk) removes the temporary file."""
+def write_atomically(path, content):
+    """Write `content` (bytes, or a function that writes into a binary file) to path via a
+    temporary file beside it, so that path is either complete or absent (or keeps its old
+    content): os.replace is atomic within a file system. A failed write (a full disk) removes
+    the temporary file and raises; the project's one way of writing a file that matters."""
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
     try:
-        with open(temporary, "wb") as f:
-            f.write(data)
+        with open(temporary, "wb") as f:  # through a Python file, a failed write is an OSError with its reason
+            if callable(content):
+                content(f)
+            else:
+                f.write(content)
         os.replace(temporary, path)
     except BaseException as error:
         temporary.unlink(missing_ok=True)

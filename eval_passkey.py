@@ -30,7 +30,7 @@ import torch
 import hardware
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import DataError, check_writable_folder, encoding_from_state, error_line, write_atomically
-from eval_ppl import add_extension_options, default_lengths, extension_overrides, label_runs, parse_lengths
+from runs import add_extension_options, default_lengths, extension_overrides, label_runs, parse_lengths
 from fope_gpt import GPTConfig
 from passkey import ANSWER, MAX_KEY, NEEDLE, build_prompt, key_mentions, score, shortest_prompt_len
 

@@ -43,7 +43,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 import data
-import train
+import runs
+import settings as run_settings
 from checkpoint import CheckpointError, load_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,7 +57,7 @@ README_BLOCKS = {"default": "results", "passkey": "passkey-results"}  # grid -> 
 
 # Settings a saved run may differ in and still be this grid's: those train.py lets a resumed run
 # change, except the precision, which a grid pins so that its runs compute the same thing.
-NOT_COMPARED = train.RESUMABLE - {"dtype"}
+NOT_COMPARED = run_settings.RESUMABLE - {"dtype"}
 
 
 @dataclass
@@ -287,7 +288,7 @@ class TrainStep(Step):
         args = merged(grid.training + run.args) + ["--run_name", run.name, "--out_dir", project_path(out_grid)]
         if run.init_from:
             args += ["--init_from", project_path(checkpoint_path(out_grid, run.init_from))]
-        _, self.settings, self.given = train.parse_args(args)  # a mistyped grid fails here
+        _, self.settings, self.given = run_settings.parse_args(args)  # a mistyped grid fails here
         self.evaluations, self.dependents = [], []  # filled in by plan()
         super().__init__(grid, f"train {run.name}", [sys.executable, "train.py", *args])
 
@@ -414,13 +415,13 @@ def run_steps(steps, results_grid, dry_run, argv, grid_steps):
         if step.run(command) != 0:
             fail(f"{step.title} failed (its output is above); run the same command again to carry on from there")
         seconds = time.time() - step_start
-        print(f"{prefix}: finished in {train.clock(seconds)}", flush=True)
+        print(f"{prefix}: finished in {runs.clock(seconds)}", flush=True)
         with open(os.path.join(results_grid, "steps.jsonl"), "a") as log:
             log.write(json.dumps({"step": step.title, "command": step.command_line(command),
                                   "seconds": round(seconds, 1),
                                   "date": datetime.datetime.now().isoformat(timespec="seconds")}) + "\n")
     if not dry_run:
-        print(f"all {len(steps)} steps done ({ran} run now) in {train.clock(time.time() - start)}")
+        print(f"all {len(steps)} steps done ({ran} run now) in {runs.clock(time.time() - start)}")
 
 
 def cpu_model():
@@ -681,11 +682,11 @@ def measured_markdown(steps, results_grid):
     for title in timed:
         kind = title.split()[0]
         by_kind[kind] = by_kind.get(kind, 0.0) + seconds[title]
-    kinds = ", ".join(f"{kind} {train.clock(total)}" for kind, total in by_kind.items())
+    kinds = ", ".join(f"{kind} {runs.clock(total)}" for kind, total in by_kind.items())
     # a step that is done but has no time (it ran before steps.jsonl existed); steps still to run are not counted
     untimed = [step.title for step in steps if step.title not in seconds and step.skip_reason()]
     return [f"Measured: {len(timed)} of the grid's {len(titles)} steps took "
-            f"{train.clock(sum(by_kind.values()))} of wall time ({kinds})"
+            f"{runs.clock(sum(by_kind.values()))} of wall time ({kinds})"
             + (f"; not timed: {', '.join(untimed)}" if untimed else "")
             + f". On {environment['cpu']} ({environment['cores']} cores) with Python {environment['python']} "
             f"and torch {environment['torch']}; every step's command line and time are in `steps.jsonl` "

@@ -22,6 +22,7 @@ import bench
 import eval_passkey
 import eval_ppl
 import reproduce
+import settings as run_settings
 import train
 from conftest import HERE, error_of, logged_losses, snapshot, tiny_run_args
 
@@ -130,7 +131,7 @@ def test_init_from_a_checkpoint_of_other_data_names_both(trained_run, tmp_path):
 
 def test_a_copied_run_resumes_elsewhere_and_more_steps_keep_the_schedule(trained_run, tmp_path):
     before = snapshot(trained_run[1])
-    lr, min_lr_ratio = train.DEFAULTS["lr"], train.DEFAULTS["min_lr_ratio"]
+    lr, min_lr_ratio = run_settings.DEFAULTS["lr"], run_settings.DEFAULTS["min_lr_ratio"]
     for name, extra in (("kept", []), ("stretched", ["--decay_steps", "60"])):
         shutil.copytree(trained_run[1], tmp_path / "moved" / name)  # another out_dir, run name and cache
         train.main(tiny_run_args(trained_run[0], "--out_dir", str(tmp_path / "moved"), "--run_name", name,

@@ -24,6 +24,8 @@ import fope_gpt as G
 import passkey
 import reference_numpy as ref
 import reproduce
+import runs
+import settings as run_settings
 import train
 from conftest import HERE, byte_encoding, dead_pid, error_of, logged_losses, run_script, snapshot, tiny_run_args
 from fope_gpt import GPT, GPTConfig, RoPE
@@ -772,10 +774,10 @@ def test_eval_passkey_bad_input_fails_cleanly(tmp_path):
 
 
 def test_a_run_is_named_by_every_setting_that_changes_what_is_trained():
-    settings = {**train.DEFAULTS, "pe": "fope", "vocab_size": 257, "seed": 1, "max_steps": 50, "eval_batches": 3}
+    settings = {**run_settings.DEFAULTS, "pe": "fope", "vocab_size": 257, "seed": 1, "max_steps": 50, "eval_batches": 3}
     # vocab_size and seed change the model; max_steps may grow on resume and eval_batches only measures
-    assert train.run_name(settings, "cpu") == "fope-seed1-vocab_size257"
-    assert train.run_name({**train.DEFAULTS, "pe": "rope"}, "cpu") == "rope"
+    assert run_settings.run_name(settings, "cpu") == "fope-seed1-vocab_size257"
+    assert run_settings.run_name({**run_settings.DEFAULTS, "pe": "rope"}, "cpu") == "rope"
 
 
 def test_a_short_training_run_lowers_the_loss_and_leaves_a_checkpoint(trained_run):
@@ -843,7 +845,7 @@ def test_chunked_perplexity_averages_every_target_of_every_chunk(trained_run):
 def test_an_unknown_pe_or_option_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(tiny_run_args(tmp_path, "--pe", "xpos"))
-    assert exit_info.value.code == 2 and "--pe must be one of" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --pe: invalid choice: 'xpos'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         train.main(tiny_run_args(tmp_path, "--pe", "rope", "--n_layers", "3"))
     assert exit_info.value.code == 2 and "unrecognized arguments: --n_layers" in capsys.readouterr().err
@@ -928,7 +930,7 @@ def test_eval_ppl_applies_context_extension_to_a_checkpoint(trained_run, tmp_pat
                    "--out", str(out), "--rope_scaling", "yarn", "--rope_scale", "4"])
     result = json.loads(out.read_text())["checkpoints"][0]
     assert result["model_config"]["rope_scaling"] == "yarn" and result["model_config"]["rope_scale"] == 4
-    assert eval_ppl.label_runs([result]) == ["fope+yarn4"]
+    assert runs.label_runs([result]) == ["fope+yarn4"]
 
 
 # =============================================================================
