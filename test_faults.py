@@ -21,6 +21,7 @@ import analyze
 import bench
 import eval_passkey
 import eval_ppl
+import grids
 import reproduce
 import settings as run_settings
 import train
@@ -330,8 +331,9 @@ def test_default_outputs_are_untracked_and_the_grids_name_theirs(tmp_path):
     assert str(eval_passkey.parse_args(["--ckpt", "x.pt"]).out) == "out/eval/passkey.json"
     assert analyze.parse_args(["--ckpt", "x.pt"]).out_dir == "out/analysis"
     assert "out/" in (HERE / ".gitignore").read_text().split()
-    for grid in reproduce.GRIDS.values():  # the grids write results/ themselves
-        for step in reproduce.plan(grid, grid.runs, tmp_path / "out", tmp_path / "results"):
-            if isinstance(step, reproduce.EvalStep):
-                out = step.command[step.command.index("--out") + 1]
-                assert os.path.abspath(out) == step.output and step.output.startswith(str(tmp_path / "results"))
+    for grid in grids.GRIDS.values():  # the grids write results/ themselves
+        for title, command, _ in reproduce.plan(grid, grid.runs, str(tmp_path / "out"), str(tmp_path / "results")):
+            kind, entry = title.split()
+            if kind != "train":
+                out = command[command.index("--out") + 1]
+                assert os.path.abspath(out) == grids.result_path(str(tmp_path / "results"), kind, entry)
