@@ -4,8 +4,8 @@ analyze.py: look inside trained models for the paper's frequency-domain argument
     python analyze.py --ckpt out/rope/ckpt.pt out/fope/ckpt.pt
     python analyze.py --ckpt out/fope/ckpt.pt --layer 2 --head 1 --pair 5
 
-The FoPE paper (notes §1, §3) reads RoPE as an implicit non-uniform DFT: every rotary pair
-carries one frequency, and the q.k logit is a sum of sinusoids in the relative distance. It
+The FoPE paper (Hua et al., arXiv 2412.17739) reads RoPE as an implicit non-uniform DFT: every
+rotary pair carries one frequency, and the q.k logit is a sum of sinusoids in the relative distance. It
 claims two things go wrong, and this script makes both visible, side by side per checkpoint:
 
     pair_norms.png          mean |q| and |k| per rotary pair before rotation, per layer:
@@ -137,7 +137,8 @@ def pair_norms(x):
 
     x (n_layer, H, N, d) -> (n_layer, d/2). RoPE's rotation keeps a pair's norm (FoPE's nearly
     so), so this measures how much the model uses each frequency. A pair whose period exceeds
-    train_len never saw a full cycle in training (notes §1): the paper expects it under-trained.
+    train_len never saw a full cycle in training (the paper's "time-domain truncation"): the
+    paper expects it under-trained.
     """
     a, b = x.chunk(2, dim=-1)                              # (n_layer, H, N, d/2) each
     return (a ** 2 + b ** 2).sqrt().mean(dim=(1, 2))

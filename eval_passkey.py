@@ -6,7 +6,8 @@ eval_passkey.py: passkey-retrieval accuracy versus prompt length, for one or mor
 
 For each prompt length every checkpoint answers the same trials (keys and needle depths come
 from --seed alone), by greedy decoding of up to 10 tokens; a trial is correct when the first
-number in the answer is the key (protocol: ../shared/PAPER_NOTES.md §6.2, prompts: passkey.py).
+number in the answer is the key (protocol: the authors' eval_passkey/eval_passkey.py; prompts:
+passkey.py; what differs: FAITHFULNESS.md).
 Writes a JSON file (by default out/eval/passkey.json, outside the committed results) and two
 figures next to it: accuracy versus length, and a heatmap of accuracy over length x needle
 depth per checkpoint. The JSON also holds, per checkpoint, two diagnostics at train_len that

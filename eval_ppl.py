@@ -4,7 +4,7 @@ eval_ppl.py: perplexity of the validation split as the context grows past the tr
     python eval_ppl.py --ckpt out/fope/ckpt.pt out/rope/ckpt.pt
     python eval_ppl.py --ckpt out/fope/ckpt.pt --lengths 256,1024,4096 --mode sliding
 
-The default protocol is the authors' (notes §6.1): cut the validation token stream into
+The default protocol is the authors' (the evaluators of their OLMo configs): cut the validation token stream into
 non-overlapping chunks of exactly T tokens, run each chunk as one forward pass from position 0,
 and average the next-token cross-entropy over every target. Every length therefore includes
 many early, little-context tokens, and only the positions past train_len are new to the model.

@@ -103,7 +103,7 @@ def extend_context(freqs, config):
 
     pi    position interpolation: every frequency / s, so s*L positions span the trained phases
     ntk   "NTK-aware": theta grows to theta * s^(d/(d-2)); fast pairs barely move, the slowest / s
-    yarn  as the authors' code applies it (notes §4.4): pairs completing more than 32 periods
+    yarn  as the authors' code applies it (RotaryEmbedding.extra_yarn): pairs completing more than 32 periods
           within L0 stay, pairs completing less than one are divided by s, a linear ramp between;
           no attention temperature (the reference YaRN has one, the authors' code does not)
     """
@@ -194,7 +194,7 @@ class FoPE(nn.Module):
     Only M = min(K, head_dim/4) pairs are position-dependent; the remaining pairs are
     padded with cos = 1 and sin = fope_sin_pad (zero frequency, constant phase).
 
-    Ablations (as decided in the notes): fope_cf=False keeps all head_dim/2 frequencies,
+    Ablations (not released by the authors; see FAITHFULNESS.md): fope_cf=False keeps all head_dim/2 frequencies,
     fope_fs=False uses exact identity coefficients; either one off means M = K (no cap),
     so with both off this is RoPE exactly.
     """

@@ -57,7 +57,7 @@ SEEDS = [["--seed", "1337", "--passkey_seed", "1000"],
 
 # Shared by every run of the default grid: train.py's default CPU model (4 layers, 256 wide,
 # head_dim 64, train_len 256, 16 x 256 = 4096 tokens per step, Shakespeare with a BPE-4096
-# tokenizer), half the sequences from the passkey task (loss on the answer only, notes §9).
+# tokenizer), half the sequences from the passkey task (see FAITHFULNESS.md).
 # The CPU grids pin float32 (train.py's "auto" would pick bf16 on CPUs that have it) so that runs
 # made on different CPUs compute the same thing.
 CPU_PRECISION = ["--dtype", "fp32"]
@@ -65,7 +65,7 @@ GRID_TRAINING = ["--passkey_frac", "0.5", "--max_steps", "1200", *CPU_PRECISION]
 
 # The fine-tunes of the extension experiment double train_len and halve batch_size, so a step
 # keeps its 4096 tokens; 150 steps are an eighth of pre-training's tokens, the passkey mix stays
-# on. train.py starts the optimizer afresh (the authors resume theirs, notes §4.4): 10 warm-up
+# on. train.py starts the optimizer afresh (the authors resume theirs; see FAITHFULNESS.md): 10 warm-up
 # steps rebuild Adam's moments, and a peak lr of a quarter of pre-training's 2e-3 adapts the
 # model to the longer length without undoing pre-training.
 FINETUNE = ["--train_len", "512", "--batch_size", "8", "--max_steps", "150", "--warmup_steps", "10", "--lr", "5e-4"]
@@ -94,7 +94,7 @@ DEFAULT = Grid(
         Run("nope-s0", "main", ["--pe", "nope", *SEEDS[0]]),
         Run("rope-s1", "main", ["--pe", "rope", *SEEDS[1]]),
         Run("fope-s1", "main", ["--pe", "fope", *SEEDS[1]]),
-        # FoPE ablations at seed 0 (notes §9); fope-s0 is the reference with sigma 0.3.
+        # FoPE ablations at seed 0 (defined in FAITHFULNESS.md); fope-s0 is the reference with sigma 0.3.
         Run("fope-nocf", "ablation", ["--pe", "fope", "--fope_cf", "false"]),      # Fourier series, no clip
         Run("fope-nofs", "ablation", ["--pe", "fope", "--fope_fs", "false"]),      # clip only: clipped RoPE
         Run("rope-s2", "main", ["--pe", "rope", *SEEDS[2]]),

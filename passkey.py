@@ -3,8 +3,9 @@ passkey.py: the passkey-retrieval task, shared by training (a passkey mix) and e
 
 A prompt hides one line, "The pass key is N. Remember it. N is the pass key.", at some depth
 inside repeated filler text and ends with "What is the pass key? The pass key is"; the model
-must continue with N. The fixed strings are the public benchmark's, verbatim (see
-../shared/PAPER_NOTES.md §6.2): five pieces joined by newlines,
+must continue with N. The fixed strings are the public benchmark's, verbatim (from
+epfml/landmark-attention by way of jquesnelle/yarn, as in the authors' eval_passkey.py): five
+pieces joined by newlines,
 
     task line \\n filler prefix \\n needle line \\n filler suffix \\n question
 

@@ -46,7 +46,7 @@ DEFAULTS = dict(
 )
 PRESETS = {
     "cpu": {},
-    # The paper's 60M model (notes §5) at L = 512; for one GPU (untested on a GPU here).
+    # The paper's 60M model (the authors' OLMo-60M configs) at L = 512; for one GPU (untested on a GPU here).
     "gpu60m": dict(n_layer=8, n_head=8, n_embd=512, train_len=512, batch_size=64,
                    max_steps=20000, lr=6e-4, warmup_steps=1000, eval_interval=1000),
 }

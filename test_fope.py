@@ -66,7 +66,7 @@ def pos_module_heads(pos_module):
 
 
 # -----------------------------------------------------------------------------
-# frequencies: which ones FoPE keeps (notes §2.1, §2.2)
+# frequencies: which ones FoPE keeps (the authors' get_inv_freq and FourierEmbedding)
 
 
 @pytest.mark.parametrize("head_dim, train_len, K, M", [
@@ -76,7 +76,7 @@ def pos_module_heads(pos_module):
     (32, 128, 6, 6),
     (64, 256, 13, 13),    # the default CPU model
 ])
-def test_kept_and_mixed_pair_counts_match_the_notes(head_dim, train_len, K, M):
+def test_kept_and_mixed_pair_counts_match_the_authors_code(head_dim, train_len, K, M):
     config = G.GPTConfig(n_head=4, n_embd=4 * head_dim, train_len=train_len, pe="fope")
     fope = G.FoPE(config)
     assert len(G.kept_frequencies(head_dim, train_len)) == K
@@ -100,7 +100,7 @@ def test_ablations_use_all_kept_frequencies_as_output_pairs():
 
 
 # -----------------------------------------------------------------------------
-# coefficients: identity plus frozen Xavier noise (notes §2.3)
+# coefficients: identity plus frozen Xavier noise (the authors' FourierEmbedding init)
 
 
 def test_coefficient_noise_has_the_xavier_gain_std():
@@ -110,7 +110,7 @@ def test_coefficient_noise_has_the_xavier_gain_std():
     eye = G.step_eye(16, 16)
     noise = torch.stack([torch.stack((b.attn.pos.sin_coef - eye, b.attn.pos.cos_coef - eye)) for b in model.blocks])
     expected = ref.xavier_gain_std(0.3, 8, 16, 16)
-    assert expected == pytest.approx(0.0217, abs=1e-4)                 # the notes' table
+    assert expected == pytest.approx(0.0217, abs=1e-4)                 # the std of gain 0.3 here
     assert noise.std().item() == pytest.approx(expected, rel=0.03)     # 32k samples
     assert noise.mean().abs().item() < 0.002
 
@@ -146,7 +146,7 @@ def test_coefficients_stay_frozen_unless_learnable(learnable):
 
 
 # -----------------------------------------------------------------------------
-# tables: the Fourier series, the padding, and the cache (notes §2.4, §2.5, §3.4)
+# tables: the Fourier series, the padding (the authors' FourierEmbedding), and the cache
 
 
 def test_fope_tables_match_the_numpy_reference_and_have_the_contract_shape():
@@ -202,7 +202,7 @@ def test_a_padded_pair_contributes_a_constant_multiple_of_its_dot_product(sin_pa
 
 
 # -----------------------------------------------------------------------------
-# relative position: RoPE is exactly relative, FoPE's mixing is not (notes §3.1)
+# relative position: RoPE is exactly relative, FoPE's mixing is not
 
 
 def test_rope_scores_depend_only_on_relative_position():
@@ -325,7 +325,7 @@ def test_pytorch_init_keeps_torchs_defaults_and_olmo_init_is_the_authors_std():
 
 
 # -----------------------------------------------------------------------------
-# context extension without training: PI, NTK-aware, YaRN (notes §4.4)
+# context extension without training: PI, NTK-aware, YaRN (the authors' RotaryEmbedding.extra_yarn)
 
 
 def test_yarn_multipliers_match_the_authors_numbers():

@@ -99,7 +99,7 @@ def validation_batches(tokens, seq_len, batch_size, num_batches):
 
 
 def learning_rate(step, settings):
-    """Linear warm-up, then cosine decay over decay_steps to min_lr_ratio x the peak (notes §5),
+    """Linear warm-up, then cosine decay over decay_steps to min_lr_ratio x the peak (as in the authors' OLMo configs),
     which holds for any steps past decay_steps."""
     peak, warmup, total = settings["lr"], settings["warmup_steps"], settings["decay_steps"]
     if step < warmup:
@@ -363,7 +363,7 @@ def restore(resumed, model, optimizer, batches, ckpt_path):
 
 def start_from_checkpoint(model, path, grow, prepared):
     """Begin from another run's weights, e.g. at a longer train_len (the paper's extension
-    experiment). FoPE's coefficient tensors grow with K and M (notes §4.4): the old block is
+    experiment). FoPE's coefficient tensors grow with K and M (as in the authors' olmo/checkpoint.py): the old block is
     pasted into the top-left of a fresh initialisation ("fresh", the authors' x+fope configs)
     or of zeros ("zeros", their yarn_after configs). From RoPE, FoPE keeps its fresh init.
     Deviation: the optimizer starts afresh; the authors resume its state and the LR schedule."""
