@@ -8,7 +8,7 @@ A checkpoint is one torch file holding everything needed to continue a run or to
     optimizer      AdamW state
     step           optimizer steps done
     rng            torch and data-sampler random states, so a resumed run repeats an uninterrupted one
-    tokenizer      the tokenizer itself (see data.tokenizer_state), so evaluation needs no cache
+    tokenizer      the tokenizer itself (see tokenizer.tokenizer_state), so evaluation needs no cache
     data           the token cache's metadata (dataset, token counts, source hash)
     val_loss       the last validation loss
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import data
+import tokenizer
 import train
 
 HERE = Path(__file__).resolve().parent
@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 
 def byte_encoding():
     """A byte-level tokenizer with the project's pre-tokenizer (digits are single tokens)."""
-    return data.build_encoding("bytes", {bytes([i]): i for i in range(256)})
+    return tokenizer.build_encoding("bytes", {bytes([i]): i for i in range(256)})
 
 
 def run_script(script, *args, cwd=HERE, timeout=300):

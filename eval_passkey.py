@@ -30,10 +30,11 @@ import torch
 
 import hardware
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from data import DataError, check_writable_folder, encoding_from_state, error_line, write_atomically
+from data import DataError, check_writable_folder, error_line, write_atomically
 from runs import add_extension_options, default_lengths, extension_overrides, label_runs, parse_lengths
 from fope_gpt import GPTConfig
 from passkey import ANSWER, MAX_KEY, NEEDLE, build_prompt, key_mentions, score, shortest_prompt_len
+from tokenizer import encoding_from_state
 
 MAX_NEW_TOKENS = 10  # as in the authors' script
 # Default prompts per forward pass: about this many tokens, so that the activations of a batch

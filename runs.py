@@ -22,6 +22,7 @@ import sys
 import data
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from fope_gpt import ROPE_SCALINGS
+from tokenizer import tokenizer_state
 
 CKPT_NAME, LOG_NAME, CONFIG_NAME = "ckpt.pt", "log.jsonl", "config.json"
 
@@ -76,7 +77,7 @@ def describe_data(meta):
 
 
 def describe_tokenizer(state):
-    """A tokenizer state (data.tokenizer_state) in a few words: its name, size and merges' hash."""
+    """A tokenizer state (tokenizer.tokenizer_state) in a few words: its name, size and merges' hash."""
     if not isinstance(state, dict) or "ranks" not in state:
         return "none recorded"
     size = len(state["ranks"].splitlines()) + len(state.get("special_tokens", {}))
@@ -92,7 +93,7 @@ def check_same_data(what, state, prepared, advice):
     if saved.get("hash") != prepared.meta["hash"]:
         raise data.DataError(f"{what} was trained on {describe_data(saved)}, but these settings prepare "
                              f"{describe_data(prepared.meta)}; {advice}")
-    tokenizer = data.tokenizer_state(prepared)
+    tokenizer = tokenizer_state(prepared.enc)
     if state.get("tokenizer") != tokenizer:
         raise data.DataError(f"{what} was trained with tokenizer {describe_tokenizer(state.get('tokenizer'))}, "
                              f"but these settings prepare {describe_tokenizer(tokenizer)}; {advice}")

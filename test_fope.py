@@ -25,8 +25,9 @@ import passkey
 import reference_numpy as ref
 import runs
 import settings as run_settings
+import tokenizer
 import train
-from conftest import HERE, byte_encoding, dead_pid, error_of, logged_losses, run_script, snapshot, tiny_run_args
+from conftest import byte_encoding, dead_pid, error_of, logged_losses, run_script, snapshot, tiny_run_args
 from fope_gpt import GPT, GPTConfig, RoPE
 
 
@@ -396,8 +397,8 @@ def sample_corpus(lines=300, seed=0):
 
 def test_bpe_round_trip_digits_and_vocab_size():
     # Frequent numbers would become multi-digit tokens if digits were not split apart.
-    ranks = data.train_bpe([sample_corpus(), "Passkey 4821, key 4821.\n" * 100], vocab_size=320)
-    enc = data.build_encoding("test", ranks)
+    ranks = tokenizer.train_bpe([sample_corpus(), "Passkey 4821, key 4821.\n" * 100], vocab_size=320)
+    enc = tokenizer.build_encoding("test", ranks)
     assert enc.n_vocab == 320 and enc.eot_token == 319
     text = SAMPLE_TEXT + "Passkey 4821 x12 ends.  \n"
     ids = enc.encode_ordinary(text)
@@ -410,7 +411,7 @@ def test_bpe_round_trip_digits_and_vocab_size():
 
 def test_bpe_ranks_follow_merge_order():
     """tiktoken reproduces the trainer only if every merged token joins two earlier tokens."""
-    ranks = data.train_bpe([sample_corpus()], vocab_size=300)
+    ranks = tokenizer.train_bpe([sample_corpus()], vocab_size=300)
     assert sorted(ranks.values()) == list(range(len(ranks)))
     for token, rank in ranks.items():
         if rank >= 256:
@@ -450,7 +451,7 @@ def test_folder_split_by_whole_files(tmp_path):
     assert data.split_documents(["line\n" * 10]) == (["line\n" * 9], ["line\n"])  # a lone file splits by lines
 
     prepared = data.prepare_data(str(corpus), vocab_size=260, cache_dir=tmp_path, log=lambda line: None)
-    assert prepared.enc.decode(list(prepared.train)) == "a" * 500 + data.EOT + "b" * 400
+    assert prepared.enc.decode(list(prepared.train)) == "a" * 500 + tokenizer.EOT + "b" * 400
     assert prepared.enc.decode(list(prepared.val)) == "c" * 100
 
 
@@ -506,12 +507,12 @@ def test_tokenizer_state_round_trip(tmp_path):
     source = tmp_path / "corpus.txt"
     source.write_text(sample_corpus())
     prepared = data.prepare_data(str(source), vocab_size=300, cache_dir=tmp_path, log=lambda line: None)
-    state = json.loads(json.dumps(data.tokenizer_state(prepared)))
-    enc = data.encoding_from_state(state)
-    text = SAMPLE_TEXT + data.EOT + "Passkey 4821."
+    state = json.loads(json.dumps(tokenizer.tokenizer_state(prepared.enc)))
+    enc = tokenizer.encoding_from_state(state)
+    text = SAMPLE_TEXT + tokenizer.EOT + "Passkey 4821."
     assert enc.encode(text, allowed_special="all") == prepared.enc.encode(text, allowed_special="all")
     assert enc.n_vocab == prepared.enc.n_vocab and enc.eot_token == prepared.eot
-    assert data.encoding_from_ranks_file(tmp_path / "corpus-txt-bpe-300" / "tokenizer.tiktoken").n_vocab == 300
+    assert tokenizer.encoding_from_ranks_file(tmp_path / "corpus-txt-bpe-300" / "tokenizer.tiktoken").n_vocab == 300
 
 
 # =============================================================================
@@ -522,7 +523,7 @@ def word_encoding():
     """A small BPE trained on the prompt's own text: whole filler words become single tokens,
     so a prompt needs far fewer tokens than characters."""
     text = passkey.TASK + "\n" + (passkey.FILLER + " ") * 20 + passkey.NEEDLE + passkey.QUESTION
-    return data.build_encoding("words", data.train_bpe([text], vocab_size=400))
+    return tokenizer.build_encoding("words", tokenizer.train_bpe([text], vocab_size=400))
 
 
 ENCODINGS = {"bytes": byte_encoding, "words": word_encoding}
@@ -721,7 +722,7 @@ def save_tiny_checkpoint(path, pe="fope"):
         "model_config": dataclasses.asdict(config),
         "model": GPT(config).state_dict(),
         "step": 0,
-        "tokenizer": data.tokenizer_state(types.SimpleNamespace(enc=byte_encoding())),
+        "tokenizer": tokenizer.tokenizer_state(byte_encoding()),
     }
     torch.save(state, path)
 
@@ -967,7 +968,7 @@ def checkpoints(tmp_path_factory):
         paths[pe].parent.mkdir()
         torch.save({"model_config": dataclasses.asdict(model.config), "model": model.state_dict(), "step": 0,
                     "train_config": {"dataset": str(corpus), "tokenizer": "bpe", "vocab_size": 300},
-                    "tokenizer": data.tokenizer_state(prepared), "data": prepared.meta}, paths[pe])
+                    "tokenizer": tokenizer.tokenizer_state(prepared.enc), "data": prepared.meta}, paths[pe])
     return tmp, paths
 
 

@@ -39,6 +39,7 @@ import runs
 import settings as run_settings
 from checkpoint import CheckpointError, LockError, load_checkpoint, run_lock, save_checkpoint
 from fope_gpt import GPT, GPTConfig
+from tokenizer import tokenizer_state
 
 
 def fail(message):
@@ -209,7 +210,7 @@ def run(argv, held):
             "model_config": dataclasses.asdict(config), "train_config": settings,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
             "rng": {"torch": torch.get_rng_state(), "batches": batches.state()},
-            "tokenizer": data.tokenizer_state(prepared), "data": prepared.meta, "val_loss": val_loss,
+            "tokenizer": tokenizer_state(prepared.enc), "data": prepared.meta, "val_loss": val_loss,
         })
 
     train_step = torch.compile(model) if settings["compile"] else model
