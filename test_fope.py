@@ -25,6 +25,7 @@ import passkey
 import reference_numpy as ref
 import runs
 import settings as run_settings
+import spectra
 import tokenizer
 import train
 from conftest import byte_encoding, dead_pid, error_of, logged_losses, run_script, snapshot, tiny_run_args
@@ -975,7 +976,7 @@ def checkpoints(tmp_path_factory):
 def test_captured_q_and_k_are_the_projection_of_the_normed_block_input():
     model = tiny_model("rope")
     windows = torch.from_numpy(random_tokens(64)).view(2, 32)
-    q, k = analyze.capture_qk(model, windows)
+    q, k = spectra.capture_qk(model, windows)
     assert q.shape == k.shape == (2, 2, 64, 32)            # (n_layer, H, B*T, d)
     with torch.no_grad():
         qkv = model.blocks[0].attn.qkv(model.blocks[0].attn_norm(model.tok_emb(windows)))  # (B, T, 3C)
@@ -986,7 +987,7 @@ def test_captured_q_and_k_are_the_projection_of_the_normed_block_input():
 @pytest.mark.parametrize("pe", PES)
 def test_every_analysis_gives_finite_arrays_of_the_expected_shapes(pe):
     model = tiny_model(pe)
-    result = analyze.analyze(model, random_tokens(), layer=1, head=1, pair=2, text_tokens=128, max_distance=512)
+    result = spectra.analyze(model, random_tokens(), layer=1, head=1, pair=2, text_tokens=128, max_distance=512)
     norms = result["pair_norms"]
     assert np.array(norms["q_norm"]).shape == np.array(norms["k_norm"]).shape == (2, 16)  # (n_layer, d/2)
     assert np.isfinite(norms["q_norm"]).all() and np.isfinite(norms["k_norm"]).all()
@@ -1020,10 +1021,10 @@ def test_a_pure_rope_pair_peaks_at_its_own_frequency(pair):
     q = torch.randn(4, 32, generator=torch.Generator().manual_seed(pair))
     N = 256
     target = float(pos.freqs[pair]) / (2 * math.pi)            # cycles per token
-    freqs, spectrum = analyze.query_spectrum(pos, q, 0, pair, N)
+    freqs, spectrum = spectra.query_spectrum(pos, q, 0, pair, N)
     assert freqs[spectrum.argmax()] == freqs[np.abs(freqs - target).argmin()]
     if target * N >= 3:  # a real signal's +f and -f lobes overlap near frequency zero
-        freqs, spectrum = analyze.score_spectrum(pos, q, q.flip(0), 0, pair, N)
+        freqs, spectrum = spectra.score_spectrum(pos, q, q.flip(0), 0, pair, N)
         assert freqs[spectrum.argmax()] == freqs[np.abs(freqs - target).argmin()]
 
 
@@ -1032,7 +1033,7 @@ def test_fope_leaks_into_the_other_kept_frequencies_and_rope_does_not():
     leak = {}
     for pe in ("rope", "fope"):
         pos = tiny_model(pe, fope_sigma=1.0).blocks[0].attn.pos
-        freqs, spectrum = analyze.query_spectrum(pos, q, 0, 0, 256)
+        freqs, spectrum = spectra.query_spectrum(pos, q, 0, 0, 256)
         other = float(pos.freqs[2]) / (2 * math.pi)            # pair 0's own frequency is freqs[0]
         leak[pe] = spectrum[np.abs(freqs - other).argmin()] / spectrum.max()
     assert leak["rope"] < 1e-4 < 1e-2 < leak["fope"]
@@ -1043,8 +1044,8 @@ def test_logits_vs_distance_for_each_position_embedding():
     logits = {}
     for pe in PES:
         model = tiny_model(pe)
-        q, k = analyze.capture_qk(model, torch.from_numpy(random_tokens(64)).view(2, 32))
-        logits[pe] = analyze.logit_vs_distance(model.blocks[0].attn, q[0], k[0], distances, 32,
+        q, k = spectra.capture_qk(model, torch.from_numpy(random_tokens(64)).view(2, 32))
+        logits[pe] = spectra.logit_vs_distance(model.blocks[0].attn, q[0], k[0], distances, 32,
                                                np.random.default_rng(0), samples=8)
         assert logits[pe].shape == (5, 2, 8)                   # (distances, H, samples)
     np.testing.assert_allclose(logits["nope"], logits["nope"][:1].repeat(5, axis=0))  # no position at all
@@ -1058,8 +1059,8 @@ def test_logits_vs_distance_for_each_position_embedding():
 
 def test_default_pair_has_the_period_closest_to_a_quarter_of_train_len():
     model = tiny_model("rope", n_embd=128, n_head=2, train_len=256)  # head_dim 64: periods 6.3, 8.4, ...
-    periods = (2 * math.pi / analyze.rope_frequencies(model.config)).numpy()
-    assert analyze.default_pair(model, 0) == int(np.abs(periods - 64).argmin()) == 8
+    periods = (2 * math.pi / spectra.rope_frequencies(model.config)).numpy()
+    assert spectra.default_pair(model, 0) == int(np.abs(periods - 64).argmin()) == 8
 
 
 def test_cli_writes_every_figure_and_the_json(checkpoints):
