@@ -162,18 +162,7 @@ def run(argv, held):
         print(f"run {run_dir}: {settings['pe']} on {device}" + (f" x {world} processes" if world > 1 else "")
               + f", precision {settings['dtype']} ({why})", flush=True)
 
-    if settings["dataset"].startswith("hf:") and not settings["hf_tokens"]:
-        # stream what one pass over the run's training tokens needs, and a tenth more for validation
-        settings["hf_tokens"] = math.ceil(1.1 * settings["max_steps"] * settings["batch_size"] * settings["train_len"])
-    try:  # rank 0 tokenizes and caches the data; the others then read its cache
-        if leader:
-            prepared = runs.prepare(settings)
-        if world > 1:
-            dist.barrier()
-        if not leader:
-            prepared = runs.prepare(settings, log=lambda message: None)
-    except data.DataError as e:
-        fail(str(e))
+    prepared = prepare_data(settings, leader, world)
     if resumed is not None:
         runs.check_same_data(f"cannot resume: {ckpt_path}", resumed, prepared,
                              "restore the text it was trained on, or train a new run (--run_name)")
@@ -279,6 +268,11 @@ def run(argv, held):
     stop_processes(world)
 
 
+# -----------------------------------------------------------------------------
+# what the run starts from: its settings, its processes and data, a checkpoint to resume or to
+# begin from
+
+
 def settings_of_run(argv):
     """The run's settings, its folder and checkpoint path, and the checkpoint to resume (None
     for a new run); every setting checked before anything is read or written."""
@@ -317,6 +311,20 @@ def start_processes(device_setting):
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return rank, world, device
+
+
+def prepare_data(settings, leader, world):
+    """The run's tokenized data: rank 0 tokenizes and caches it, the others then read its cache."""
+    if settings["dataset"].startswith("hf:") and not settings["hf_tokens"]:
+        # stream what one pass over the run's training tokens needs, and a tenth more for validation
+        settings["hf_tokens"] = math.ceil(1.1 * settings["max_steps"] * settings["batch_size"] * settings["train_len"])
+    if leader:
+        prepared = runs.prepare(settings)
+    if world > 1:
+        dist.barrier()
+    if not leader:
+        prepared = runs.prepare(settings, log=lambda message: None)
+    return prepared
 
 
 def stop_processes(world):
