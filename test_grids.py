@@ -6,22 +6,13 @@ import importlib.util
 import json
 import os
 import statistics
-import struct
 
 import pytest
 
 import grids
 import report
 import reproduce
-from conftest import HERE, error_of, run_script
-
-
-def png_size(path):
-    """(width, height) of a PNG file, from its header; fails for a file that is not a PNG."""
-    with open(path, "rb") as f:
-        header = f.read(24)
-    assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
-    return struct.unpack(">II", header[16:24])
+from conftest import HERE, error_of, png_size, run_script
 
 
 @pytest.mark.parametrize("grid_name", sorted(grids.GRIDS))
