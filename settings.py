@@ -18,32 +18,68 @@ MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
 
 # -----------------------------------------------------------------------------
 # defaults: the CPU model (4 layers x 256 wide, head_dim 64 so that FoPE keeps K = 13 of 32
-# pairs at train_len 256) for about 10 minutes on 2 cores. The model's own fields (n_layer,
-# n_embd, pe, fope_*, rope_*) take GPTConfig's defaults, commented in fope_gpt.py.
-DEFAULTS = dict(
-    **{f.name: f.default for f in dataclasses.fields(GPTConfig)},
+# pairs at train_len 256) for about 10 minutes on 2 cores. Each setting is a --flag, and
+# python train.py --help prints these words beside it.
+
+# the model: GPTConfig's fields, whose defaults are in fope_gpt.py
+MODEL = {
+    "vocab_size": "tokens in the vocabulary (the BPE is trained to this size; gpt2 has its own 50257)",
+    "n_layer": "transformer blocks",
+    "n_head": "attention heads per block",
+    "n_embd": "width of the residual stream; n_embd / n_head is head_dim",
+    "train_len": "L, the training context length; FoPE clips frequencies below 2 pi / L",
+    "pe": "position embedding",
+    "rope_theta": "RoPE's base: pair j turns at theta^(-2j/head_dim) radians per position",
+    "fope_sigma": "Xavier gain of FoPE's coefficient noise (not its std)",
+    "fope_fs": "FoPE's Fourier series: each pair mixes all kept frequencies",
+    "fope_cf": "FoPE's clip: frequencies below 2 pi / L become zero",
+    "fope_sin_pad": "sin value of FoPE's padded pairs: 1 as released, 0 for an exact identity",
+    "fope_learnable": "train FoPE's coefficients (the authors freeze them)",
+    "rope_scaling": "context extension of rope/fope frequencies",
+    "rope_scale": "s, the factor by which the context is meant to grow",
+    "rope_original_len": "YaRN's L0, the length the frequencies were trained at (0: train_len)",
+    "init": "olmo: weights N(0, 0.02) truncated, as the authors; pytorch: PyTorch's defaults",
+}
+# everything else: name -> (default, what it means)
+TRAINING = {
     # data
-    dataset="shakespeare",  # shakespeare, a text file or folder, or hf:<name> (streamed)
-    tokenizer="bpe",        # bpe: trained on the training split, vocab_size tokens; gpt2: tiktoken's
-    data_dir="data",        # the token caches
-    hf_tokens=0,            # tokens to stream from hf:<name> (0: what max_steps needs, and a tenth more)
+    "dataset": ("shakespeare", "shakespeare, a text file or folder, or hf:<name> (streamed)"),
+    "tokenizer": ("bpe", "bpe: trained on the training split, vocab_size tokens; gpt2: tiktoken's"),
+    "data_dir": ("data", "where the token caches are"),
+    "hf_tokens": (0, "tokens to stream from hf:<name> (0: what max_steps needs, and a tenth more)"),
     # optimisation: AdamW, linear warm-up then cosine decay to min_lr_ratio x lr
-    batch_size=16, max_steps=800, decay_steps=0, lr=2e-3, warmup_steps=40, min_lr_ratio=0.1,
-    weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-    # the passkey task mixed into training: a fraction of the sequences, and where their loss is
-    passkey_frac=0.0, passkey_loss="answer+repeat", passkey_seed=1000,
-    seed=1337,              # model init and the text batches
-    init_from="",           # a checkpoint to start from (e.g. at a longer train_len)
-    fope_grow="fresh",      # with init_from: FoPE's new coefficients start fresh or at zero
-    # evaluation and logging: every eval_interval steps the validation loss and a checkpoint
-    eval_interval=100, eval_batches=20, log_interval=25,
+    "batch_size": (16, "sequences of train_len tokens per step (over all processes)"),
+    "max_steps": (800, "where the run stops"),
+    "decay_steps": (0, "steps of the cosine decay to min_lr_ratio x lr (0: max_steps)"),
+    "lr": (2e-3, "peak learning rate"),
+    "warmup_steps": (40, "steps of linear warm-up to lr"),
+    "min_lr_ratio": (0.1, "the learning rate at the end of the decay, as a fraction of lr"),
+    "weight_decay": (0.1, "AdamW's weight decay, on every trained parameter"),
+    "beta1": (0.9, "AdamW's beta1"),
+    "beta2": (0.95, "AdamW's beta2"),
+    "grad_clip": (1.0, "largest gradient norm"),
+    # the passkey task mixed into training
+    "passkey_frac": (0.0, "fraction of the training sequences that are passkey prompts"),
+    "passkey_loss": ("answer+repeat", "where a passkey sequence has loss: the answer, and the key's repeat"),
+    "passkey_seed": (1000, "seed of the passkey sequences"),
+    "seed": (1337, "seed of the model's initialisation and of the text batches"),
+    # starting from another run
+    "init_from": ("", "a checkpoint to start from (e.g. at a longer train_len)"),
+    "fope_grow": ("fresh", "with init_from: FoPE's new coefficients start fresh or at zero"),
+    # evaluation and logging
+    "eval_interval": (100, "steps between validation losses, each followed by a checkpoint"),
+    "eval_batches": (20, "validation batches per evaluation"),
+    "log_interval": (25, "steps between log lines"),
     # hardware and files
-    dtype="auto",           # bf16 autocast or fp32; auto: bf16 where the hardware has it natively
-    compile=False,          # torch.compile the model
-    device="auto",          # auto: cuda if PyTorch sees a GPU, else cpu
-    out_dir="out",          # runs go to out_dir/<run name>/
-    run_name="",            # "": named by the settings that differ from the defaults
-)
+    "dtype": ("auto", "bf16 autocast or fp32; auto: bf16 where the hardware has it natively"),
+    "compile": (False, "torch.compile the model"),
+    "device": ("auto", "auto: cuda if PyTorch sees a GPU, else cpu"),
+    "out_dir": ("out", "runs go to out_dir/<run name>/"),
+    "run_name": ("", "the run's folder (empty: named by the settings that differ from the defaults)"),
+}
+DEFAULTS = {**{f.name: f.default for f in dataclasses.fields(GPTConfig)},
+            **{key: default for key, (default, _) in TRAINING.items()}}
+MEANING = {**MODEL, **{key: words for key, (_, words) in TRAINING.items()}}
 PRESETS = {
     "cpu": {},
     # The paper's 60M model (the authors' OLMo-60M configs) at L = 512; for one GPU (untested on a GPU here).
@@ -82,13 +118,14 @@ ALLOWED = {
     "fope_grow": (lambda v: v in ("fresh", "zeros"), "fresh or zeros"),
     "tokenizer": (lambda v: v in ("bpe", "gpt2"), "bpe or gpt2"),
 }
-CHOICES = {"pe": POSITION_EMBEDDINGS, "rope_scaling": ROPE_SCALINGS}
-HELP = {
-    "max_steps": "where the run stops; with --resume it may grow or shrink, and the learning-rate "
-                 "schedule keeps its length (see --decay_steps)",
-    "decay_steps": "steps of the cosine decay to min_lr_ratio x lr (0: max_steps). Fixed when the run "
-                   "starts: a run resumed with a larger --max_steps trains the extra steps at the final "
-                   "learning rate. Given with --resume, it re-stretches the schedule from the resumed step on",
+CHOICES = {"pe": POSITION_EMBEDDINGS, "rope_scaling": ROPE_SCALINGS, "init": ("olmo", "pytorch")}
+# What --help adds to a setting's meaning.
+NOTES = {
+    "max_steps": "with --resume it may grow or shrink, and the learning-rate schedule keeps its length "
+                 "(see --decay_steps)",
+    "decay_steps": "fixed when the run starts: a run resumed with a larger --max_steps trains the extra steps "
+                   "at the final learning rate. Given with --resume, it re-stretches the schedule from the "
+                   "resumed step on",
 }
 
 
@@ -100,14 +137,15 @@ def parse_args(argv=None, description=None):
     parser.add_argument("--resume", action="store_true",
                         help="continue out/<run-name>/ckpt.pt, on the same data and tokenizer")
     for key, default in DEFAULTS.items():
-        words = "; ".join(part for part in (HELP.get(key), key in ALLOWED and f"allowed: {ALLOWED[key][1]}") if part)
+        words = "; ".join(part for part in (MEANING[key], NOTES.get(key), key in ALLOWED and
+                                            f"allowed: {ALLOWED[key][1]}", f"default: {str(default).lower() if isinstance(default, bool) else repr(default)}") if part)
+        words = words.replace("%", "%%")  # argparse formats help with %
         if isinstance(default, bool):
-            parser.add_argument(f"--{key}", type=parse_bool, metavar="true|false", help=words or None)
+            parser.add_argument(f"--{key}", type=parse_bool, metavar="true|false", help=words)
         elif key in CHOICES:
-            parser.add_argument(f"--{key}", choices=CHOICES[key], help=words or None)
+            parser.add_argument(f"--{key}", choices=CHOICES[key], help=words)
         else:
-            parser.add_argument(f"--{key}", type=type(default), metavar=type(default).__name__.upper(),
-                                help=words or None)
+            parser.add_argument(f"--{key}", type=type(default), metavar=type(default).__name__.upper(), help=words)
     parser.set_defaults(**{k: None for k in DEFAULTS})
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}

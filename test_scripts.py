@@ -5,6 +5,7 @@ and bad input answered in one line.
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -22,6 +23,17 @@ def test_a_run_is_named_by_every_setting_that_changes_what_is_trained():
     # vocab_size and seed change the model; max_steps may grow on resume and eval_batches only measures
     assert run_settings.run_name(settings, "cpu") == "fope-seed1-vocab_size257"
     assert run_settings.run_name({**run_settings.DEFAULTS, "pe": "rope"}, "cpu") == "rope"
+
+
+def test_the_help_gives_every_setting_its_meaning_and_default(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = re.sub(r"\s+", "", capsys.readouterr().out)  # however argparse wraps the lines
+    for key, default in run_settings.DEFAULTS.items():
+        shown = str(default).lower() if isinstance(default, bool) else repr(default)
+        assert re.sub(r"\s+", "", f"{run_settings.MEANING[key]}") in text and f"--{key}" in text
+        assert re.sub(r"\s+", "", f"default: {shown}") in text
+    assert "--pe{rope,fope,alibi,nope}" in text
 
 
 def test_a_short_training_run_lowers_the_loss_and_leaves_a_checkpoint(trained_run):

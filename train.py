@@ -7,8 +7,8 @@ train.py: train one model and leave a checkpoint that the evaluation scripts can
     python train.py --preset gpu60m --pe fope       # the paper's 60M shape, for one GPU
     torchrun --standalone --nproc_per_node=8 train.py --preset gpu60m   # the same on 8 GPUs
 
-Every GPTConfig field and every training setting is a --flag, listed with its default at the
-top of settings.py (python train.py --help says the same). The run folder
+Every GPTConfig field and every training setting is a --flag, listed with its default and
+meaning at the top of settings.py (python train.py --help prints the same). The run folder
 out/<run-name>/ holds ckpt.pt (written atomically), log.jsonl and config.json; its name
 follows from the settings that differ from the defaults. Every setting is checked before
 anything is read or written, and one process at a time writes a run folder (its train.lock).
