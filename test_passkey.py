@@ -137,7 +137,7 @@ def test_a_completion_is_scored_whole_as_the_authors_do():
     # their generate runs with eliminate_token_ids=False: a newline before the key does not end it
     enc = byte_encoding()
     ids = enc.encode_ordinary("\n\t12345 is it")
-    assert passkey.score(eval_passkey.completion_text(enc, ids), 12345)
+    assert passkey.score(passkey.completion_text(enc, ids), 12345)
 
 
 def test_training_sequence_spans_lengths_and_rejects_a_short_seq_len():
@@ -150,10 +150,10 @@ def test_training_sequence_spans_lengths_and_rejects_a_short_seq_len():
 
 
 def test_trial_settings_depend_on_seed_and_length_only():
-    keys, depths = eval_passkey.trial_settings(1234, 256, 100)
-    assert (keys, depths) == eval_passkey.trial_settings(1234, 256, 100)
-    assert keys != eval_passkey.trial_settings(1234, 512, 100)[0]
-    assert keys != eval_passkey.trial_settings(1, 256, 100)[0]
+    keys, depths = passkey.trial_settings(1234, 256, 100)
+    assert (keys, depths) == passkey.trial_settings(1234, 256, 100)
+    assert keys != passkey.trial_settings(1234, 512, 100)[0]
+    assert keys != passkey.trial_settings(1, 256, 100)[0]
     assert all(1 <= key <= passkey.MAX_KEY for key in keys)
     assert np.bincount((np.array(depths) * 5).astype(int), minlength=5).tolist() == [20] * 5
 
@@ -198,19 +198,19 @@ class FixedOffsetOracle(torch.nn.Module):
 def test_digit_diagnostics_tell_a_lookup_from_a_fixed_offset_copy():
     enc = byte_encoding()
     induction = InductionOracle(257, 320)
-    first_digit, later_digits = eval_passkey.teacher_forced_digits(induction, enc, 320, 20, 0, "cpu")
+    first_digit, later_digits = passkey.teacher_forced_digits(induction, enc, 320, 20, 0, "cpu")
     # token-level copying finds the later digits (all but those after a digit the key repeats);
     # the first digit needs a two-token match ("key is" -> digit), which one-token copying lacks
     assert later_digits > 0.5 and first_digit == 0.0
-    repeat = [eval_passkey.needle_repeat_digits(induction, enc, 320, 20, 0, "cpu", needle)
-              for needle in (passkey.NEEDLE, eval_passkey.NEEDLE_FURTHER)]
+    repeat = [passkey.needle_repeat_digits(induction, enc, 320, 20, 0, "cpu", needle)
+              for needle in (passkey.NEEDLE, passkey.NEEDLE_FURTHER)]
     assert min(repeat) > 0.5  # a lookup does not care how far back the first mention is
     offset = len(enc.encode_ordinary("12345. Remember it. "))  # first to second mention of a 5-digit key
     shortcut = FixedOffsetOracle(257, 320, offset)
-    as_trained, further = [eval_passkey.needle_repeat_digits(shortcut, enc, 320, 20, 0, "cpu", needle)
-                           for needle in (passkey.NEEDLE, eval_passkey.NEEDLE_FURTHER)]
+    as_trained, further = [passkey.needle_repeat_digits(shortcut, enc, 320, 20, 0, "cpu", needle)
+                           for needle in (passkey.NEEDLE, passkey.NEEDLE_FURTHER)]
     assert as_trained > 0.8 and further < 0.2
-    assert eval_passkey.teacher_forced_digits(shortcut, enc, 320, 20, 0, "cpu")[1] < 0.2  # no use for the answer
+    assert passkey.teacher_forced_digits(shortcut, enc, 320, 20, 0, "cpu")[1] < 0.2  # no use for the answer
 
 
 def save_tiny_checkpoint(path, pe="fope"):
@@ -236,7 +236,7 @@ def test_eval_passkey_end_to_end(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     results = json.loads(out.read_text())
-    _, depths = eval_passkey.trial_settings(1234, 256, 4)  # the default --seed
+    _, depths = passkey.trial_settings(1234, 256, 4)  # the default --seed
     counts = [sum(min(int(depth * 5), 4) == bucket for depth in depths) for bucket in range(5)]
     assert results["settings"]["lengths"] == [128, 256] and results["settings"]["trials"] == 4
     assert [record["pe"] for record in results["checkpoints"]] == ["fope", "rope"]
