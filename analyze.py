@@ -36,7 +36,6 @@ import data
 import hardware
 import runs
 import spectra
-from checkpoint import CheckpointError
 
 
 def fail(message):
@@ -45,6 +44,13 @@ def fail(message):
 
 # -----------------------------------------------------------------------------
 # figures
+
+
+def save_figure(fig, path, title):
+    """Title the figure, write it at 110 dpi and free it."""
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
 
 
 def pyplot():
@@ -83,11 +89,10 @@ def plot_pair_norms(results, labels, path):
             if layer == 0:
                 ax.legend(fontsize=7)
         axes[-1, col].set_xlabel("rotary pair j (fast -> slow)")
-    fig.suptitle("Mean |q|, |k| per rotary pair before rotation, over heads and real text.\n"
-                 "Look for: low or odd norms in the gray pairs (period > train_len: never a full cycle "
-                 "in training, under-trained under RoPE)", fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path,
+                "Mean |q|, |k| per rotary pair before rotation, over heads and real text.\n"
+                "Look for: low or odd norms in the gray pairs (period > train_len: never a full cycle "
+                "in training, under-trained under RoPE)")
 
 
 def mark_frequencies(ax, spectrum, two_sided):
@@ -126,12 +131,11 @@ def plot_spectra(results, labels, path):
             ax.set_ylabel("mean |DFT| (Hann)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.suptitle("Spectrum of one rotary pair. Look for: RoPE's single clean line at the red mark; FoPE's same "
-                 "line plus small leakage\nlines at other kept frequencies (and mirrored ones); extra lines in the "
-                 "score are harmonics (sums/differences of frequencies).\n"
-                 "Lines about 1e-6 below the peak are float32 rounding of the phases t*w, in any model", fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path,
+                "Spectrum of one rotary pair. Look for: RoPE's single clean line at the red mark; FoPE's same "
+                "line plus small leakage\nlines at other kept frequencies (and mirrored ones); extra lines in the "
+                "score are harmonics (sums/differences of frequencies).\n"
+                "Lines about 1e-6 below the peak are float32 rounding of the phases t*w, in any model")
 
 
 def plot_logits(results, labels, path):
@@ -150,11 +154,10 @@ def plot_logits(results, labels, path):
         ax.set_ylabel("q.k / sqrt(d)  (+ ALiBi bias)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.suptitle("Attention logit of real (q, k) vs distance. Look for: the same band past train_len (periodic "
-                 "extension) or drift\nand new extremes (breakdown); ALiBi falls linearly, NoPE is flat by "
-                 "construction", fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path,
+                "Attention logit of real (q, k) vs distance. Look for: the same band past train_len (periodic "
+                "extension) or drift\nand new extremes (breakdown); ALiBi falls linearly, NoPE is flat by "
+                "construction")
 
 
 def plot_coefficients(results, labels, path):
@@ -178,11 +181,10 @@ def plot_coefficients(results, labels, path):
                 ax.set_xlabel("output pair r (M)")
                 ax.set_ylabel("input frequency k (K)")
     fig.colorbar(image, ax=axes, shrink=0.8)
-    fig.suptitle("FoPE coefficients, head 0 (frozen). Look for: the diagonal\n(identity, or step-eye when K > M) = "
-                 "each pair's own frequency;\nthe speckle = small Fourier-series weights on the other frequencies\n"
-                 "(symmetric log colours: small weights look large)", fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path,
+                "FoPE coefficients, head 0 (frozen). Look for: the diagonal\n(identity, or step-eye when K > M) = "
+                "each pair's own frequency;\nthe speckle = small Fourier-series weights on the other frequencies\n"
+                "(symmetric log colours: small weights look large)")
 
 
 # -----------------------------------------------------------------------------
@@ -227,12 +229,8 @@ def write_outputs(results, out_dir):
 
 
 def main(argv=None):
-    """Analyse every checkpoint; the project's own errors and I/O errors (a full disk, a folder
-    that cannot be written) end in one line on stderr and a non-zero exit."""
-    try:
-        analyze_all(parse_args(argv))
-    except (CheckpointError, data.DataError, OSError) as error:
-        fail(data.error_line(error))
+    """Analyse every checkpoint; the errors a user can fix end in one line (runs.USER_ERRORS)."""
+    runs.in_one_line("analyze.py", analyze_all, parse_args(argv))
 
 
 def analyze_all(args):

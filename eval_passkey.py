@@ -30,11 +30,12 @@ import torch
 
 import hardware
 from checkpoint import CheckpointError
-from data import DataError, check_writable_folder, error_line, write_atomically
+from data import check_writable_folder, write_atomically
 from fope_gpt import GPTConfig
 from passkey import (MAX_KEY, NEEDLE, NEEDLE_FURTHER, build_prompt, completion_text, needle_repeat_digits, score,
                      shortest_prompt_len, teacher_forced_digits, trial_settings)
-from runs import add_extension_options, default_lengths, extension_overrides, label_runs, load_model, parse_lengths
+from runs import (add_extension_options, default_lengths, extension_overrides, in_one_line, label_runs, load_model,
+                  parse_lengths)
 from tokenizer import encoding_from_state
 
 MAX_NEW_TOKENS = 10  # as in the authors' script
@@ -233,11 +234,8 @@ def plot_heatmaps(records, labels, lengths, buckets, path):
 
 def main(argv=None):
     """Check every input, evaluate every checkpoint, then write the JSON file and the figures. The
-    project's own errors and I/O errors (a full disk) end in one line and a non-zero exit."""
-    try:
-        evaluate_all(parse_args(argv))
-    except (CheckpointError, DataError, OSError) as error:
-        sys.exit(f"eval_passkey.py: error: {error_line(error)}")
+    errors a user can fix end in one line (runs.USER_ERRORS)."""
+    in_one_line("eval_passkey.py", evaluate_all, parse_args(argv))
 
 
 def evaluate_all(args):

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 import data
 import hardware
 import runs
-from checkpoint import CheckpointError
 from fope_gpt import GPTConfig
 
 
@@ -127,12 +126,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    """Evaluate every checkpoint; the project's own errors and I/O errors (a full disk, a folder
-    that cannot be written) end in one line on stderr and a non-zero exit."""
-    try:
-        evaluate_all(parse_args(argv))
-    except (CheckpointError, data.DataError, OSError) as error:
-        fail(data.error_line(error))
+    """Evaluate every checkpoint; the errors a user can fix end in one line (runs.USER_ERRORS)."""
+    runs.in_one_line("eval_ppl.py", evaluate_all, parse_args(argv))
 
 
 def load_all(args):

@@ -37,6 +37,20 @@ def run_of(path):
     return os.path.basename(os.path.dirname(os.path.abspath(path)))
 
 
+# The errors a user can fix, which an evaluation script reports in one line, not a traceback:
+# a bad checkpoint, missing or changed data, and I/O errors (a full disk, a folder that cannot
+# be written).
+USER_ERRORS = (CheckpointError, data.DataError, OSError)
+
+
+def in_one_line(script, work, *args):
+    """work(*args), with USER_ERRORS ending the script in one line on stderr, exit status 1."""
+    try:
+        return work(*args)
+    except USER_ERRORS as error:
+        sys.exit(f"{script}: error: {data.error_line(error)}")
+
+
 def clock(seconds):
     """Seconds as h:mm:ss."""
     seconds = int(seconds)
