@@ -231,6 +231,22 @@ def evaluations(grid, run):
     return [(run.name, [])] + [(e.name, e.args) for e in grid.extensions if e.run == run.name]
 
 
+def steps(grid, selected):
+    """Every step of the selected runs, in the order reproduce.py runs them, as (kind, run, entry,
+    extension arguments): kind "train" (entry None), then "ppl" and "passkey" for the run itself
+    and for each of its extensions."""
+    for run in selected:
+        yield "train", run, None, []
+        for entry, extension_args in evaluations(grid, run):
+            for kind in ("ppl", "passkey"):
+                yield kind, run, entry, extension_args
+
+
+def step_title(kind, run, entry):
+    """'train rope-s0', 'ppl rope-s0+yarn16': a step's name in the output and in steps.jsonl."""
+    return f"{kind} {run.name if kind == 'train' else entry}"
+
+
 def result_path(results_grid, kind, entry):
     """Where the evaluation `kind` ("ppl" or "passkey") of an entry is saved."""
     return os.path.join(results_grid, kind, f"{entry}.json")
@@ -254,8 +270,8 @@ def is_current(path, values, given):
 def pending(grid, run, results_grid):
     """The evaluations of a run (kind, entry, extension arguments) that lack a current JSON."""
     values, given = run_settings(grid, run)
-    return [(kind, entry, args) for entry, args in evaluations(grid, run) for kind in ("ppl", "passkey")
-            if not is_current(result_path(results_grid, kind, entry), values, given)]
+    return [(kind, entry, args) for kind, _, entry, args in steps(grid, [run])
+            if kind != "train" and not is_current(result_path(results_grid, kind, entry), values, given)]
 
 
 def needs_checkpoint(grid, run, runs, results_grid):

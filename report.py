@@ -254,18 +254,16 @@ def diagnostics_markdown(results):
 
 
 def grid_steps(grid, results_grid):
-    """(title, done) of every step of the grid, in the order reproduce.py runs them: a run's
-    training is done when nothing needs its checkpoint any more, an evaluation when its JSON is
-    current."""
-    steps = []
-    for run in grid.runs:
-        values, given = grids.run_settings(grid, run)
-        steps.append((f"train {run.name}", not grids.needs_checkpoint(grid, run, grid.runs, results_grid)))
-        for entry, _ in grids.evaluations(grid, run):
-            for kind in ("ppl", "passkey"):
-                steps.append((f"{kind} {entry}", grids.is_current(grids.result_path(results_grid, kind, entry),
-                                                                   values, given)))
-    return steps
+    """(title, done) of every step of the grid: a run's training is done when nothing needs its
+    checkpoint any more, an evaluation when its JSON is current."""
+    done = []
+    for kind, run, entry, _ in grids.steps(grid, grid.runs):
+        if kind == "train":
+            finished = not grids.needs_checkpoint(grid, run, grid.runs, results_grid)
+        else:
+            finished = grids.is_current(grids.result_path(results_grid, kind, entry), *grids.run_settings(grid, run))
+        done.append((grids.step_title(kind, run, entry), finished))
+    return done
 
 
 def measured_markdown(grid, results_grid):

@@ -91,30 +91,34 @@ def trained_steps(grid, run, checkpoint):
 
 
 def plan(grid, selected, out_grid, results_grid):
-    """(title, command or None when done, why it is done) of every step for the selected runs:
-    train a run, evaluate it, then evaluate its extensions."""
-    python = [sys.executable]
-    steps = []
-    for run in selected:
+    """(title, command or None when done, why it is done) of every step of the selected runs."""
+    planned = []
+    for kind, run, entry, extension_args in grids.steps(grid, selected):
         checkpoint = runs.checkpoint_path(out_grid, run.name)
-        values, _ = grids.run_settings(grid, run)
-        command = python + ["train.py", *grids.train_arguments(grid, run, project_path(out_grid))]
-        if not grids.needs_checkpoint(grid, run, selected, results_grid):
-            steps.append((f"train {run.name}", None, "evaluated before"))
-        else:
-            done = trained_steps(grid, run, checkpoint)
-            steps.append((f"train {run.name}", None if done == values["max_steps"] else
-                          command + (["--resume"] if os.path.exists(checkpoint) else []), f"done ({done} steps)"))
-        todo = grids.pending(grid, run, results_grid)
-        for entry, extension_args in grids.evaluations(grid, run):
-            for kind, script, options in (("ppl", "eval_ppl.py", grid.ppl_args),
-                                          ("passkey", "eval_passkey.py", grid.passkey_args)):
-                output = grids.result_path(results_grid, kind, entry)
-                command = python + [script, "--ckpt", project_path(checkpoint), "--lengths",
-                                    ",".join(map(str, grid.lengths)), "--out", project_path(output),
-                                    *options, *extension_args]
-                steps.append((f"{kind} {entry}", command if (kind, entry, extension_args) in todo else None, "done"))
-    return steps
+        title = grids.step_title(kind, run, entry)
+        if kind == "train":
+            planned.append((title, *train_command(grid, run, selected, out_grid, results_grid)))
+            continue
+        script, options = {"ppl": ("eval_ppl.py", grid.ppl_args),
+                           "passkey": ("eval_passkey.py", grid.passkey_args)}[kind]
+        output = grids.result_path(results_grid, kind, entry)
+        command = [sys.executable, script, "--ckpt", project_path(checkpoint), "--lengths",
+                   ",".join(map(str, grid.lengths)), "--out", project_path(output), *options, *extension_args]
+        current = grids.is_current(output, *grids.run_settings(grid, run))
+        planned.append((title, None if current else command, "done"))
+    return planned
+
+
+def train_command(grid, run, selected, out_grid, results_grid):
+    """(the train.py command, or None when nothing needs training, and why not) of a run."""
+    if not grids.needs_checkpoint(grid, run, selected, results_grid):
+        return None, "evaluated before"
+    checkpoint = runs.checkpoint_path(out_grid, run.name)
+    done = trained_steps(grid, run, checkpoint)
+    if done == grids.run_settings(grid, run)[0]["max_steps"]:
+        return None, f"done ({done} steps)"
+    command = [sys.executable, "train.py", *grids.train_arguments(grid, run, project_path(out_grid))]
+    return command + (["--resume"] if os.path.exists(checkpoint) else []), None
 
 
 def command_line(grid, command):

@@ -1,6 +1,6 @@
 """
 settings.py: every setting of a training run, its default, what it allows, and the name of
-the run it makes. train.py reads its command line here; reproduce.py checks its grids here.
+the run it makes. train.py reads its command line here, and grids.py its grids' runs.
 
 Every GPTConfig field and every training setting below is a --flag of train.py. A run's
 folder, out/<run-name>/, is named by the settings that differ from the defaults.
