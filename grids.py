@@ -17,6 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 
+import runs
 import settings
 
 @dataclass
@@ -215,7 +216,7 @@ def train_arguments(grid, run, out_grid):
     """The train.py arguments of a run whose checkpoints go to out_grid/<run name>/."""
     args = merged(grid.training + run.args) + ["--run_name", run.name, "--out_dir", out_grid]
     if run.init_from:
-        args += ["--init_from", os.path.join(out_grid, run.init_from, "ckpt.pt")]
+        args += ["--init_from", runs.checkpoint_path(out_grid, run.init_from)]
     return args
 
 
