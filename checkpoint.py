@@ -8,7 +8,7 @@ A checkpoint is one torch file holding everything needed to continue a run or to
     optimizer      AdamW state
     step           optimizer steps done
     rng            torch and data-sampler random states, so a resumed run repeats an uninterrupted one
-    tokenizer      the tokenizer itself (see data.tokenizer_state), so evaluation needs no cache
+    tokenizer      the tokenizer itself (see tokenizer.tokenizer_state), so evaluation needs no cache
     data           the token cache's metadata (dataset, token counts, source hash)
     val_loss       the last validation loss
 
@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from data import write_atomically
 from fope_gpt import GPT, GPTConfig
 
 LOCK_NAME = "train.lock"
@@ -36,19 +37,11 @@ class LockError(Exception):
 
 
 def save_checkpoint(path, state):
-    """Write to a temporary file beside `path`, then rename over it: a partly written file
-    never replaces a good one (os.replace is atomic within a file system). A failed write (a
-    full disk) removes the temporary file and raises CheckpointError."""
-    tmp = f"{path}.tmp"
+    """Write the checkpoint atomically (data.write_atomically): a partly written file never
+    replaces a good one. A failed write (a full disk) raises CheckpointError."""
     try:
-        with open(tmp, "wb") as f:  # through a Python file, a failed write is an OSError with its reason
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException as error:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        if not isinstance(error, (OSError, RuntimeError)):
-            raise
+        write_atomically(path, lambda f: torch.save(state, f))
+    except (OSError, RuntimeError) as error:
         if isinstance(error, OSError) and error.strerror:
             reason = error.strerror
         else:

@@ -5,13 +5,14 @@ runs it, and the checks that a failure is one line and leaves every existing fil
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-import data
+import tokenizer
 import train
 
 HERE = Path(__file__).resolve().parent
@@ -19,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 
 def byte_encoding():
     """A byte-level tokenizer with the project's pre-tokenizer (digits are single tokens)."""
-    return data.build_encoding("bytes", {bytes([i]): i for i in range(256)})
+    return tokenizer.build_encoding("bytes", {bytes([i]): i for i in range(256)})
 
 
 def run_script(script, *args, cwd=HERE, timeout=300):
@@ -27,6 +28,14 @@ def run_script(script, *args, cwd=HERE, timeout=300):
     CompletedProcess with its exit status and text output."""
     return subprocess.run([sys.executable, str(HERE / script), *map(str, args)],
                           cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def png_size(path):
+    """(width, height) of a PNG file, from its header; fails for a file that is not a PNG."""
+    with open(path, "rb") as f:
+        header = f.read(24)
+    assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", header[16:24])
 
 
 def dead_pid():

@@ -4,16 +4,13 @@ Read top to bottom:
   1. where the text comes from (Shakespeare's plays offline, a local file or folder,
      or optionally a streamed Hugging Face data set), split into train and validation
      documents;
-  2. a small byte-level BPE trainer whose result is loaded into tiktoken for fast
-     encoding and decoding;
+  2. the tokenizer: a byte-level BPE trained on the training split (tokenizer.py), or GPT-2's;
   3. prepare_data(), which tokenizes everything once and caches it on disk as
      uint16/uint32 token files that training reads through np.memmap.
 """
 
-import base64
 import errno
 import hashlib
-import heapq
 import importlib.util
 import json
 import os
@@ -21,24 +18,16 @@ import re
 import socket
 import tempfile
 import time
-from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import regex
 import tiktoken
 
-FORMAT_VERSION = 1  # bump when the cache layout or the text cleaning changes
-EOT = "<|endoftext|>"
-VAL_FRACTION = 0.1
+from tokenizer import EOT, build_encoding, encoding_from_ranks_file, ranks_to_text, train_bpe
 
-# GPT-2's pre-tokenizer, except that every digit is a pre-token of its own (GPT-2 has
-# " ?\p{N}+"), so a number such as a passkey is always tokenized digit by digit,
-# whatever surrounds it.
-SPLIT_PATTERN = (
-    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++|\p{N}| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-)
+FORMAT_VERSION = 1  # bump when the cache layout or the text cleaning changes
+VAL_FRACTION = 0.1
 
 # Validation plays: one comedy, one history, one tragedy of typical length,
 # about 8.5% of the corpus. They never appear in training.
@@ -207,111 +196,8 @@ def load_documents(dataset, max_tokens):
 
 
 # ---------------------------------------------------------------------------
-# 2. Tokenizer
+# 2. Tokenizer: trained here (tokenizer.py) or GPT-2's
 # ---------------------------------------------------------------------------
-
-
-def count_pretokens(texts):
-    """Count how often each pre-token (a piece the BPE may never merge across) occurs."""
-    counts = Counter()
-    for text in texts:
-        counts.update(regex.findall(SPLIT_PATTERN, text))
-    return counts
-
-
-def merge_pair(word, pair, new_id):
-    """Replace every non-overlapping occurrence of pair in word (left to right) by new_id."""
-    merged, i = [], 0
-    while i < len(word):
-        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
-            merged.append(new_id)
-            i += 2
-        else:
-            merged.append(word[i])
-            i += 1
-    return merged
-
-
-def train_bpe(texts, vocab_size):
-    """Train a byte-level BPE; return its ranks {token bytes: id} in merge order.
-
-    vocab_size counts the 256 byte tokens, the merges and one special end-of-text
-    token, which is left out of the ranks and gets id len(ranks). The text is cut
-    into pre-tokens once; each merge then updates only the words that contain the
-    merged pair, and a heap of (count, pair) finds the next most frequent pair.
-    """
-    if vocab_size < 257:
-        raise DataError(f"vocab size {vocab_size} is too small: BPE needs 256 byte tokens + end of text")
-    counts = count_pretokens(texts)
-    words = [list(piece.encode("utf-8")) for piece in counts]
-    freqs = list(counts.values())
-    pair_counts = Counter()
-    words_with_pair = defaultdict(set)
-    for index, word in enumerate(words):
-        for pair in zip(word, word[1:]):
-            pair_counts[pair] += freqs[index]
-            words_with_pair[pair].add(index)
-    heap = [(-count, pair) for pair, count in pair_counts.items()]
-    heapq.heapify(heap)
-
-    token_bytes = [bytes([b]) for b in range(256)]
-    ranks = {token: rank for rank, token in enumerate(token_bytes)}
-    while len(ranks) < vocab_size - 1 and heap:
-        negative_count, pair = heapq.heappop(heap)
-        if pair_counts[pair] != -negative_count:
-            continue  # an outdated heap entry; the pair's current count was pushed too
-        merged_bytes = token_bytes[pair[0]] + token_bytes[pair[1]]
-        # Two different pairs can spell the same bytes ("ab"+"c", "a"+"bc"); tiktoken
-        # identifies a token by its bytes, so they share one id.
-        if merged_bytes not in ranks:
-            ranks[merged_bytes] = len(token_bytes)
-            token_bytes.append(merged_bytes)
-        new_id = ranks[merged_bytes]
-        changed = set()
-        for index in words_with_pair.pop(pair):
-            word, freq = words[index], freqs[index]
-            for old in zip(word, word[1:]):
-                pair_counts[old] -= freq
-                changed.add(old)
-            word = words[index] = merge_pair(word, pair, new_id)
-            for new in zip(word, word[1:]):
-                pair_counts[new] += freq
-                words_with_pair[new].add(index)
-                changed.add(new)
-        for changed_pair in changed:
-            if pair_counts[changed_pair] > 0:
-                heapq.heappush(heap, (-pair_counts[changed_pair], changed_pair))
-    return ranks
-
-
-def ranks_to_text(ranks):
-    """Serialise ranks in tiktoken's file format: one 'base64(token bytes) rank' per line."""
-    ordered = sorted(ranks.items(), key=lambda item: item[1])
-    return "".join(f"{base64.b64encode(token).decode('ascii')} {rank}\n" for token, rank in ordered)
-
-
-def ranks_from_text(text):
-    """Parse tiktoken's ranks file format back into {token bytes: rank}."""
-    ranks = {}
-    for line in text.splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return ranks
-
-
-def build_encoding(name, ranks, pattern=SPLIT_PATTERN, special_tokens=None):
-    """Make a tiktoken Encoding; by default the only special token is end-of-text, last id."""
-    if special_tokens is None:
-        special_tokens = {EOT: len(ranks)}
-    return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens)
-
-
-def encoding_from_ranks_file(path, pattern=SPLIT_PATTERN, special_tokens=None, name=None):
-    """Load a tiktoken Encoding from a ranks file (tiktoken's format, as written by prepare_data)."""
-    path = Path(path)
-    ranks = ranks_from_text(path.read_text(encoding="ascii"))
-    return build_encoding(name or path.stem, ranks, pattern, special_tokens)
 
 
 def load_gpt2():
@@ -328,24 +214,6 @@ def load_gpt2():
         ) from None
     finally:
         socket.setdefaulttimeout(previous_timeout)
-
-
-def tokenizer_state(prepared):
-    """Describe prepared.enc as a JSON-serialisable dict, so a checkpoint can carry its tokenizer."""
-    enc = prepared.enc
-    # _pat_str, _mergeable_ranks and _special_tokens are how tiktoken's README extends an encoding.
-    return {
-        "name": enc.name,
-        "pattern": enc._pat_str,
-        "special_tokens": dict(enc._special_tokens),
-        "ranks": ranks_to_text(enc._mergeable_ranks),
-    }
-
-
-def encoding_from_state(state):
-    """Rebuild the tiktoken Encoding described by tokenizer_state()."""
-    ranks = ranks_from_text(state["ranks"])
-    return build_encoding(state["name"], ranks, state["pattern"], state["special_tokens"])
 
 
 # ---------------------------------------------------------------------------
@@ -380,14 +248,19 @@ def fingerprint(settings, train_texts=(), val_texts=()):
     return digest.hexdigest()
 
 
-def write_atomically(path, data):
-    """Write bytes to path via a temporary file, so path is either complete or absent (or
-    keeps its old content); a failed write (a full disk) removes the temporary file."""
+def write_atomically(path, content):
+    """Write `content` (bytes, or a function that writes into a binary file) to path via a
+    temporary file beside it, so that path is either complete or absent (or keeps its old
+    content): os.replace is atomic within a file system. A failed write (a full disk) removes
+    the temporary file and raises; the project's one way of writing a file that matters."""
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
     try:
-        with open(temporary, "wb") as f:
-            f.write(data)
+        with open(temporary, "wb") as f:  # through a Python file, a failed write is an OSError with its reason
+            if callable(content):
+                content(f)
+            else:
+                f.write(content)
         os.replace(temporary, path)
     except BaseException as error:
         temporary.unlink(missing_ok=True)

@@ -6,7 +6,8 @@ eval_passkey.py: passkey-retrieval accuracy versus prompt length, for one or mor
 
 For each prompt length every checkpoint answers the same trials (keys and needle depths come
 from --seed alone), by greedy decoding of up to 10 tokens; a trial is correct when the first
-number in the answer is the key (protocol: ../shared/PAPER_NOTES.md §6.2, prompts: passkey.py).
+number in the answer is the key (protocol: the authors' eval_passkey/eval_passkey.py; prompts:
+passkey.py; what differs: FAITHFULNESS.md).
 Writes a JSON file (by default out/eval/passkey.json, outside the committed results) and two
 figures next to it: accuracy versus length, and a heatmap of accuracy over length x needle
 depth per checkpoint. The JSON also holds, per checkpoint, two diagnostics at train_len that
@@ -28,11 +29,14 @@ import numpy as np
 import torch
 
 import hardware
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from data import DataError, check_writable_folder, encoding_from_state, error_line, write_atomically
-from eval_ppl import add_extension_options, default_lengths, extension_overrides, label_runs, parse_lengths
+from checkpoint import CheckpointError
+from data import check_writable_folder, write_atomically
 from fope_gpt import GPTConfig
-from passkey import ANSWER, MAX_KEY, NEEDLE, build_prompt, key_mentions, score, shortest_prompt_len
+from passkey import (MAX_KEY, NEEDLE, NEEDLE_FURTHER, build_prompt, completion_text, needle_repeat_digits, score,
+                     shortest_prompt_len, teacher_forced_digits, trial_settings)
+from runs import (add_extension_options, default_lengths, extension_overrides, in_one_line, label_runs, load_model,
+                  parse_lengths)
+from tokenizer import encoding_from_state
 
 MAX_NEW_TOKENS = 10  # as in the authors' script
 # Default prompts per forward pass: about this many tokens, so that the activations of a batch
@@ -86,15 +90,12 @@ def non_negative_int(text):
 def load_run(path, device, overrides):
     """Load a checkpoint, with `overrides` of its model config (context extension): returns a
     dict with the model, its tokenizer and what describes the run."""
-    state = load_checkpoint(path)
+    state, model = load_model(path, device, **overrides)
     if "tokenizer" not in state:
         raise CheckpointError(f"checkpoint {path} carries no tokenizer")
     try:
-        model = model_from_checkpoint(state, device, **overrides)
         enc = encoding_from_state(state["tokenizer"])
-    except CheckpointError as error:
-        raise CheckpointError(f"{path}: {error}") from None
-    except (KeyError, TypeError, ValueError) as error:  # a damaged model_config or tokenizer
+    except (KeyError, TypeError, ValueError) as error:  # a damaged tokenizer
         raise CheckpointError(f"checkpoint {path} is corrupt: {type(error).__name__}: {error}") from None
     if enc.n_vocab > model.config.vocab_size:
         raise CheckpointError(
@@ -120,25 +121,6 @@ def feasible_lengths(run, lengths, seed, trials):
             if max(shortest_prompt_len(run["enc"], key) for key in trial_settings(seed, length, trials)[0]) <= length]
 
 
-def trial_settings(seed, length, trials):
-    """Keys and needle depths of the trials at one length, a function of (seed, length) only.
-
-    Depths are stratified, one per interval [i/trials, (i+1)/trials), so every depth bucket
-    gets its share of the trials; each is still uniform, as in the protocol.
-    """
-    rng = np.random.default_rng([seed, length])
-    keys = rng.integers(1, MAX_KEY + 1, size=trials)
-    depths = (np.arange(trials) + rng.random(trials)) / trials
-    return keys.tolist(), depths.tolist()
-
-
-def completion_text(enc, ids):
-    """Decode all generated ids. The authors' script generates with eliminate_token_ids=False,
-    so nothing stops at a newline or tab: the first number anywhere in the 10 tokens counts."""
-    # A model whose vocabulary is padded past the tokenizer's can emit ids with no text.
-    return enc.decode([i for i in ids if i < enc.n_vocab])
-
-
 def answer_prompts(run, prompts, keys, batch_size, device):
     """Greedy answers to prompts of one length, in batches; returns one bool per trial (correct or not)."""
     enc, model, length = run["enc"], run["model"], len(prompts[0])
@@ -162,56 +144,7 @@ def accuracy_by_depth(correct, depths, buckets):
 
 
 # -----------------------------------------------------------------------------
-# why retrieval works or fails: two measurements at train_len
-
-
-# The needle line with three more words between the key's two mentions: a copy that looked back
-# a fixed number of tokens lands on the wrong token; a copy that looks up the key does not.
-NEEDLE_FURTHER = "The pass key is {key}. Remember it very well now. {key} is the pass key."
-
-
-def top_predictions(model, tokens, start, count, device):
-    """The model's top prediction for each of tokens[start:start + count], given every token
-    before it (teacher forcing): a list of `count` token ids."""
-    idx = torch.tensor([tokens], device=device)  # (1, len(tokens))
-    return model(idx)[0][0, start - 1:start - 1 + count].argmax(-1).tolist()
-
-
-def later_digits_hits(predicted, digits):
-    return [p == d for p, d in zip(predicted[1:], digits[1:])]
-
-
-@torch.no_grad()
-def teacher_forced_digits(model, enc, length, trials, seed, device):
-    """On prompts of `length` tokens followed by the true answer: the share of first key digits,
-    and of later ones, that are the model's top prediction. The first digit needs the needle
-    found ("key is" -> digit); each later one is a copy of what followed the previous digit in
-    the needle."""
-    keys, depths = trial_settings(seed, length, trials)
-    first, later = [], []
-    for key, depth in zip(keys, depths):
-        answer = enc.encode_ordinary(ANSWER.format(key=key))
-        prompt = build_prompt(enc, length - len(answer), depth, key)
-        digits = enc.encode_ordinary(str(key))
-        start = len(prompt) + key_mentions(answer, digits)[0]
-        predicted = top_predictions(model, prompt + answer, start, len(digits), device)
-        first.append(predicted[0] == digits[0])
-        later.extend(later_digits_hits(predicted, digits))
-    return float(np.mean(first)), float(np.mean(later)) if later else float("nan")
-
-
-@torch.no_grad()
-def needle_repeat_digits(model, enc, length, trials, seed, device, needle_text):
-    """The share of the later digits of the key's second mention inside the needle line
-    ("... N is the pass key.") that are the model's top prediction, in prompts of `length`."""
-    keys, depths = trial_settings(seed, length, trials)
-    later = []
-    for key, depth in zip(keys, depths):
-        prompt = build_prompt(enc, length, depth, key, needle_text)
-        digits = enc.encode_ordinary(str(key))
-        repeat = key_mentions(prompt, digits)[1]
-        later.extend(later_digits_hits(top_predictions(model, prompt, repeat, len(digits), device), digits))
-    return float(np.mean(later)) if later else float("nan")
+# why retrieval works or fails: two measurements at train_len (passkey.py measures them)
 
 
 def diagnostics(run, trials, seed, device):
@@ -301,11 +234,8 @@ def plot_heatmaps(records, labels, lengths, buckets, path):
 
 def main(argv=None):
     """Check every input, evaluate every checkpoint, then write the JSON file and the figures. The
-    project's own errors and I/O errors (a full disk) end in one line and a non-zero exit."""
-    try:
-        evaluate_all(parse_args(argv))
-    except (CheckpointError, DataError, OSError) as error:
-        sys.exit(f"eval_passkey.py: error: {error_line(error)}")
+    errors a user can fix end in one line (runs.USER_ERRORS)."""
+    in_one_line("eval_passkey.py", evaluate_all, parse_args(argv))
 
 
 def evaluate_all(args):

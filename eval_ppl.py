@@ -4,7 +4,7 @@ eval_ppl.py: perplexity of the validation split as the context grows past the tr
     python eval_ppl.py --ckpt out/fope/ckpt.pt out/rope/ckpt.pt
     python eval_ppl.py --ckpt out/fope/ckpt.pt --lengths 256,1024,4096 --mode sliding
 
-The default protocol is the authors' (notes §6.1): cut the validation token stream into
+The default protocol is the authors' (the evaluators of their OLMo configs): cut the validation token stream into
 non-overlapping chunks of exactly T tokens, run each chunk as one forward pass from position 0,
 and average the next-token cross-entropy over every target. Every length therefore includes
 many early, little-context tokens, and only the positions past train_len are new to the model.
@@ -30,48 +30,12 @@ import torch.nn.functional as F
 
 import data
 import hardware
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+import runs
 from fope_gpt import GPTConfig
 
 
 def fail(message):
     sys.exit(f"eval_ppl.py: error: {message}")
-
-
-def parse_lengths(text):
-    """argparse type: '128,256,512' -> [128, 256, 512] (sorted, without repeats, each >= 2)."""
-    try:
-        lengths = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        lengths = []
-    if not lengths or lengths[0] < 2:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers of at least 2, got {text!r}")
-    return lengths
-
-
-def default_lengths(train_len):
-    """128, 256, ... up to 16x the training length, with train_len itself included."""
-    lengths, length = {train_len}, 128
-    while length <= 16 * train_len:
-        lengths.add(length)
-        length *= 2
-    return sorted(lengths)
-
-
-def validation_tokens(state, data_dir):
-    """The validation split the checkpoint was trained beside, tokenized by its own tokenizer;
-    raises data.DataError if it is not there."""
-    settings, meta = state.get("train_config") or {}, state.get("data") or {}
-    try:
-        prepared = data.prepare_data(settings["dataset"], settings["tokenizer"], settings["vocab_size"], data_dir,
-                                     log=lambda line: print(line, file=sys.stderr), hf_tokens=settings.get("hf_tokens") or 0)
-    except KeyError:
-        raise data.DataError("the checkpoint does not record its dataset") from None
-    if prepared.meta["hash"] != meta.get("hash"):
-        raise data.DataError(f"the token cache in {data_dir} for {settings['dataset']} (hash "
-                             f"{prepared.meta['hash'][:12]}) differs from the one the checkpoint was trained on "
-                             f"(hash {str(meta.get('hash'))[:12]}): the text changed")
-    return prepared.val
 
 
 @torch.no_grad()
@@ -108,36 +72,12 @@ def sliding_ppl(model, tokens, length, batch_size, device, dtype):
     return (first_total + total) / (first_count + count), first_count + count
 
 
-def add_extension_options(parser):
-    """Context extension without training, applied to every rope/fope checkpoint given."""
-    parser.add_argument("--rope_scaling", choices=("none", "pi", "ntk", "yarn"))
-    parser.add_argument("--rope_scale", type=float, help="s, the factor by which the context grows")
-    parser.add_argument("--rope_original_len", type=int, help="YaRN's L0 (default: train_len)")
-
-
-def extension_overrides(args):
-    return {k: getattr(args, k) for k in ("rope_scaling", "rope_scale", "rope_original_len") if getattr(args, k) is not None}
-
-
-def curve_label(config):
-    """'fope', or 'rope+yarn16' for a checkpoint evaluated with context extension."""
-    scaling = config.get("rope_scaling", "none")
-    return config["pe"] if scaling == "none" else f"{config['pe']}+{scaling}{config['rope_scale']:g}"
-
-
-def label_runs(results, name_key="run"):
-    """Label curves by pe (and extension), e.g. 'rope+yarn16', adding the run name (the record's
-    `name_key` field) where two labels coincide."""
-    labels = [curve_label(r["model_config"]) for r in results]
-    return [label if labels.count(label) == 1 else f"{label} ({r[name_key]})" for label, r in zip(labels, results)]
-
-
 def plot(results, path, ylabel, key, log_y=True):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for result, label in zip(results, label_runs(results)):
+    for result, label in zip(results, runs.label_runs(results)):
         lengths = [int(k) for k in result[key]]
         ax.plot(lengths, list(result[key].values()), marker="o", label=label)
     for train_len in sorted({r["train_len"] for r in results}):
@@ -157,7 +97,7 @@ def plot(results, path, ylabel, key, log_y=True):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", nargs="+", required=True, help="one or more checkpoints")
-    parser.add_argument("--lengths", type=parse_lengths,
+    parser.add_argument("--lengths", type=runs.parse_lengths,
                         help="comma-separated lengths (default: 128 doubling to 16x train_len)")
     parser.add_argument("--mode", choices=("chunks", "sliding"), default="chunks")
     parser.add_argument("--max_tokens", type=int, default=0, help="evaluate only the first N validation tokens (0: all)")
@@ -167,14 +107,14 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", help="auto: cuda if PyTorch sees a GPU, else cpu")
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--out", default="out/eval/ppl.json", help="JSON path; the PNG goes beside it")
-    add_extension_options(parser)
+    runs.add_extension_options(parser)
     args = parser.parse_args(argv)
     if not args.out.endswith(".json") or os.path.isdir(args.out):
         fail(f"--out must be a path ending in .json, got {args.out!r}")
     if args.max_tokens < 0 or args.batch_tokens < 1:
         fail("--max_tokens must be >= 0 and --batch_tokens >= 1")
     try:
-        GPTConfig(**extension_overrides(args))  # a bad override is the user's mistake, not a corrupt checkpoint
+        GPTConfig(**runs.extension_overrides(args))  # a bad override is the user's mistake, not a corrupt checkpoint
     except ValueError as e:
         fail(str(e))
     try:
@@ -186,30 +126,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    """Evaluate every checkpoint; the project's own errors and I/O errors (a full disk, a folder
-    that cannot be written) end in one line on stderr and a non-zero exit."""
-    try:
-        evaluate_all(parse_args(argv))
-    except (CheckpointError, data.DataError, OSError) as error:
-        fail(data.error_line(error))
+    """Evaluate every checkpoint; the errors a user can fix end in one line (runs.USER_ERRORS)."""
+    runs.in_one_line("eval_ppl.py", evaluate_all, parse_args(argv))
 
 
 def load_all(args):
     """Every checkpoint's model and validation tokens, all checked before any evaluation."""
     loaded = []
     for path in args.ckpt:
-        try:
-            state = load_checkpoint(path)
-        except CheckpointError as e:
-            fail(str(e))
-        try:
-            model = model_from_checkpoint(state, args.device, **extension_overrides(args))
-        except (CheckpointError, ValueError) as e:
-            fail(f"{path}: {e}")
-        try:
-            tokens = validation_tokens(state, args.data_dir)
-        except data.DataError as e:
-            fail(f"{path}: {e}")
+        state, model = runs.load_model(path, args.device, **runs.extension_overrides(args))
+        tokens = runs.load_validation(path, state, args.data_dir)
         loaded.append((path, state, model, tokens[:args.max_tokens] if args.max_tokens else tokens))
     return loaded
 
@@ -217,7 +143,7 @@ def load_all(args):
 def evaluate_all(args):
     """Check every checkpoint, its data and the output folder, then evaluate and write."""
     loaded = load_all(args)
-    lengths = args.lengths or default_lengths(max(model.config.train_len for _, _, model, _ in loaded))
+    lengths = args.lengths or runs.default_lengths(max(model.config.train_len for _, _, model, _ in loaded))
     for path, _, _, tokens in loaded:
         if max(lengths) > len(tokens):
             fail(f"{path}: length {max(lengths)} is larger than the validation split ({len(tokens)} tokens)")
@@ -226,7 +152,7 @@ def evaluate_all(args):
     results = []
     for path, state, model, tokens in loaded:
         config = dataclasses.asdict(model.config)
-        result = {"path": path, "run": os.path.basename(os.path.dirname(os.path.abspath(path))), "pe": config["pe"],
+        result = {"path": path, "run": runs.run_of(path), "pe": config["pe"],
                   "train_len": config["train_len"], "model_config": config, "step": state["step"],
                   "train_config": state.get("train_config", {}), "eval_dtype": args.dtype,
                   "loss": {}, "ppl": {}, "tokens": {}}

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 POSITION_EMBEDDINGS = ("rope", "fope", "alibi", "nope")
+ROPE_SCALINGS = ("none", "pi", "ntk", "yarn")  # context extension of rotary frequencies
 
 # -----------------------------------------------------------------------------
 # config
@@ -44,7 +45,7 @@ class GPTConfig:
     fope_cf: bool = True          # CF: clip frequencies below 2*pi/L to zero
     fope_sin_pad: float = 1.0     # sin value of the padded pairs: 1 as released, 0 = exact identity
     fope_learnable: bool = False  # the released code freezes the coefficients
-    rope_scaling: str = "none"    # context extension of rope/fope frequencies: none, pi, ntk, yarn
+    rope_scaling: str = "none"    # context extension of rope/fope frequencies: one of ROPE_SCALINGS
     rope_scale: float = 1.0       # s, the factor by which the context is meant to grow
     rope_original_len: int = 0    # YaRN's L0, the length the frequencies were trained at (0: train_len)
     init: str = "olmo"            # weights: "olmo" truncated N(0, 0.02) as the authors; "pytorch" its defaults
@@ -64,8 +65,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.rope_theta must be greater than 1, got {self.rope_theta!r}")
         if not self.fope_sigma >= 0:
             raise ValueError(f"GPTConfig.fope_sigma must be non-negative, got {self.fope_sigma!r}")
-        if self.rope_scaling not in ("none", "pi", "ntk", "yarn"):
-            raise ValueError(f"GPTConfig.rope_scaling must be one of none, pi, ntk, yarn, got {self.rope_scaling!r}")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"GPTConfig.rope_scaling must be one of {', '.join(ROPE_SCALINGS)}, got {self.rope_scaling!r}")
         if not self.rope_scale >= 1:
             raise ValueError(f"GPTConfig.rope_scale must be at least 1, got {self.rope_scale!r}")
         if self.init not in ("olmo", "pytorch"):
@@ -102,7 +103,7 @@ def extend_context(freqs, config):
 
     pi    position interpolation: every frequency / s, so s*L positions span the trained phases
     ntk   "NTK-aware": theta grows to theta * s^(d/(d-2)); fast pairs barely move, the slowest / s
-    yarn  as the authors' code applies it (notes §4.4): pairs completing more than 32 periods
+    yarn  as the authors' code applies it (RotaryEmbedding.extra_yarn): pairs completing more than 32 periods
           within L0 stay, pairs completing less than one are divided by s, a linear ramp between;
           no attention temperature (the reference YaRN has one, the authors' code does not)
     """
@@ -193,7 +194,7 @@ class FoPE(nn.Module):
     Only M = min(K, head_dim/4) pairs are position-dependent; the remaining pairs are
     padded with cos = 1 and sin = fope_sin_pad (zero frequency, constant phase).
 
-    Ablations (as decided in the notes): fope_cf=False keeps all head_dim/2 frequencies,
+    Ablations (not released by the authors; see FAITHFULNESS.md): fope_cf=False keeps all head_dim/2 frequencies,
     fope_fs=False uses exact identity coefficients; either one off means M = K (no cap),
     so with both off this is RoPE exactly.
     """

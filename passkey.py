@@ -1,10 +1,13 @@
 """
-passkey.py: the passkey-retrieval task, shared by training (a passkey mix) and evaluation.
+passkey.py: the passkey-retrieval task, shared by training (a passkey mix) and evaluation:
+the prompts, how an answer is scored, the trials of an evaluation, and the digit-by-digit
+measurements that say why retrieval works or fails.
 
 A prompt hides one line, "The pass key is N. Remember it. N is the pass key.", at some depth
 inside repeated filler text and ends with "What is the pass key? The pass key is"; the model
-must continue with N. The fixed strings are the public benchmark's, verbatim (see
-../shared/PAPER_NOTES.md §6.2): five pieces joined by newlines,
+must continue with N. The fixed strings are the public benchmark's, verbatim (from
+epfml/landmark-attention by way of jquesnelle/yarn, as in the authors' eval_passkey.py): five
+pieces joined by newlines,
 
     task line \\n filler prefix \\n needle line \\n filler suffix \\n question
 
@@ -17,6 +20,7 @@ import functools
 import re
 
 import numpy as np
+import torch
 
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. "
@@ -127,3 +131,79 @@ def training_sequence(enc, rng, seq_len, eot, loss_on="answer+repeat"):
     repeat_targets = slice(repeat - 1, repeat - 1 + len(digits))  # positions that predict the repeat
     y[repeat_targets] = tokens[1:][repeat_targets]
     return x, y
+
+
+# -----------------------------------------------------------------------------
+# the trials of an evaluation, and how an answer is read
+
+
+def trial_settings(seed, length, trials):
+    """Keys and needle depths of the trials at one length, a function of (seed, length) only.
+
+    Depths are stratified, one per interval [i/trials, (i+1)/trials), so every depth bucket
+    gets its share of the trials; each is still uniform, as in the protocol.
+    """
+    rng = np.random.default_rng([seed, length])
+    keys = rng.integers(1, MAX_KEY + 1, size=trials)
+    depths = (np.arange(trials) + rng.random(trials)) / trials
+    return keys.tolist(), depths.tolist()
+
+
+def completion_text(enc, ids):
+    """Decode all generated ids. The authors' script generates with eliminate_token_ids=False,
+    so nothing stops at a newline or tab: the first number anywhere in the 10 tokens counts."""
+    # A model whose vocabulary is padded past the tokenizer's can emit ids with no text.
+    return enc.decode([i for i in ids if i < enc.n_vocab])
+
+
+# -----------------------------------------------------------------------------
+# why retrieval works or fails: digit by digit, with the true answer fed in (teacher forcing)
+
+
+# The needle line with three more words between the key's two mentions: a copy that looked back
+# a fixed number of tokens lands on the wrong token; a copy that looks up the key does not.
+NEEDLE_FURTHER = "The pass key is {key}. Remember it very well now. {key} is the pass key."
+
+
+def top_predictions(model, tokens, start, count, device):
+    """The model's top prediction for each of tokens[start:start + count], given every token
+    before it (teacher forcing): a list of `count` token ids."""
+    idx = torch.tensor([tokens], device=device)  # (1, len(tokens))
+    return model(idx)[0][0, start - 1:start - 1 + count].argmax(-1).tolist()
+
+
+def later_digits_hits(predicted, digits):
+    return [p == d for p, d in zip(predicted[1:], digits[1:])]
+
+
+@torch.no_grad()
+def teacher_forced_digits(model, enc, length, trials, seed, device):
+    """On prompts of `length` tokens followed by the true answer: the share of first key digits,
+    and of later ones, that are the model's top prediction. The first digit needs the needle
+    found ("key is" -> digit); each later one is a copy of what followed the previous digit in
+    the needle."""
+    keys, depths = trial_settings(seed, length, trials)
+    first, later = [], []
+    for key, depth in zip(keys, depths):
+        answer = enc.encode_ordinary(ANSWER.format(key=key))
+        prompt = build_prompt(enc, length - len(answer), depth, key)
+        digits = enc.encode_ordinary(str(key))
+        start = len(prompt) + key_mentions(answer, digits)[0]
+        predicted = top_predictions(model, prompt + answer, start, len(digits), device)
+        first.append(predicted[0] == digits[0])
+        later.extend(later_digits_hits(predicted, digits))
+    return float(np.mean(first)), float(np.mean(later)) if later else float("nan")
+
+
+@torch.no_grad()
+def needle_repeat_digits(model, enc, length, trials, seed, device, needle_text):
+    """The share of the later digits of the key's second mention inside the needle line
+    ("... N is the pass key.") that are the model's top prediction, in prompts of `length`."""
+    keys, depths = trial_settings(seed, length, trials)
+    later = []
+    for key, depth in zip(keys, depths):
+        prompt = build_prompt(enc, length, depth, key, needle_text)
+        digits = enc.encode_ordinary(str(key))
+        repeat = key_mentions(prompt, digits)[1]
+        later.extend(later_digits_hits(top_predictions(model, prompt, repeat, len(digits), device), digits))
+    return float(np.mean(later)) if later else float("nan")

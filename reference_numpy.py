@@ -1,7 +1,8 @@
 """Independent NumPy (float64) reference for the fope-gpt model.
 
-Follows PAPER_NOTES.md (sections 2, 4.1, 4.2, 5 and 9); the test suite uses it as an independent
-check of the PyTorch model. Everything here is float64 and works on plain dicts of arrays: `params`
+Follows the authors' released code (olmo/model.py of TsinghuaC3I/Fourier-Position-Embedding) and
+the choices listed in FAITHFULNESS.md; the test suite uses it as an independent check of the
+PyTorch model. Everything here is float64 and works on plain dicts of arrays: `params`
 maps state-dict names to arrays, `cfg` holds the model settings (vocab_size, n_layer, n_head,
 n_embd, train_len, pe, rope_theta, fope_sigma, fope_fs, fope_cf, fope_sin_pad, fope_learnable).
 
@@ -15,7 +16,7 @@ import numpy as np
 
 
 # ---------------------------------------------------------------------------------------------
-# Frequencies and FoPE coefficients (notes §2.1-§2.3)
+# Frequencies and FoPE coefficients (the authors' RotaryEmbedding.get_inv_freq, FourierEmbedding)
 # ---------------------------------------------------------------------------------------------
 
 def kept_frequencies(head_dim, train_len, theta=10000.0, clip=True):
@@ -68,7 +69,7 @@ def fope_coefficients(K, M, n_head, noise=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Position tables and the half-split rotation (notes §2.4-§2.6, §4.1)
+# Position tables and the half-split rotation (the authors' FourierEmbedding and RotaryEmbedding)
 # ---------------------------------------------------------------------------------------------
 
 def rope_tables(T, freqs):
@@ -109,7 +110,7 @@ def rotate(x, cos, sin):
 
 
 # ---------------------------------------------------------------------------------------------
-# ALiBi (notes §4.2)
+# ALiBi (the authors' alibi_attention_bias: slopes 2^(-8h/H) for any H)
 # ---------------------------------------------------------------------------------------------
 
 def alibi_slopes(n_head):
@@ -179,7 +180,7 @@ def position_tables(params, cfg, layer, T):
     """Rotation tables (cos, sin) for one layer, or None when pe does not rotate q and k.
 
     'rope': (T, d/2) over all d/2 frequencies. 'fope': (H, T, d/2); frequencies are clipped iff
-    fope_cf, and M = min(K, d//4) only when both fope_fs and fope_cf are on (notes §9).
+    fope_cf, and M = min(K, d//4) only when both fope_fs and fope_cf are on (see FAITHFULNESS.md).
     """
     head_dim = cfg["n_embd"] // cfg["n_head"]
     theta = cfg["rope_theta"]

@@ -21,7 +21,9 @@ import analyze
 import bench
 import eval_passkey
 import eval_ppl
+import grids
 import reproduce
+import settings as run_settings
 import train
 from conftest import HERE, error_of, logged_losses, snapshot, tiny_run_args
 
@@ -130,7 +132,7 @@ def test_init_from_a_checkpoint_of_other_data_names_both(trained_run, tmp_path):
 
 def test_a_copied_run_resumes_elsewhere_and_more_steps_keep_the_schedule(trained_run, tmp_path):
     before = snapshot(trained_run[1])
-    lr, min_lr_ratio = train.DEFAULTS["lr"], train.DEFAULTS["min_lr_ratio"]
+    lr, min_lr_ratio = run_settings.DEFAULTS["lr"], run_settings.DEFAULTS["min_lr_ratio"]
     for name, extra in (("kept", []), ("stretched", ["--decay_steps", "60"])):
         shutil.copytree(trained_run[1], tmp_path / "moved" / name)  # another out_dir, run name and cache
         train.main(tiny_run_args(trained_run[0], "--out_dir", str(tmp_path / "moved"), "--run_name", name,
@@ -329,8 +331,9 @@ def test_default_outputs_are_untracked_and_the_grids_name_theirs(tmp_path):
     assert str(eval_passkey.parse_args(["--ckpt", "x.pt"]).out) == "out/eval/passkey.json"
     assert analyze.parse_args(["--ckpt", "x.pt"]).out_dir == "out/analysis"
     assert "out/" in (HERE / ".gitignore").read_text().split()
-    for grid in reproduce.GRIDS.values():  # the grids write results/ themselves
-        for step in reproduce.plan(grid, grid.runs, tmp_path / "out", tmp_path / "results"):
-            if isinstance(step, reproduce.EvalStep):
-                out = step.command[step.command.index("--out") + 1]
-                assert os.path.abspath(out) == step.output and step.output.startswith(str(tmp_path / "results"))
+    for grid in grids.GRIDS.values():  # the grids write results/ themselves
+        for title, command, _ in reproduce.plan(grid, grid.runs, str(tmp_path / "out"), str(tmp_path / "results")):
+            kind, entry = title.split()
+            if kind != "train":
+                out = command[command.index("--out") + 1]
+                assert os.path.abspath(out) == grids.result_path(str(tmp_path / "results"), kind, entry)

@@ -7,7 +7,8 @@ train.py: train one model and leave a checkpoint that the evaluation scripts can
     python train.py --preset gpu60m --pe fope       # the paper's 60M shape, for one GPU
     torchrun --standalone --nproc_per_node=8 train.py --preset gpu60m   # the same on 8 GPUs
 
-Every GPTConfig field and every training setting below is a --flag. The run folder
+Every GPTConfig field and every training setting is a --flag, listed with its default and
+meaning at the top of settings.py (python train.py --help prints the same). The run folder
 out/<run-name>/ holds ckpt.pt (written atomically), log.jsonl and config.json; its name
 follows from the settings that differ from the defaults. Every setting is checked before
 anything is read or written, and one process at a time writes a run folder (its train.lock).
@@ -17,10 +18,8 @@ gloo on CPUs): each computes its share of the same global batch of --batch_size 
 rank 0 writes the checkpoints and the log, and a run resumes on any number of processes.
 """
 
-import argparse
 import contextlib
 import dataclasses
-import hashlib
 import inspect
 import json
 import math
@@ -36,140 +35,11 @@ from torch.nn.parallel import DistributedDataParallel
 import data
 import hardware
 import passkey
+import runs
+import settings as run_settings
 from checkpoint import CheckpointError, LockError, load_checkpoint, run_lock, save_checkpoint
-from fope_gpt import GPT, GPTConfig, kept_frequencies
-
-# -----------------------------------------------------------------------------
-# settings
-
-MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
-# Defaults: the CPU model (4 layers x 256 wide, head_dim 64 so that FoPE keeps K = 13 of 32
-# pairs at train_len 256) for about 10 minutes on 2 cores.
-DEFAULTS = dict(
-    **{f.name: f.default for f in dataclasses.fields(GPTConfig)},
-    dataset="shakespeare", tokenizer="bpe", data_dir="data", hf_tokens=0,
-    batch_size=16, max_steps=800, decay_steps=0, lr=2e-3, warmup_steps=40, min_lr_ratio=0.1,
-    weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-    passkey_frac=0.0, passkey_loss="answer+repeat", passkey_seed=1000, seed=1337, init_from="", fope_grow="fresh",
-    eval_interval=100, eval_batches=20, log_interval=25,
-    dtype="auto", compile=False, device="auto", out_dir="out", run_name="",
-)
-PRESETS = {
-    "cpu": {},
-    # The paper's 60M model (notes §5) at L = 512; for one GPU (untested on a GPU here).
-    "gpu60m": dict(n_layer=8, n_head=8, n_embd=512, train_len=512, batch_size=64,
-                   max_steps=20000, lr=6e-4, warmup_steps=1000, eval_interval=1000),
-}
-# Settings that may change when a run is resumed: where it stops, how fast it runs, what it
-# reports, where its files are; none changes the steps already computed (a run keeps the
-# precision it started with unless --dtype is given again). decay_steps re-stretches the
-# schedule from the resumed step on, which is why it is only changed when given.
-RESUMABLE = {"max_steps", "decay_steps", "eval_interval", "log_interval", "compile", "device", "dtype", "resume",
-             "out_dir", "preset", "run_name", "data_dir"}
-# Settings that do not name a run.
-UNNAMED = RESUMABLE | {"eval_batches"}
-# The allowed values of the training settings (GPTConfig checks its own fields), in words for
-# the error and --help. A NaN fails every comparison, so it is refused too.
-ALLOWED = {
-    "lr": (lambda v: v > 0, "> 0"),
-    "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "weight_decay": (lambda v: v >= 0, ">= 0"),
-    "grad_clip": (lambda v: v > 0, "> 0"),
-    "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "passkey_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "passkey_loss": (lambda v: v in passkey.PASSKEY_LOSSES, " or ".join(passkey.PASSKEY_LOSSES)),
-    "hf_tokens": (lambda v: v >= 0, ">= 0 (0: what max_steps needs)"),
-    "max_steps": (lambda v: v >= 1, ">= 1"),
-    "decay_steps": (lambda v: v >= 0, ">= 0"),
-    "warmup_steps": (lambda v: v >= 0, ">= 0"),
-    "batch_size": (lambda v: v >= 1, ">= 1"),
-    "eval_interval": (lambda v: v >= 1, ">= 1"),
-    "eval_batches": (lambda v: v >= 1, ">= 1"),
-    "log_interval": (lambda v: v >= 1, ">= 1"),
-    "seed": (lambda v: v >= 0, ">= 0"),
-    "passkey_seed": (lambda v: v >= 0, ">= 0"),
-    "fope_grow": (lambda v: v in ("fresh", "zeros"), "fresh or zeros"),
-    "tokenizer": (lambda v: v in ("bpe", "gpt2"), "bpe or gpt2"),
-}
-HELP = {
-    "max_steps": "where the run stops; with --resume it may grow or shrink, and the learning-rate "
-                 "schedule keeps its length (see --decay_steps)",
-    "decay_steps": "steps of the cosine decay to min_lr_ratio x lr (0: max_steps). Fixed when the run "
-                   "starts: a run resumed with a larger --max_steps trains the extra steps at the final "
-                   "learning rate. Given with --resume, it re-stretches the schedule from the resumed step on",
-}
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue out/<run-name>/ckpt.pt, on the same data and tokenizer")
-    for key, default in DEFAULTS.items():
-        words = "; ".join(part for part in (HELP.get(key), key in ALLOWED and f"allowed: {ALLOWED[key][1]}") if part)
-        if isinstance(default, bool):
-            parser.add_argument(f"--{key}", type=parse_bool, metavar="true|false", help=words or None)
-        else:
-            parser.add_argument(f"--{key}", type=type(default), metavar=type(default).__name__.upper(),
-                                help=words or None)
-    parser.set_defaults(**{k: None for k in DEFAULTS})
-    args = parser.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
-    settings = {**DEFAULTS, **PRESETS[args.preset], **given}
-    if settings["pe"] not in ("rope", "fope", "alibi", "nope"):
-        parser.error(f"--pe must be one of rope, fope, alibi, nope (got {settings['pe']!r})")
-    return args, settings, given
-
-
-def validate_settings(settings):
-    """Raise ValueError, naming the flag and what it allows, for a setting out of range. The
-    range checks are all here, made before anything is read or written."""
-    for key, value in settings.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"--{key} must be a finite number, got {value}")
-    for key, (allowed, words) in ALLOWED.items():
-        if not allowed(settings[key]):
-            raise ValueError(f"--{key} must be {words}, got {settings[key]!r}")
-    if settings["tokenizer"] == "bpe" and settings["vocab_size"] < 257:
-        raise ValueError(f"--vocab_size must be >= 257 with --tokenizer bpe (256 bytes and end of text), "
-                         f"got {settings['vocab_size']}")
-    if settings["run_name"] in (".", "..") or os.path.basename(settings["run_name"]) != settings["run_name"]:
-        raise ValueError(f"--run_name must be a folder name, not a path, got {settings['run_name']!r}")
-    try:
-        config = GPTConfig(**{k: settings[k] for k in MODEL_FIELDS})
-    except ValueError as e:
-        raise ValueError(str(e).replace("GPTConfig.", "--")) from None  # each GPTConfig field is a flag
-    if config.pe == "fope":
-        if not len(kept_frequencies(config.head_dim, config.train_len, config.rope_theta, clip=config.fope_cf)):
-            raise ValueError(f"--pe fope keeps no frequency at --train_len {config.train_len} (K = 0: even the "
-                             f"fastest period, 2 pi, is longer); use --train_len 7 or more")
-        if config.fope_fs and config.fope_cf and config.head_dim < 4:
-            raise ValueError(f"--pe fope mixes frequencies into head_dim / 4 pairs: it needs n_embd / n_head >= 4, "
-                             f"got {config.head_dim}")
-
-
-def parse_bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def run_name(settings, preset):
-    """pe plus every naming setting that differs from the defaults, e.g. 'fope-seed1'."""
-    baseline = {**DEFAULTS, **PRESETS[preset]}
-    parts = [settings["pe"]] + ([preset] if preset != "cpu" else [])
-    for key in sorted(k for k in DEFAULTS if k not in UNNAMED and k != "pe"):
-        if settings[key] != baseline[key]:
-            value = settings[key]
-            if key == "dataset":  # a path names the run by its file or folder name
-                value = os.path.splitext(os.path.basename(value.rstrip("/")))[0].replace(":", "_")
-            if key == "init_from":  # a checkpoint names the run by its run folder
-                value = os.path.basename(os.path.dirname(os.path.abspath(value)))
-            parts.append(f"{key}{value}")
-    return "-".join(parts)
+from fope_gpt import GPT, GPTConfig
+from tokenizer import tokenizer_state
 
 
 def fail(message):
@@ -192,7 +62,7 @@ class Batches:
         self.rng = np.random.default_rng(settings["seed"])
         self.passkey_rng = np.random.default_rng(settings["passkey_seed"])
         if len(tokens) <= self.seq_len + 1:
-            fail(f"the training split has {len(tokens)} tokens, fewer than train_len + 1 = {self.seq_len + 1}")
+            raise data.DataError(f"the training split has {len(tokens)} tokens, fewer than train_len + 1 = {self.seq_len + 1}")
 
     def next(self):
         x = np.empty((self.batch_size, self.seq_len), dtype=np.int64)
@@ -219,7 +89,7 @@ def validation_batches(tokens, seq_len, batch_size, num_batches):
     """A fixed set of evenly spaced validation windows: the same every evaluation and every run."""
     count = min(batch_size * num_batches, (len(tokens) - 1) // seq_len)
     if count == 0:
-        fail(f"the validation split has {len(tokens)} tokens, fewer than train_len + 1 = {seq_len + 1}")
+        raise data.DataError(f"the validation split has {len(tokens)} tokens, fewer than train_len + 1 = {seq_len + 1}")
     starts = np.linspace(0, len(tokens) - seq_len - 1, count).astype(np.int64)
     windows = np.stack([tokens[s:s + seq_len + 1].astype(np.int64) for s in starts])
     return [(torch.from_numpy(w[:, :-1]), torch.from_numpy(w[:, 1:])) for w in np.array_split(windows, num_batches) if len(w)]
@@ -230,7 +100,7 @@ def validation_batches(tokens, seq_len, batch_size, num_batches):
 
 
 def learning_rate(step, settings):
-    """Linear warm-up, then cosine decay over decay_steps to min_lr_ratio x the peak (notes §5),
+    """Linear warm-up, then cosine decay over decay_steps to min_lr_ratio x the peak (as in the authors' OLMo configs),
     which holds for any steps past decay_steps."""
     peak, warmup, total = settings["lr"], settings["warmup_steps"], settings["decay_steps"]
     if step < warmup:
@@ -275,23 +145,7 @@ def main(argv=None):
 
 def run(argv, held):
     """The run itself; `held` keeps the run folder's lock until main() ends."""
-    args, settings, given = parse_args(argv)
-    try:
-        validate_settings(settings)
-    except ValueError as e:
-        fail(str(e))
-    name = settings["run_name"] or run_name(settings, args.preset)
-    run_dir = os.path.join(settings["out_dir"], name)
-    ckpt_path = os.path.join(run_dir, "ckpt.pt")
-
-    resumed = None
-    if args.resume:
-        resumed = checkpoint_to_resume(ckpt_path)
-        settings = resumed_settings(resumed["train_config"], given, ckpt_path)
-    elif os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} exists: pass --resume to continue it, or --run_name to start another run")
-    settings = {**settings, "decay_steps": settings["decay_steps"] or settings["max_steps"]}
-
+    settings, run_dir, ckpt_path, resumed = settings_of_run(argv)
     try:
         rank, world, device = start_processes(settings["device"])
         asked = settings["dtype"]
@@ -308,25 +162,14 @@ def run(argv, held):
         print(f"run {run_dir}: {settings['pe']} on {device}" + (f" x {world} processes" if world > 1 else "")
               + f", precision {settings['dtype']} ({why})", flush=True)
 
-    if settings["dataset"].startswith("hf:") and not settings["hf_tokens"]:
-        # stream what one pass over the run's training tokens needs, and a tenth more for validation
-        settings["hf_tokens"] = math.ceil(1.1 * settings["max_steps"] * settings["batch_size"] * settings["train_len"])
-    try:  # rank 0 tokenizes and caches the data; the others then read its cache
-        if leader:
-            prepared = prepare(settings)
-        if world > 1:
-            dist.barrier()
-        if not leader:
-            prepared = prepare(settings, log=lambda message: None)
-    except data.DataError as e:
-        fail(str(e))
+    prepared = prepare_data(settings, leader, world)
     if resumed is not None:
-        check_same_data(f"cannot resume: {ckpt_path}", resumed, prepared,
-                        "restore the text it was trained on, or train a new run (--run_name)")
+        runs.check_same_data(f"cannot resume: {ckpt_path}", resumed, prepared,
+                             "restore the text it was trained on, or train a new run (--run_name)")
 
     torch.manual_seed(settings["seed"])
     try:  # the tokenizer decides the vocabulary (a tiny corpus may give fewer tokens than asked)
-        config = GPTConfig(**{**{k: settings[k] for k in MODEL_FIELDS}, "vocab_size": prepared.vocab_size})
+        config = GPTConfig(**{**{k: settings[k] for k in run_settings.MODEL_FIELDS}, "vocab_size": prepared.vocab_size})
     except ValueError as e:
         fail(str(e))
     model = GPT(config).to(device)
@@ -343,11 +186,11 @@ def run(argv, held):
             print(f"{run_dir}: already finished ({step} steps, val loss {val_loss:.4f})")
         return stop_processes(world)
 
-    log_path = os.path.join(run_dir, "log.jsonl")
+    log_path = os.path.join(run_dir, runs.LOG_NAME)
     if leader:
         os.makedirs(run_dir, exist_ok=True)
-        truncate_log(log_path, step)
-        data.write_atomically(os.path.join(run_dir, "config.json"), json.dumps(settings, indent=2).encode())
+        runs.truncate_log(log_path, step)
+        data.write_atomically(os.path.join(run_dir, runs.CONFIG_NAME), json.dumps(settings, indent=2).encode())
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {len(prepared.train) / 1e6:.2f}M training tokens"
               + (f", resuming at step {step}" if step else ""), flush=True)
 
@@ -356,7 +199,7 @@ def run(argv, held):
             "model_config": dataclasses.asdict(config), "train_config": settings,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
             "rng": {"torch": torch.get_rng_state(), "batches": batches.state()},
-            "tokenizer": data.tokenizer_state(prepared), "data": prepared.meta, "val_loss": val_loss,
+            "tokenizer": tokenizer_state(prepared.enc), "data": prepared.meta, "val_loss": val_loss,
         })
 
     train_step = torch.compile(model) if settings["compile"] else model
@@ -404,7 +247,7 @@ def run(argv, held):
                 eta = (settings["max_steps"] - step) * tokens_per_step / tok_s
                 if leader:
                     print(f"step {step}/{settings['max_steps']} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                          f"{tok_s / 1e3:.1f}k tok/s | {clock(now - t_start)} elapsed | ETA {clock(eta)}", flush=True)
+                          f"{tok_s / 1e3:.1f}k tok/s | {runs.clock(now - t_start)} elapsed | ETA {runs.clock(eta)}", flush=True)
                     log.write(json.dumps({"step": step, "loss": loss_value, "lr": lr, "tok_per_s": round(tok_s)}) + "\n")
                     log.flush()
                 t_last, steps_timed = now, 0
@@ -421,14 +264,39 @@ def run(argv, held):
                     checkpoint()
                 t_last, steps_timed = time.time(), 0  # evaluation time is not training time
     if leader:
-        print(f"done: {step} steps in {clock(time.time() - t_start)}, val loss {val_loss:.4f}; checkpoint {ckpt_path}")
+        print(f"done: {step} steps in {runs.clock(time.time() - t_start)}, val loss {val_loss:.4f}; checkpoint {ckpt_path}")
     stop_processes(world)
 
 
-def prepare(settings, log=print):
-    """The run's tokenized data, from the cache in data_dir (built on first use)."""
-    return data.prepare_data(settings["dataset"], settings["tokenizer"], settings["vocab_size"], settings["data_dir"],
-                             log=log, hf_tokens=settings.get("hf_tokens") or 0)
+# -----------------------------------------------------------------------------
+# what the run starts from: its settings, its processes and data, a checkpoint to resume or to
+# begin from
+
+
+def settings_of_run(argv):
+    """The run's settings, its folder and checkpoint path, and the checkpoint to resume (None
+    for a new run); every setting checked before anything is read or written."""
+    args, settings, given = run_settings.parse_args(argv, description=__doc__)
+    try:
+        run_settings.validate_settings(settings)
+    except ValueError as e:
+        fail(str(e))
+    name = settings["run_name"] or run_settings.run_name(settings, args.preset)
+    run_dir = os.path.join(settings["out_dir"], name)
+    ckpt_path = runs.checkpoint_path(settings["out_dir"], name)
+
+    resumed = None
+    if args.resume:
+        resumed = runs.checkpoint_to_resume(ckpt_path)
+        try:
+            settings = run_settings.resumed_settings(resumed["train_config"], given, ckpt_path)
+        except ValueError as e:
+            fail(str(e))
+    elif os.path.exists(ckpt_path):
+        fail(f"{ckpt_path} exists: pass --resume to continue it, or --run_name to start another run")
+    settings = {**settings, "decay_steps": settings["decay_steps"] or settings["max_steps"]}
+    return settings, run_dir, ckpt_path, resumed
+
 
 
 def start_processes(device_setting):
@@ -445,6 +313,20 @@ def start_processes(device_setting):
     return rank, world, device
 
 
+def prepare_data(settings, leader, world):
+    """The run's tokenized data: rank 0 tokenizes and caches it, the others then read its cache."""
+    if settings["dataset"].startswith("hf:") and not settings["hf_tokens"]:
+        # stream what one pass over the run's training tokens needs, and a tenth more for validation
+        settings["hf_tokens"] = math.ceil(1.1 * settings["max_steps"] * settings["batch_size"] * settings["train_len"])
+    if leader:
+        prepared = runs.prepare(settings)
+    if world > 1:
+        dist.barrier()
+    if not leader:
+        prepared = runs.prepare(settings, log=lambda message: None)
+    return prepared
+
+
 def stop_processes(world):
     if world > 1:
         dist.destroy_process_group()
@@ -455,34 +337,6 @@ def what_is_kept(ckpt_path):
     if os.path.exists(ckpt_path):
         return f"the last good checkpoint {ckpt_path} is kept"
     return "no checkpoint was written yet, so there is nothing to resume"
-
-
-def checkpoint_to_resume(path):
-    """The checkpoint of the run to continue, with everything that resuming needs."""
-    if not os.path.exists(path):
-        fail(f"cannot resume: {path} does not exist; start the run without --resume")
-    try:
-        state = load_checkpoint(path)
-    except CheckpointError as e:
-        fail(f"cannot resume: {e}")
-    missing = [key for key in ("train_config", "optimizer", "rng", "tokenizer", "data") if not state.get(key)]
-    if missing:
-        fail(f"cannot resume: {path} has no {', '.join(missing)}; it can be evaluated but not continued")
-    return state
-
-
-def resumed_settings(saved, given, ckpt_path):
-    """The checkpoint's settings, with the given ones that may change on resume (RESUMABLE); any
-    other given setting must equal the checkpoint's."""
-    if not isinstance(saved, dict) or "max_steps" not in saved:
-        fail(f"cannot resume: the train_config of {ckpt_path} is not the settings of a run")
-    # Settings added since the checkpoint was written take their defaults, except decay_steps:
-    # before it existed, max_steps set the schedule.
-    saved = {**DEFAULTS, "decay_steps": saved["max_steps"], **saved}
-    for key, value in given.items():
-        if key not in RESUMABLE and saved[key] != value:
-            fail(f"{ckpt_path} was trained with {key}={saved[key]!r} but --{key} {value!r} was given")
-    return {**saved, **{k: v for k, v in given.items() if k in RESUMABLE}}
 
 
 def weights_mismatch(own, saved):
@@ -505,59 +359,28 @@ def restore(resumed, model, optimizer, batches, ckpt_path):
     (step, val_loss)."""
     mismatch = weights_mismatch(model.state_dict(), resumed["model"])
     if mismatch:
-        fail(f"cannot resume: {ckpt_path} does not fit the model its train_config describes: {mismatch}")
+        raise CheckpointError(f"cannot resume: {ckpt_path} does not fit the model its train_config describes: {mismatch}")
     try:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         batches.load_state(resumed["rng"]["batches"])
         torch.set_rng_state(resumed["rng"]["torch"])
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
-        fail(f"cannot resume: the saved state in {ckpt_path} is damaged: {data.error_line(e)}")
+        raise CheckpointError(f"cannot resume: the saved state in {ckpt_path} is damaged: {data.error_line(e)}") from None
     return resumed["step"], resumed.get("val_loss")
-
-
-def describe_data(meta):
-    """A token cache in a few words: its source, size and hash."""
-    if not meta.get("hash"):
-        return "data it does not record"
-    size = meta.get("train_chars", 0) + meta.get("val_chars", 0)
-    return f"{meta.get('source', meta.get('dataset'))} ({size:,} characters, hash {meta['hash'][:12]})"
-
-
-def describe_tokenizer(state):
-    """A tokenizer state (data.tokenizer_state) in a few words: its name, size and merges' hash."""
-    if not isinstance(state, dict) or "ranks" not in state:
-        return "none recorded"
-    size = len(state["ranks"].splitlines()) + len(state.get("special_tokens", {}))
-    merges = hashlib.sha256(state["ranks"].encode()).hexdigest()[:12]
-    return f"{state.get('name')} ({size} tokens, merges hash {merges})"
-
-
-def check_same_data(what, state, prepared, advice):
-    """Refuse a checkpoint trained on other data or with another tokenizer than these settings
-    prepare: its token ids would mean other text. The data's hash and the tokenizer are compared,
-    not paths or names, so a copied or moved run folder still resumes."""
-    saved = state.get("data") or {}
-    if saved.get("hash") != prepared.meta["hash"]:
-        fail(f"{what} was trained on {describe_data(saved)}, but these settings prepare "
-             f"{describe_data(prepared.meta)}; {advice}")
-    tokenizer = data.tokenizer_state(prepared)
-    if state.get("tokenizer") != tokenizer:
-        fail(f"{what} was trained with tokenizer {describe_tokenizer(state.get('tokenizer'))}, but these settings "
-             f"prepare {describe_tokenizer(tokenizer)}; {advice}")
 
 
 def start_from_checkpoint(model, path, grow, prepared):
     """Begin from another run's weights, e.g. at a longer train_len (the paper's extension
-    experiment). FoPE's coefficient tensors grow with K and M (notes §4.4): the old block is
+    experiment). FoPE's coefficient tensors grow with K and M (as in the authors' olmo/checkpoint.py): the old block is
     pasted into the top-left of a fresh initialisation ("fresh", the authors' x+fope configs)
     or of zeros ("zeros", their yarn_after configs). From RoPE, FoPE keeps its fresh init.
     Deviation: the optimizer starts afresh; the authors resume its state and the LR schedule."""
     try:
         state = load_checkpoint(path)
     except CheckpointError as e:
-        fail(f"--init_from: {e}")
-    check_same_data(f"--init_from {path}", state, prepared,
+        raise CheckpointError(f"--init_from: {e}") from None
+    runs.check_same_data(f"--init_from {path}", state, prepared,
                     "a run starts from a checkpoint of the same data and tokenizer")
     own = model.state_dict()
     with torch.no_grad():
@@ -571,35 +394,11 @@ def start_from_checkpoint(model, path, grow, prepared):
                 k, m = min(old.shape[1], new.shape[1]), min(old.shape[2], new.shape[2])
                 new[:, :k, :m] = old[:, :k, :m]
             elif new.shape != old.shape:
-                fail(f"--init_from {path}: {name} has shape {tuple(old.shape)}, this model needs {tuple(new.shape)}")
+                raise CheckpointError(f"--init_from {path}: {name} has shape {tuple(old.shape)}, "
+                                      f"this model needs {tuple(new.shape)}")
             else:
                 new.copy_(old)
     model.load_state_dict(own)  # also rebuilds FoPE's tables from the grown coefficients
-
-
-def truncate_log(path, step):
-    """On resume, drop log lines written after the checkpoint's step: they will be redone. So
-    is a last line without its newline, cut short by a crash or a full disk (always after the
-    checkpoint: a checkpoint is written after the lines of its step)."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8", errors="replace") as f:  # a power loss can leave any bytes at the end
-        lines = f.readlines()
-    if lines and not lines[-1].endswith("\n"):
-        lines.pop()
-    kept = []
-    for number, line in enumerate(lines, 1):
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            fail(f"{path} line {number} is not a log record: repair or delete that line, then resume again")
-    data.write_atomically(path, "".join(kept).encode())
-
-
-def clock(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 if __name__ == "__main__":

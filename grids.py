@@ -1,0 +1,282 @@
+"""
+grids.py: the experiments as data. A grid is the runs it trains (train.py arguments on top of
+the grid's shared ones), the context extensions it evaluates without training, and the lengths
+and arguments of its evaluations. `python reproduce.py --grid NAME` runs one;
+`python report.py --grid NAME` turns its saved results into figures and tables.
+
+    default   RoPE, FoPE (3 seeds each), ALiBi, NoPE, FoPE ablations, context extension (CPU, ~6 h)
+    quick     the same pipeline with tiny models (about a minute): checks that everything runs
+    gpu60m    the paper's 60M shape on FineWeb-Edu, for a GPU (untested here)
+    passkey   the default model trained 8000 steps instead of 1200, for the passkey curves (CPU, ~7 h)
+
+The end of the file reads a grid: each run's train.py command, the evaluations it owes, and
+whether a saved result is still this grid's.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+import runs
+import settings
+
+@dataclass
+class Run:
+    """One training run: a name and its train.py arguments (on top of the grid's shared ones)."""
+    name: str
+    section: str         # where the report shows it: "main", "ablation" or "finetune"
+    args: list
+    init_from: str = ""  # a fine-tune: the run whose checkpoint it continues
+
+
+@dataclass
+class Extension:
+    """Context extension without training: a trained run evaluated with rescaled rotary
+    frequencies (the --rope_scaling options of eval_ppl.py and eval_passkey.py)."""
+    name: str
+    run: str
+    args: list
+
+
+@dataclass
+class Grid:
+    about: str           # one paragraph for --dry_run and the report
+    training: list       # train.py arguments shared by every run
+    runs: list           # in order; a fine-tune comes after the run it starts from
+    extensions: list
+    lengths: list        # evaluation lengths in tokens, for perplexity and passkey alike
+    ppl_args: list       # further eval_ppl.py arguments
+    passkey_args: list   # further eval_passkey.py arguments
+    threads: int = 0     # torch threads per step (OMP_NUM_THREADS); 0: torch's default, every core
+
+
+# Seed i of a method: model init and text batches (--seed), and the passkey mix (--passkey_seed).
+# Seed 0 is train.py's default; runs without seed arguments (ablations, fine-tunes) use it too.
+SEEDS = [["--seed", "1337", "--passkey_seed", "1000"],
+         ["--seed", "1338", "--passkey_seed", "1001"],
+         ["--seed", "1339", "--passkey_seed", "1002"]]
+
+# Shared by every run of the default grid: train.py's default CPU model (4 layers, 256 wide,
+# head_dim 64, train_len 256, 16 x 256 = 4096 tokens per step, Shakespeare with a BPE-4096
+# tokenizer), half the sequences from the passkey task (see FAITHFULNESS.md).
+# The CPU grids pin float32 (train.py's "auto" would pick bf16 on CPUs that have it) so that runs
+# made on different CPUs compute the same thing.
+CPU_PRECISION = ["--dtype", "fp32"]
+GRID_TRAINING = ["--passkey_frac", "0.5", "--max_steps", "1200", *CPU_PRECISION]
+
+# The fine-tunes of the extension experiment double train_len and halve batch_size, so a step
+# keeps its 4096 tokens; 150 steps are an eighth of pre-training's tokens, the passkey mix stays
+# on. train.py starts the optimizer afresh (the authors resume theirs; see FAITHFULNESS.md): 10 warm-up
+# steps rebuild Adam's moments, and a peak lr of a quarter of pre-training's 2e-3 adapts the
+# model to the longer length without undoing pre-training.
+FINETUNE = ["--train_len", "512", "--batch_size", "8", "--max_steps", "150", "--warmup_steps", "10", "--lr", "5e-4"]
+# YaRN as the authors fine-tune with it: s = 16 around the original length (their yarn_after configs).
+YARN_AFTER = ["--rope_scaling", "yarn", "--rope_scale", "16", "--rope_original_len", "256"]
+
+DEFAULT = Grid(
+    about="The CPU model of train.py on Shakespeare, trained at 256 tokens and evaluated to 16x. "
+          "Estimated time on 2 CPU cores at about 5k tokens/s: 13 runs x 16 min of training, 4 fine-tunes "
+          "x 2-3 min, 26 evaluations x (1-2 min perplexity + 3 min passkey); about 6 hours in all.",
+    training=GRID_TRAINING,
+    # Ordered so that a partly finished grid is already informative, and so that the fine-tunes
+    # follow the runs they start from (checkpoints are not committed, so a later session would
+    # have to train those again): RoPE and FoPE at seed 0, the extension experiment, ALiBi and
+    # NoPE, then more seeds and the ablations.
+    runs=[
+        Run("rope-s0", "main", ["--pe", "rope", *SEEDS[0]]),
+        Run("fope-s0", "main", ["--pe", "fope", *SEEDS[0]]),
+        # the paper's extension experiment: continue at 2x train_len with YaRN or with FoPE
+        Run("ext-rope-yarn", "finetune", ["--pe", "rope", *FINETUNE, *YARN_AFTER], init_from="rope-s0"),
+        Run("ext-rope-fope", "finetune", ["--pe", "fope", "--fope_grow", "fresh", *FINETUNE], init_from="rope-s0"),
+        Run("ext-fope-yarn", "finetune", ["--pe", "fope", "--fope_grow", "zeros", *FINETUNE, *YARN_AFTER],
+            init_from="fope-s0"),
+        Run("ext-fope-fope", "finetune", ["--pe", "fope", "--fope_grow", "fresh", *FINETUNE], init_from="fope-s0"),
+        Run("alibi-s0", "main", ["--pe", "alibi", *SEEDS[0]]),
+        Run("nope-s0", "main", ["--pe", "nope", *SEEDS[0]]),
+        Run("rope-s1", "main", ["--pe", "rope", *SEEDS[1]]),
+        Run("fope-s1", "main", ["--pe", "fope", *SEEDS[1]]),
+        # FoPE ablations at seed 0 (defined in FAITHFULNESS.md); fope-s0 is the reference with sigma 0.3.
+        Run("fope-nocf", "ablation", ["--pe", "fope", "--fope_cf", "false"]),      # Fourier series, no clip
+        Run("fope-nofs", "ablation", ["--pe", "fope", "--fope_fs", "false"]),      # clip only: clipped RoPE
+        Run("rope-s2", "main", ["--pe", "rope", *SEEDS[2]]),
+        Run("fope-s2", "main", ["--pe", "fope", *SEEDS[2]]),
+        Run("fope-sinpad0", "ablation", ["--pe", "fope", "--fope_sin_pad", "0"]),  # padded pairs: exact identity
+        # sigma 0 is not run: with FS on it equals fope-nofs here, since K = 13 <= head_dim/4 = 16
+        Run("fope-sigma1", "ablation", ["--pe", "fope", "--fope_sigma", "1"]),
+        Run("fope-sigma3", "ablation", ["--pe", "fope", "--fope_sigma", "3"]),
+    ],
+    # RoPE extended without training; s = 16 covers the 16x range (the authors' YaRN also uses 16)
+    extensions=[Extension(f"rope-s{seed}+{method}16", f"rope-s{seed}", ["--rope_scaling", method, "--rope_scale", "16"])
+                for seed in range(3) for method in ("pi", "ntk", "yarn")],
+    lengths=[128, 256, 512, 1024, 2048, 4096],
+    # the authors' chunked protocol on the first 65 536 validation tokens (16 chunks at 4096):
+    # half the evaluation time of all 142k tokens
+    ppl_args=["--max_tokens", "65536", *CPU_PRECISION],
+    passkey_args=["--trials", "100"],
+)
+
+# Tiny models that exercise every kind of step in about a minute. train_len 128 leaves room for
+# passkey samples: the fixed prompt text takes 95 BPE-4096 tokens and the answer up to 7 more.
+QUICK_TRAINING = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--train_len", "128", "--batch_size", "4",
+                  "--max_steps", "25", "--warmup_steps", "5", "--passkey_frac", "0.5", "--eval_batches", "2",
+                  *CPU_PRECISION]
+
+QUICK = Grid(
+    about="A smoke test of the pipeline with 1-layer, 32-wide models trained for 25 steps: "
+          "its numbers mean nothing.",
+    training=QUICK_TRAINING,
+    runs=[
+        Run("rope-s0", "main", ["--pe", "rope", *SEEDS[0]]),
+        Run("rope-s1", "main", ["--pe", "rope", *SEEDS[1]]),
+        Run("fope-s0", "main", ["--pe", "fope", *SEEDS[0]]),
+        Run("fope-s1", "main", ["--pe", "fope", *SEEDS[1]]),
+        Run("fope-nofs", "ablation", ["--pe", "fope", "--fope_fs", "false"]),
+        Run("ext-rope-fope", "finetune", ["--pe", "fope", "--fope_grow", "fresh", "--train_len", "256",
+                                          "--batch_size", "2", "--max_steps", "10", "--warmup_steps", "2",
+                                          "--lr", "5e-4"], init_from="rope-s0"),
+    ],
+    extensions=[Extension("rope-s0+yarn4", "rope-s0", ["--rope_scaling", "yarn", "--rope_scale", "4"])],
+    lengths=[128, 256, 512],
+    ppl_args=["--max_tokens", "4096", *CPU_PRECISION],
+    passkey_args=["--trials", "4"],
+    # Matrices this small gain nothing from a second thread, and on a machine whose cores are busy
+    # two threads wait for each other: one thread trains several times faster there.
+    threads=1,
+)
+
+GPU60M = Grid(
+    about="The paper's 60M shape (train.py --preset gpu60m: 8 layers, 512 wide, 8 heads, train_len 512, "
+          "20 000 steps of 64 x 512 tokens) on FineWeb-Edu with the GPT-2 tokenizer, in bf16, for one GPU or "
+          "several with torchrun. Untested here (no GPU, no network; streaming needs the datasets package). "
+          "Data: train.py streams as much text as one pass over the run's 655M training tokens needs, and a "
+          "tenth more (--hf_tokens, about 2.9 GB of text at 4 characters a token), then tokenizes it once on "
+          "one CPU core (tens of minutes at a few MB/s: an estimate, not measured) into a cache that every "
+          "later run reuses. Estimate, not measured: about 2.5e17 training FLOPs per run, so about an hour "
+          "per run on one A100 and 3-4 hours with evaluations.",
+    # a small passkey mix: a 60M model learns more from web text than the tiny CPU models do
+    training=["--preset", "gpu60m", "--dataset", "hf:HuggingFaceFW/fineweb-edu", "--tokenizer", "gpt2",
+              "--passkey_frac", "0.1", "--dtype", "bf16"],
+    runs=[
+        Run("rope-s0", "main", ["--pe", "rope", *SEEDS[0]]),
+        Run("fope-s0", "main", ["--pe", "fope", *SEEDS[0]]),
+        Run("alibi-s0", "main", ["--pe", "alibi", *SEEDS[0]]),
+    ],
+    extensions=[],
+    lengths=[128, 256, 512, 1024, 2048, 4096, 8192],
+    ppl_args=["--dtype", "bf16"],
+    passkey_args=["--trials", "100"],
+)
+
+# The default grid's 1200 steps teach ALiBi retrieval but not RoPE or FoPE (README, "Passkey
+# retrieval"); a FoPE run continued to 6000 steps was still climbing. This grid trains the four
+# main methods alike for 8000 steps, one cosine schedule, so that the passkey curves past
+# train_len rest on models that retrieve within it. --compile: about 1.25x faster on the CPU
+# (bench.py), and it does not change what is computed, so it does not name the runs.
+PASSKEY = Grid(
+    about="The default grid's model and passkey mix trained for 8000 steps instead of 1200, one run per "
+          "method at seed 0, for the passkey curves. Estimated time on 2 CPU cores: 4 runs x about "
+          "100 min of training, 4 evaluations x (1-2 min perplexity + 3 min passkey); about 7 hours in all.",
+    training=["--passkey_frac", "0.5", "--max_steps", "8000", "--eval_interval", "400", "--compile", "true",
+              *CPU_PRECISION],
+    runs=[
+        Run("fope-s0", "main", ["--pe", "fope", *SEEDS[0]]),
+        Run("rope-s0", "main", ["--pe", "rope", *SEEDS[0]]),
+        Run("alibi-s0", "main", ["--pe", "alibi", *SEEDS[0]]),
+        Run("nope-s0", "main", ["--pe", "nope", *SEEDS[0]]),
+    ],
+    extensions=[],
+    lengths=DEFAULT.lengths,
+    ppl_args=DEFAULT.ppl_args,
+    passkey_args=DEFAULT.passkey_args,
+)
+
+GRIDS = {"default": DEFAULT, "quick": QUICK, "gpu60m": GPU60M, "passkey": PASSKEY}
+
+
+# -----------------------------------------------------------------------------
+# reading a grid
+
+# Settings a saved run may differ in and still be this grid's: those train.py lets a resumed run
+# change, except the precision, which a grid pins so that its runs compute the same thing.
+NOT_COMPARED = settings.RESUMABLE - {"dtype"}
+
+
+def entries(grid):
+    """Every evaluated name of a grid: its runs, then its extensions without training."""
+    return [run.name for run in grid.runs] + [extension.name for extension in grid.extensions]
+
+
+def merged(args):
+    """`--key value` pairs with later values replacing earlier ones, in first-seen order."""
+    pairs = dict(zip(args[::2], args[1::2]))
+    return [item for pair in pairs.items() for item in pair]
+
+
+def train_arguments(grid, run, out_grid):
+    """The train.py arguments of a run whose checkpoints go to out_grid/<run name>/."""
+    args = merged(grid.training + run.args) + ["--run_name", run.name, "--out_dir", out_grid]
+    if run.init_from:
+        args += ["--init_from", runs.checkpoint_path(out_grid, run.init_from)]
+    return args
+
+
+def run_settings(grid, run):
+    """(every setting, the settings the grid gives) of a run, as train.py parses them; a
+    mistyped grid fails here."""
+    _, values, given = settings.parse_args(train_arguments(grid, run, "out"))
+    return values, {k: v for k, v in given.items() if k not in ("run_name", "out_dir", "init_from")}
+
+
+def evaluations(grid, run):
+    """(entry, extension arguments) of every evaluation of a run: itself, then its extensions."""
+    return [(run.name, [])] + [(e.name, e.args) for e in grid.extensions if e.run == run.name]
+
+
+def steps(grid, selected):
+    """Every step of the selected runs, in the order reproduce.py runs them, as (kind, run, entry,
+    extension arguments): kind "train" (entry None), then "ppl" and "passkey" for the run itself
+    and for each of its extensions."""
+    for run in selected:
+        yield "train", run, None, []
+        for entry, extension_args in evaluations(grid, run):
+            for kind in ("ppl", "passkey"):
+                yield kind, run, entry, extension_args
+
+
+def step_title(kind, run, entry):
+    """'train rope-s0', 'ppl rope-s0+yarn16': a step's name in the output and in steps.jsonl."""
+    return f"{kind} {run.name if kind == 'train' else entry}"
+
+
+def result_path(results_grid, kind, entry):
+    """Where the evaluation `kind` ("ppl" or "passkey") of an entry is saved."""
+    return os.path.join(results_grid, kind, f"{entry}.json")
+
+
+def is_current(path, values, given):
+    """Whether the evaluation JSON at path exists and was made from a checkpoint trained with
+    these settings to the end (a result of other settings is not this grid's)."""
+    try:
+        with open(path) as f:
+            records = json.load(f)["checkpoints"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return bool(records) and all(
+        isinstance(record, dict) and record.get("step") == values["max_steps"]
+        and all(record.get("train_config", {}).get(key) == value
+                for key, value in given.items() if key not in NOT_COMPARED)
+        for record in records)
+
+
+def pending(grid, run, results_grid):
+    """The evaluations of a run (kind, entry, extension arguments) that lack a current JSON."""
+    values, given = run_settings(grid, run)
+    return [(kind, entry, args) for kind, _, entry, args in steps(grid, [run])
+            if kind != "train" and not is_current(result_path(results_grid, kind, entry), values, given)]
+
+
+def needs_checkpoint(grid, run, runs, results_grid):
+    """Whether a run's checkpoint is still needed: for its own evaluations, or for a fine-tune
+    among `runs` that starts from it and is needed itself."""
+    return bool(pending(grid, run, results_grid)) or any(
+        other.init_from == run.name and needs_checkpoint(grid, other, runs, results_grid) for other in runs)

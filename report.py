@@ -1,0 +1,399 @@
+"""
+report.py: the report of a grid, from its saved evaluation JSON alone: every figure,
+results/<grid>/results.md, and for the default grid the README's one table (between
+<!-- headline:begin --> and <!-- headline:end -->). It is the only code that writes into
+README.md; nothing it writes is typed by hand.
+
+    python report.py                   # the default grid
+    python report.py --grid passkey    # another grid (see grids.py)
+
+Run on a fresh clone, it rewrites README.md and results/ byte for byte as they are committed.
+"""
+
+import argparse
+import json
+import os
+import re
+import shlex
+import statistics
+import sys
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+import data  # noqa: E402
+import grids  # noqa: E402
+import runs  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+README = os.path.join(HERE, "README.md")
+HEADLINE_GRID = "default"  # the grid whose headline table README.md shows
+# The README's one table: the main methods and FoPE's two parts alone, at 1x, 2x, 4x and 16x train_len.
+HEADLINE_ROWS = {"RoPE": "rope", "FoPE": "fope", "ALiBi": "alibi", "NoPE": "nope",
+                 "CF only (clipped RoPE)": "fope-nofs", "FS only (no clip)": "fope-nocf"}
+HEADLINE_MULTIPLES = (1, 2, 4, 16)
+
+
+class ReportError(Exception):
+    """Results that cannot make a report; the message is one line for the user."""
+
+
+# metric -> (evaluation, key in its JSON record, axis label)
+METRICS = {
+    "ppl": ("ppl", "ppl", "perplexity"),
+    "ppl_ratio": ("ppl", "ppl_ratio", "perplexity / perplexity at train_len"),
+    "accuracy": ("passkey", "accuracy", "passkey accuracy"),
+}
+TABLE_TITLES = {"ppl": "Perplexity", "ppl_ratio": "Perplexity ratio to train_len", "accuracy": "Passkey accuracy"}
+
+
+@dataclass
+class Section:
+    """A part of the report: curves (table rows) of one or more entries each, and its figures."""
+    title: str
+    text: str
+    groups: dict         # curve label -> entries (the seeds it averages)
+    figures: list        # (PNG file name, metrics drawn, one panel each)
+
+
+def method_of(entry):
+    """'rope-s1' -> 'rope', 'rope-s1+yarn16' -> 'rope+yarn16': the entry without its seed."""
+    return re.sub(r"-s\d+(?=\+|$)", "", entry)
+
+
+def group_by_method(entries):
+    """{'rope': ['rope-s0', 'rope-s1'], ...}, in the order the entries come."""
+    groups = {}
+    for entry in entries:
+        groups.setdefault(method_of(entry), []).append(entry)
+    return groups
+
+
+def report_sections(grid):
+    """The sections the grid has runs for, in reading order."""
+    main = [run.name for run in grid.runs if run.section == "main"]
+    ablations = [run.name for run in grid.runs if run.section == "ablation"]
+    finetunes = [run for run in grid.runs if run.section == "finetune"]
+    sections = [Section(
+        "Main comparison",
+        "Trained at train_len (dashed line) and evaluated far beyond it. Lines: mean over seeds; "
+        "bands and brackets: the lowest and highest seed.",
+        group_by_method(main),
+        [("ppl.png", ["ppl"]), ("ppl_ratio.png", ["ppl_ratio"]), ("passkey.png", ["accuracy"])])]
+    if ablations:
+        sections.append(Section(
+            "FoPE ablations",
+            "FoPE variants at seed 0 next to fope's seeds: `nocf` without the clip floor, `nofs` without the "
+            "Fourier series (clipped RoPE), `sinpad0` with padded pairs an exact identity, `sigmaX` with "
+            "coefficient gain X instead of 0.3.",
+            group_by_method([name for name in main if method_of(name) == "fope"] + ablations),
+            [("ablations.png", ["ppl_ratio", "accuracy"])]))
+    if grid.extensions:
+        sections.append(Section(
+            "Context extension without training",
+            "RoPE checkpoints evaluated with rescaled frequencies (the number is the scale s): position "
+            "interpolation (`pi`), NTK-aware scaling (`ntk`), and YaRN as the authors' code applies it (`yarn`, "
+            "no attention temperature).",
+            group_by_method([name for name in main if method_of(name) in ("rope", "fope")]
+                            + [extension.name for extension in grid.extensions]),
+            [("extension_inference.png", ["ppl", "accuracy"])]))
+    if finetunes:
+        sources = list(dict.fromkeys(run.init_from for run in finetunes))
+        sections.append(Section(
+            "Context extension by fine-tuning",
+            "`ext-A-B`: run A continued for a short fine-tune at a longer train_len with method B: `yarn` "
+            "(YaRN around the original length; FoPE's new coefficients start at zero) or `fope` (new "
+            "coefficients freshly initialised; from RoPE this converts the model to FoPE), evaluated at the "
+            "same lengths as the runs they start from.",
+            {name: [name] for name in sources + [run.name for run in finetunes]},
+            [("extension_finetune.png", ["ppl", "accuracy"])]))
+    return sections
+
+
+def load_results(grid, results_grid):
+    """{entry: {"ppl": record or None, "passkey": record or None}} from the evaluation JSON files."""
+    results = {}
+    for entry in grids.entries(grid):
+        results[entry] = {}
+        for kind in ("ppl", "passkey"):
+            path = grids.result_path(results_grid, kind, entry)
+            try:
+                with open(path) as f:
+                    results[entry][kind] = json.load(f)["checkpoints"][0]
+            except FileNotFoundError:
+                results[entry][kind] = None
+            except (ValueError, KeyError, IndexError):
+                raise ReportError(f"{path} is not an evaluation result of eval_{kind}.py: "
+                                  f"delete it to evaluate again") from None
+    return results
+
+
+def values_at(results, entries, metric, length):
+    """The metric at one length, one value for each entry that has it."""
+    kind, key, _ = METRICS[metric]
+    records = [results[entry][kind] for entry in entries if results[entry][kind]]
+    return [record[key][str(length)] for record in records if str(length) in record[key]]
+
+
+def train_lens(results, entries):
+    """The training lengths of the entries with results (the dashed lines of a figure)."""
+    return sorted({record["train_len"] for entry in entries for record in results[entry].values() if record})
+
+
+def plot_figure(path, section, metrics, results, lengths):
+    """One panel per metric: mean over each group's entries, the min-max band where there are several."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.3), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for label, entries in section.groups.items():
+            points = [(n, values_at(results, entries, metric, n)) for n in lengths]
+            points = [(n, values) for n, values in points if values]
+            if not points:
+                continue
+            xs = [n for n, _ in points]
+            count = max(len(values) for _, values in points)
+            line, = ax.plot(xs, [statistics.mean(v) for _, v in points], marker="o",
+                            label=f"{label} ({count} seeds)" if count > 1 else label)
+            if count > 1:
+                ax.fill_between(xs, [min(v) for _, v in points], [max(v) for _, v in points],
+                                color=line.get_color(), alpha=0.2)
+        for train_len in train_lens(results, section_entries(section)):
+            ax.axvline(train_len, color="gray", linestyle="--", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        if metric == "accuracy":
+            ax.set_ylim(-0.03, 1.03)
+        else:
+            ax.set_yscale("log")
+            for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))  # 200, not 2x10^2
+        ax.set_xlabel("evaluation length (tokens); dashed: train_len")
+        ax.set_ylabel(METRICS[metric][2])
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    fig.suptitle(section.title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_value(metric, value):
+    """Accuracy in percent, ratios with two decimals, perplexity with one."""
+    return f"{value:.0%}" if metric == "accuracy" else f"{value:.2f}" if metric == "ppl_ratio" else f"{value:.1f}"
+
+
+def spread_cell(results, entries, metric, length):
+    """'mean (min–max)' of a metric over entries (the seeds of a method), '–' where none has it."""
+    values = values_at(results, entries, metric, length)
+    cell = format_value(metric, statistics.mean(values)) if values else "–"
+    if len(values) > 1:
+        cell += f" ({format_value(metric, min(values))}–{format_value(metric, max(values))})"
+    return cell
+
+
+def table(section, metric, results, lengths):
+    """Markdown rows = groups, columns = lengths; 'mean (min–max)' over a group's entries."""
+    lines = [f"| {TABLE_TITLES[metric]} | " + " | ".join(map(str, lengths)) + " |",
+             "|---" * (len(lengths) + 1) + "|"]
+    for label, entries in section.groups.items():
+        cells = [spread_cell(results, entries, metric, length) for length in lengths]
+        done = sum(1 for entry in entries if results[entry][METRICS[metric][0]])
+        if done:
+            lines.append(f"| {row_label(label, done, len(entries))} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def row_label(label, done, total):
+    """'rope (3 seeds)', 'rope (2 of 3 seeds)', or the label alone for a single run."""
+    if total == 1:
+        return label
+    return f"{label} ({done} seeds)" if done == total else f"{label} ({done} of {total} seeds)"
+
+
+def section_entries(section):
+    """Every entry of a section, group by group."""
+    return [entry for group in section.groups.values() for entry in group]
+
+
+def has_results(section, results):
+    """Whether any entry of the section has been evaluated."""
+    return any(record for entry in section_entries(section) for record in results[entry].values())
+
+
+def section_markdown(section, results, lengths, figure_dir):
+    """Title, text, figure links and the three tables, then the runs behind rows and those missing."""
+    missing = [entry for entry in section_entries(section) if not all(results[entry].values())]
+    lines = [f"#### {section.title}", "", section.text, ""]  # under the README's "### Results"
+    if has_results(section, results):
+        lines += [f"![{section.title}: {', '.join(METRICS[m][2] for m in metrics)}]({figure_dir}{name})"
+                  for name, metrics in section.figures] + [""]
+        for metric in METRICS:
+            lines += table(section, metric, results, lengths) + [""]
+    rows = "; ".join(f"{label} = {', '.join(group)}" for label, group in section.groups.items() if group != [label])
+    if rows:
+        lines += [f"Runs behind each row: {rows}.", ""]
+    if missing:
+        lines += [f"Not yet run: {', '.join(missing)}.", ""]
+    return lines
+
+
+def diagnostics_markdown(results):
+    """A table of eval_passkey.py's diagnostics at train_len, one row per evaluated run: which
+    digits of the key the model finds, and whether it copies by looking the key up."""
+    rows = [(entry, kinds["passkey"]["diagnostics"]) for entry, kinds in results.items()
+            if kinds["passkey"] and "diagnostics" in kinds["passkey"]]
+    if not rows:
+        return []
+    lines = ["#### Copying at train_len", "",
+             "With the true answer fed in: the share of first key digits (the needle found) and of later ones (each a copy "
+             "of the digit that followed the previous one in the needle) that are the model's top prediction; a "
+             "guess gets 10%. Then the later digits of the needle's own repeat of the key (\"Remember it. N is the "
+             "pass key.\"), as trained and with the two mentions three words further apart: a model that learned to "
+             "copy from a fixed distance back loses them there, one that looks the key up does not.", "",
+             "| run | answer: first digit | answer: later digits | needle repeat: later digits | "
+             "3 words further |", "|---|---|---|---|---|"]
+    lines += [f"| {entry} | {d['first_digit_accuracy']:.0%} | {d['later_digit_accuracy']:.0%} | "
+              f"{d['repeat_later_digits']:.0%} | {d['repeat_later_digits_further']:.0%} |" for entry, d in rows]
+    return lines + [""]
+
+
+def grid_steps(grid, results_grid):
+    """(title, done) of every step of the grid: a run's training is done when nothing needs its
+    checkpoint any more, an evaluation when its JSON is current."""
+    done = []
+    for kind, run, entry, _ in grids.steps(grid, grid.runs):
+        if kind == "train":
+            finished = not grids.needs_checkpoint(grid, run, grid.runs, results_grid)
+        else:
+            finished = grids.is_current(grids.result_path(results_grid, kind, entry), *grids.run_settings(grid, run))
+        done.append((grids.step_title(kind, run, entry), finished))
+    return done
+
+
+def measured_markdown(grid, results_grid):
+    """What the grid's finished steps cost and where they ran, from steps.jsonl and
+    environment.json (empty when either is missing). A step finished twice counts its last run."""
+    try:
+        with open(os.path.join(results_grid, "steps.jsonl")) as f:
+            seconds = {record["step"]: record["seconds"] for record in map(json.loads, f)}
+        with open(os.path.join(results_grid, "environment.json")) as f:
+            environment = json.load(f)
+    except FileNotFoundError:
+        return []
+    steps = grid_steps(grid, results_grid)
+    timed = [title for title, _ in steps if title in seconds]
+    by_kind = {}
+    for title in timed:
+        kind = title.split()[0]
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds[title]
+    kinds = ", ".join(f"{kind} {runs.clock(total)}" for kind, total in by_kind.items())
+    # a step that is done but has no time (it ran before steps.jsonl existed); steps still to run are not counted
+    untimed = [title for title, done in steps if title not in seconds and done]
+    return [f"Measured: {len(timed)} of the grid's {len(steps)} steps took "
+            f"{runs.clock(sum(by_kind.values()))} of wall time ({kinds})"
+            + (f"; not timed: {', '.join(untimed)}" if untimed else "")
+            + f". On {environment['cpu']} ({environment['cores']} cores) with Python {environment['python']} "
+            f"and torch {environment['torch']}; every step's command line and time are in `steps.jsonl` "
+            f"and `environment.json` beside the results.", ""]
+
+
+def saved_precision(results):
+    """What the saved results were computed in, from their own records (a grid's pinned precision
+    may be newer than its results)."""
+    def used(kind, read):
+        return "/".join(sorted({read(kinds[kind]) for kinds in results.values() if kinds.get(kind)}))
+    trained = used("ppl", lambda record: record.get("train_config", {}).get("dtype", "?"))
+    evaluated = used("ppl", lambda record: record.get("eval_dtype", "fp32"))  # eval_ppl.py's only default before "auto"
+    return f"The saved runs were trained in {trained} and their perplexity computed in {evaluated}; passkey in fp32."
+
+
+def report_markdown(grid_name, grid, sections, results, figure_dir, measured):
+    """The report's Markdown; figure links start with figure_dir; `measured` from measured_markdown."""
+    lines = [f"Grid `{grid_name}` of `grids.py`. {grid.about}", "",
+             f"Training: train.py's defaults with `{shlex.join(grid.training)}` "
+             f"(per run: see `{grid_name.upper()}` in grids.py). Perplexity: eval_ppl.py "
+             f"{shlex.join(grid.ppl_args) or '(every validation token)'}; passkey: eval_passkey.py "
+             f"{shlex.join(grid.passkey_args)}. {saved_precision(results)} Generated by `python report.py "
+             f"--grid {grid_name}` from the evaluation JSON.", "", *measured]
+    for section in sections:
+        lines += section_markdown(section, results, grid.lengths, figure_dir)
+    return "\n".join(lines + diagnostics_markdown(results))
+
+
+def headline_markdown(grid, results):
+    """Perplexity ratio to train_len and passkey accuracy, 'mean (lowest–highest)' over seeds, for
+    the rows of HEADLINE_ROWS that the grid has."""
+    groups = group_by_method(run.name for run in grid.runs)
+    rows = {label: groups[method] for label, method in HEADLINE_ROWS.items() if method in groups}
+    train_len = train_lens(results, [entry for entries in rows.values() for entry in entries])[0]
+    lengths = [m * train_len for m in HEADLINE_MULTIPLES]
+    lines = ["| | " + " | ".join(f"ppl ratio {m}×" for m in HEADLINE_MULTIPLES) + " | "
+             + " | ".join(f"passkey {m}×" for m in HEADLINE_MULTIPLES) + " |",
+             "|---" * (1 + 2 * len(lengths)) + "|"]
+    for label, entries in rows.items():
+        cells = [spread_cell(results, entries, metric, length) for metric in ("ppl_ratio", "accuracy") for length in lengths]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    runs_behind = "; ".join(f"{label}: {', '.join(entries)}" for label, entries in rows.items())
+    return "\n".join(lines + [
+        "", f"Perplexity at T over perplexity at train_len = {train_len}, and passkey accuracy (100 prompts a "
+        f"length), at T = 1, 2, 4 and 16 × train_len; mean (lowest–highest) over seeds. "
+        f"{saved_precision(results)} Runs: {runs_behind}. Generated by `python report.py` from the JSON in "
+        f"results/{HEADLINE_GRID}/; the full tables are in results/{HEADLINE_GRID}/results.md."])
+
+
+def update_readme(path, block, name="results"):
+    """Replace the text between the README's markers <!-- name:begin --> and <!-- name:end -->
+    by `block` (generated, never typed); returns what happened."""
+    begin_marker, end_marker = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    with open(path) as f:
+        text = f.read()
+    begin, end = text.find(begin_marker), text.find(end_marker)
+    if begin < 0 or end < begin:
+        return f"{path} has no {begin_marker} ... {end_marker} markers: left unchanged"
+    text = text[:begin + len(begin_marker)] + "\n" + block.strip() + "\n" + text[end:]
+    data.write_atomically(path, text.encode())
+    return f"updated the {name} block of {path}"
+
+
+def write_report(grid_name, results_grid, readme=README):
+    """Every figure, results.md and (for the headline grid) the README's table, from saved JSON."""
+    grid = grids.GRIDS[grid_name]
+    results = load_results(grid, results_grid)
+    if not any(record for kinds in results.values() for record in kinds.values()):
+        raise ReportError(f"no evaluation results in {results_grid}: run the grid first")
+    sections = report_sections(grid)
+    for section in sections:
+        if has_results(section, results):
+            for name, metrics in section.figures:
+                plot_figure(os.path.join(results_grid, name), section, metrics, results, grid.lengths)
+    measured = measured_markdown(grid, results_grid)
+    markdown_path = os.path.join(results_grid, "results.md")
+    data.write_atomically(markdown_path, (f"### Results of the {grid_name} grid\n\n"
+                                          + report_markdown(grid_name, grid, sections, results, "", measured)
+                                          + "\n").encode())
+    print(f"wrote {markdown_path} and its figures")
+    if grid_name == HEADLINE_GRID and readme:
+        print(update_readme(readme, headline_markdown(grid, results), "headline"))
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", choices=sorted(grids.GRIDS), default="default", help="which grid (default: default)")
+    parser.add_argument("--results_dir", default="results", help="the grid's results are in RESULTS_DIR/<grid>/")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Write the report; missing or damaged results and I/O errors end in one line."""
+    args = parse_args(argv)
+    try:
+        write_report(args.grid, os.path.abspath(os.path.join(args.results_dir, args.grid)))
+    except (ReportError, OSError) as error:
+        sys.exit(f"report.py: error: {data.error_line(error)}")
+
+
+if __name__ == "__main__":
+    main()

