@@ -10,7 +10,7 @@ Everything is measured in the same run so that its ratios hold on a noisy machin
     --dtype auto picks here;
   - training tokens/s (forward, backward, fused AdamW step) in that precision, eager and
     compiled, for each position embedding and for a plain reference GPT of the same shape
-    (below), all timed in turns so that a slow spell of the machine hits them alike;
+    (below); the eager ones timed in turns so that a slow spell of the machine hits them alike;
   - evaluation tokens/s and peak memory at 1x, 4x and 16x train_len (forward only, float32,
     batch 1, as eval_ppl.py runs; each in a fresh process, whose peak memory is its own).
 On CUDA the times come from CUDA events and the memory from torch.cuda.max_memory_allocated.
@@ -138,12 +138,26 @@ def build(name, config, device):
 
 
 def training_speed(names, config, batch_size, steps, dtype, device, compiled):
-    """Tokens/s of full training steps for several models, timed in turns (one step of each,
-    again and again); the median step time of each, after warm-up steps that absorb compilation."""
+    """Tokens/s of full training steps for several models: the median step time of each, after
+    warm-up steps. Eager models are timed in turns (one step of each, again and again), so that a
+    slow spell of the machine hits them alike. Compiled models are timed one after another, each
+    alone in the compiler's caches as in a training run: compiled models of one class that take
+    turns in a process were measured several times slower than either alone."""
+    if compiled:
+        speeds = {}
+        for name in names:
+            torch._dynamo.reset()
+            speeds.update(training_speed_in_turns([name], config, batch_size, steps, dtype, device, warmup=6,
+                                                  compiled=True))
+        return speeds
+    return training_speed_in_turns(names, config, batch_size, steps, dtype, device, warmup=2, compiled=False)
+
+
+def training_speed_in_turns(names, config, batch_size, steps, dtype, device, warmup, compiled):
     step_functions = {}
     for name in names:
         step_functions[name] = training_step(build(name, config, device), batch_size, dtype, device, compiled)
-        for _ in range(6 if compiled else 2):  # compiled code settles after a few steps
+        for _ in range(warmup):  # compiled code settles after a few steps
             step_functions[name]()
     times = {name: [] for name in names}
     for _ in range(steps):
