@@ -1,7 +1,7 @@
 """
 bench.py: speed of the default model, every position embedding, in one process and one run.
 
-    python bench.py                      # the full table (about 10 minutes on 2 CPU cores)
+    python bench.py                      # the full table (a few minutes on 2 CPU cores)
     python bench.py --steps 3 --no_compile --lengths 1,4   # a quick look
 
 Everything is measured in the same run so that its ratios hold on a noisy machine:
@@ -141,8 +141,7 @@ def training_speed(names, config, batch_size, steps, dtype, device, compiled):
     """Tokens/s of full training steps for several models: the median step time of each, after
     warm-up steps. Eager models are timed in turns (one step of each, again and again), so that a
     slow spell of the machine hits them alike. Compiled models are timed one after another, each
-    alone in the compiler's caches as in a training run: compiled models of one class that take
-    turns in a process were measured several times slower than either alone."""
+    alone in the compiler's caches, as train.py runs one."""
     if compiled:
         speeds = {}
         for name in names:
