@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 import tokenizer
-import train
 
 HERE = Path(__file__).resolve().parent
 
@@ -92,5 +91,6 @@ def error_of(main, argv):
 def trained_run(tmp_path_factory):
     """One tiny training run, shared by the tests that only read its results."""
     tmp_path = tmp_path_factory.mktemp("run")
-    train.main(tiny_run_args(tmp_path, "--pe", "fope"))
+    result = run_script("train.py", *tiny_run_args(tmp_path, "--pe", "fope"))  # as a user runs it
+    assert result.returncode == 0, result.stderr
     return tmp_path, tmp_path / "out" / "tiny"
