@@ -33,9 +33,10 @@ import torch.nn.functional as F
 
 import data
 import hardware
+import settings
 from fope_gpt import GPT, GPTConfig, POSITION_EMBEDDINGS
 
-BATCH_SIZE = 16  # train.py's default: 16 x 256 = 4096 tokens a step
+BATCH_SIZE = settings.DEFAULTS["batch_size"]  # train.py's default: 16 x 256 = 4096 tokens a step
 BASELINE = "reference"  # the plain GPT's row in the tables
 
 # -----------------------------------------------------------------------------
