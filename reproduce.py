@@ -3,7 +3,7 @@ reproduce.py: run a grid of grids.py end to end. Train every run, measure perple
 passkey accuracy as the context grows past the training length, then write the report
 (report.py).
 
-    python reproduce.py                         # the default grid: about 6 hours on 2 CPU cores
+    python reproduce.py                         # the default grid: about 14 hours on 2 CPU cores
     python reproduce.py --quick                 # tiny models, about a minute: checks the pipeline
     python reproduce.py --only rope-s0 fope-s0  # some runs only
     python reproduce.py --dry_run               # list the steps and which are done
@@ -17,7 +17,7 @@ was interrupted, so after a stop the same command carries on where it was.
     out/<grid>/<run>/ckpt.pt              checkpoints (git-ignored)
     results/<grid>/ppl/<entry>.json       one evaluation per file (with eval_ppl.py's own figure)
     results/<grid>/passkey/<entry>.json   (with eval_passkey.py's figures)
-    results/<grid>/*.png, results.md      the report; the default and passkey grids' also go into README.md
+    results/<grid>/*.png, results.md      the report; the headline grid's table also goes into README.md
     results/<grid>/steps.jsonl            every finished step: name, command, seconds, date
     results/<grid>/environment.json       versions and CPU of the machine that last ran steps
 """

@@ -12,6 +12,7 @@ import pytest
 import grids
 import report
 import reproduce
+import settings
 from conftest import HERE, error_of, png_size, run_script
 
 
@@ -31,6 +32,28 @@ def test_every_run_of_every_grid_is_a_valid_train_py_command(grid_name, tmp_path
     assert all(names.index(run.init_from) < names.index(run.name) for run in grid.runs if run.init_from)
     assert all(extension.run in names for extension in grid.extensions)
     assert not list(tmp_path.iterdir())  # planning writes nothing
+
+
+def test_the_default_grid_trains_every_method_alike_with_the_retrieval_preset(tmp_path):
+    grid = grids.GRIDS["default"]
+    recipe = settings.PRESETS["retrieval"]
+    assert recipe["vocab_size"] == 257 and recipe["init"] == "pytorch" and recipe["passkey_loss"] == "answer"
+    for run in grid.runs:
+        values, given = grids.run_settings(grid, run)
+        changed = {"train_len", "batch_size", "max_steps"} if run.init_from else set()  # the fine-tunes
+        assert all(values[key] == value and given[key] == value for key, value in recipe.items() if key not in changed)
+        assert values["dtype"] == "fp32"
+    # every method and FoPE's two parts alone on 3 seeds, the passkey lengths within train_len hold a prompt
+    groups = report.group_by_method(run.name for run in grid.runs)
+    assert all(len(groups[method]) == 3 for method in ("rope", "fope", "alibi", "nope", "fope-nocf", "fope-nofs"))
+    assert {288, 384} <= {n for n in grid.lengths if n <= recipe["train_len"]}
+    # an evaluation of a run trained without the preset (the former grid's rope-s0) is not this grid's
+    former = grids.GRIDS["bpe256"]
+    path = tmp_path / "rope-s0.json"
+    path.write_text(json.dumps({"checkpoints": [{"step": 1200, "train_config": grids.run_settings(former, former.runs[0])[0]}]}))
+    assert former.runs[0].name == grid.runs[0].name == "rope-s0"
+    assert grids.is_current(str(path), *grids.run_settings(former, former.runs[0]))
+    assert not grids.is_current(str(path), *grids.run_settings(grid, grid.runs[0]))
 
 
 def test_the_report_groups_seeds_of_a_method_and_only_seeds():

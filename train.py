@@ -4,6 +4,7 @@ train.py: train one model and leave a checkpoint that the evaluation scripts can
     python train.py --pe fope                       # the default CPU model on Shakespeare
     python train.py --pe rope --seed 1              # another run, in its own folder
     python train.py --pe fope --resume              # continue out/<run>/ after a stop
+    python train.py --preset retrieval --pe fope    # as the default grid trains it (byte level, passkey mix)
     python train.py --preset gpu60m --pe fope       # the paper's 60M shape, for one GPU
     torchrun --standalone --nproc_per_node=8 train.py --preset gpu60m   # the same on 8 GPUs
 
