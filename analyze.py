@@ -15,10 +15,13 @@ claims two things go wrong, and this script makes both visible, side by side per
     logit_vs_distance.png   attention logit vs relative distance, past train_len: periodic
                             extension or its breakdown
     fope_coefficients.png   FoPE's frozen sin/cos coefficient matrices: identity plus noise
+    retrieval_attention.png beyond the paper: where a passkey answer looks as prompts grow past
+                            train_len, to tell distance from dilution (passkey.py)
     analysis.json           the arrays behind every figure, per checkpoint
 
 q and k always come from real validation text, run through the model in windows of
-train_len tokens (the positions it was trained on); the analyses are in spectra.py.
+train_len tokens (the positions it was trained on); the analyses are in spectra.py. The
+retrieval attention runs on the passkey prompts of eval_passkey.py (same keys and depths).
 
 The files go to out/analysis/ by default (outside the committed results); every checkpoint,
 its data and the output folder are checked before the first analysis.
@@ -34,8 +37,13 @@ import numpy as np
 
 import data
 import hardware
+import passkey
 import runs
 import spectra
+
+
+# eval_passkey.py's default seed of the keys and depths
+PASSKEY_SEED = 1234
 
 
 def fail(message):
@@ -187,6 +195,50 @@ def plot_coefficients(results, labels, path):
                 "(symmetric log colours: small weights look large)")
 
 
+def plot_retrieval_attention(results, labels, path):
+    """Per checkpoint: the retrieval head's attention on the key against the needle's distance,
+    one colour per prompt length (top), and the entropy of its attention against the prompt
+    length beside that of attention spread evenly (bottom)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, len(results), figsize=(max(10, 4.5 * len(results)), 7), squeeze=False,
+                             layout="constrained")
+    for col, (result, label) in enumerate(zip(results, labels)):
+        retrieval, (top, bottom) = result["retrieval_attention"], axes[:, col]
+        if retrieval is None or "skipped" in retrieval:
+            for ax in (top, bottom):
+                ax.text(0.5, 0.5, f"{label}: {retrieval['skipped'] if retrieval else 'not measured'}",
+                        ha="center", va="center", wrap=True, fontsize=8)
+                ax.axis("off")
+            continue
+        lengths = sorted(int(n) for n in retrieval["lengths"])
+        for n in lengths:
+            trials = retrieval["lengths"][str(n)]
+            order = np.argsort(trials["distance"])
+            top.plot(np.array(trials["distance"])[order], np.array(trials["weight"])[order], marker=".",
+                     linewidth=0.8, label=f"{n} tokens")
+        top.axvline(result["train_len"], color="gray", linestyle="--", linewidth=1)
+        top.set_xscale("log", base=2)
+        top.set_ylim(-0.03, 1.03)
+        top.set_title(f"{label}: layer {retrieval['layer']}, head {retrieval['head']}", fontsize=9)
+        top.set_xlabel("distance from the answer to the needle (tokens); dashed: train_len")
+        top.set_ylabel("attention on the key's digits")
+        top.legend(fontsize=7)
+        bottom.plot(lengths, [retrieval["lengths"][str(n)]["mean_entropy"] for n in lengths], marker="o",
+                    label="retrieval head")
+        bottom.plot(lengths, np.log(lengths), linestyle="--", color="gray", label="even over all tokens: ln T")
+        bottom.axvline(result["train_len"], color="gray", linestyle="--", linewidth=1)
+        bottom.set_xscale("log", base=2)
+        bottom.set_xlabel("prompt length T (tokens)")
+        bottom.set_ylabel("entropy of the answer's attention (nats)")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+        bottom.legend(fontsize=7)
+    save_figure(fig, path,
+                "Where the passkey answer looks (the head that attends most to the key at train_len). Look for:\n"
+                "weight falling with the needle's distance at every length (distance: phases never trained),\n"
+                "or falling at every distance as T grows, the entropy rising towards ln T (dilution)")
+
+
 # -----------------------------------------------------------------------------
 # command line
 
@@ -199,6 +251,10 @@ def parse_args(argv):
     parser.add_argument("--pair", type=int, help="rotary pair (default: intended period closest to train_len/4)")
     parser.add_argument("--text_tokens", type=int, help="validation tokens for q/k statistics (default 4 x train_len)")
     parser.add_argument("--max_distance", type=int, help="largest distance for the logits (default 16 x train_len)")
+    parser.add_argument("--passkey_trials", type=int, default=20,
+                        help="passkey prompts per length for the retrieval attention (0: skip it; default 20)")
+    parser.add_argument("--passkey_lengths", type=runs.parse_lengths,
+                        help="prompt lengths for the retrieval attention (default 1, 2, 4, 8, 16 x train_len)")
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--device", default="auto", help="auto: cuda if PyTorch sees a GPU, else cpu")
     parser.add_argument("--out_dir", default="out/analysis")
@@ -207,6 +263,8 @@ def parse_args(argv):
         value = getattr(args, name)
         if value is not None and value < 1:
             fail(f"--{name} must be a positive integer, got {value}")
+    if args.passkey_trials < 0:
+        fail(f"--passkey_trials must be 0 or more, got {args.passkey_trials}")
     return args
 
 
@@ -221,6 +279,7 @@ def write_outputs(results, out_dir):
     plot_pair_norms(results, labels, os.path.join(out_dir, "pair_norms.png"))
     plot_spectra(results, labels, os.path.join(out_dir, "spectrum.png"))
     plot_logits(results, labels, os.path.join(out_dir, "logit_vs_distance.png"))
+    plot_retrieval_attention(results, labels, os.path.join(out_dir, "retrieval_attention.png"))
     coefficients = os.path.join(out_dir, "fope_coefficients.png")
     if any(r["fope_coefficients"] is not None for r in results):
         plot_coefficients(results, labels, coefficients)
@@ -246,11 +305,12 @@ def analyze_all(args):
         message = spectra.check_indices(model, args.layer, args.head, args.pair)
         if message:
             fail(f"{path}: {message}")
-        loaded.append((path, state, model, runs.load_validation(path, state, args.data_dir)))
+        enc = runs.load_tokenizer(path, state, model)
+        loaded.append((path, state, model, enc, runs.load_validation(path, state, args.data_dir)))
     data.check_writable_folder(args.out_dir)
 
     results = []
-    for path, state, model, tokens in loaded:
+    for path, state, model, enc, tokens in loaded:
         train_len = model.config.train_len
         pair = spectra.default_pair(model, args.layer) if args.pair is None else args.pair
         result = {"path": path, "run": runs.run_of(path),
@@ -260,6 +320,9 @@ def analyze_all(args):
         result["max_distance"] = args.max_distance or 16 * train_len
         result.update(spectra.analyze(model, tokens, args.layer, args.head, pair,
                               result["text_tokens"], result["max_distance"]))
+        lengths = args.passkey_lengths or [m * train_len for m in (1, 2, 4, 8, 16)]
+        result["retrieval_attention"] = passkey.retrieval_attention(
+            model, enc, lengths, args.passkey_trials, PASSKEY_SEED, args.device) if args.passkey_trials else None
         results.append(result)
         print(f"{path} [{model.config.pe}]: analysed layer {args.layer}, head {args.head}, pair {pair}", flush=True)
     write_outputs(results, args.out_dir)

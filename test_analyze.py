@@ -150,7 +150,7 @@ def test_cli_writes_every_figure_and_the_json(checkpoints):
     assert result.returncode == 0, result.stderr
     # figure sizes in inches at 110 dpi: two checkpoints of two layers, one of them FoPE
     for name, inches in (("pair_norms", (10, 2.4 * 2 + 1)), ("spectrum", (10, 7)), ("logit_vs_distance", (10, 4.2)),
-                         ("fope_coefficients", (3.4 * 2 + 1.5, 3 * 2 + 1.2))):
+                         ("fope_coefficients", (3.4 * 2 + 1.5, 3 * 2 + 1.2)), ("retrieval_attention", (10, 7))):
         assert png_size(tmp / "out" / f"{name}.png") == tuple(round(x * 110) for x in inches)
     report = json.loads((tmp / "out" / "analysis.json").read_text())
     assert [r["pe"] for r in report["checkpoints"]] == ["rope", "fope"]
@@ -158,6 +158,7 @@ def test_cli_writes_every_figure_and_the_json(checkpoints):
         assert record["pair"] == 0 and record["train_len"] == 32  # period 6.3 is closest to 32/4
         assert record["logit_vs_distance"]["distance"][-1] == 16 * 32
         assert len(record["spectrum"]["query_dft"]) == 8 * 32
+        assert "skipped" in record["retrieval_attention"]  # 32 tokens hold no passkey prompt
 
 
 def test_cli_rejects_a_bad_layer_in_one_line_and_keeps_earlier_results(checkpoints):

@@ -226,6 +226,59 @@ def save_tiny_checkpoint(path, pe="fope"):
     torch.save(state, path)
 
 
+@pytest.mark.parametrize("pe", ["rope", "fope", "alibi", "nope"])
+def test_the_answer_attention_reproduces_each_layers_output(pe):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, train_len=16, pe=pe)).eval()
+    idx = torch.randint(64, (2, 40))  # past train_len
+    inputs, outputs = [], []
+    hooks = [hook for block in model.blocks for hook in (
+        block.attn.register_forward_pre_hook(lambda module, args: inputs.append(args[0])),
+        block.attn.register_forward_hook(lambda module, args, out: outputs.append(out)))]
+    weights = passkey.last_position_attention(model, idx)  # (B, n_layer, H, T)
+    for hook in hooks:
+        hook.remove()
+    assert weights.shape == (2, 2, 2, 40) and torch.allclose(weights.sum(-1), torch.ones(2, 2, 2))
+    for layer, block in enumerate(model.blocks):
+        x = inputs[layer]                                                   # (B, T, C)
+        v = block.attn.qkv(x)[..., 64:].view(2, 40, 2, 16).transpose(1, 2)   # (B, H, T, d)
+        y = torch.einsum("bht,bhtd->bhd", weights[:, layer], v).reshape(2, 32)  # heads side by side
+        assert torch.allclose(block.attn.proj(y), outputs[layer][:, -1], atol=1e-5)
+
+
+def test_attention_spread_evenly_puts_on_the_key_its_share_of_the_tokens():
+    enc = byte_encoding()
+    model = GPT(GPTConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=32, train_len=300, pe="nope")).eval()
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[:32] = 0  # q = 0: every logit equal, attention even
+    distance, weight, entropy = passkey.attention_on_key(model, enc, 300, 4, seed=0, device="cpu")
+    keys, depths = passkey.trial_settings(0, 300, 4)
+    for i, (key, depth) in enumerate(zip(keys, depths)):
+        prompt = passkey.build_prompt(enc, 300, depth, key)
+        digits = enc.encode_ordinary(str(key))
+        assert distance[i] == 299 - passkey.key_mentions(prompt, digits)[0]
+        assert np.allclose(weight[i], 2 * len(digits) / 300)  # both mentions of the key
+        assert np.allclose(entropy[i], np.log(300))
+    assert np.all(np.diff(distance) < 0)  # stratified depths: the later needles are nearer the answer
+
+
+def test_the_retrieval_head_is_the_one_that_looks_at_the_key_at_train_len():
+    enc = byte_encoding()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=257, n_layer=2, n_head=2, n_embd=32, train_len=300, pe="alibi")).eval()
+    found = passkey.retrieval_attention(model, enc, [150, 300, 600], trials=4, seed=0, device="cpu")
+    assert list(found["lengths"]) == ["300", "600"] and found["reference_length"] == 300  # 150 holds no prompt
+    head_weight = np.array(found["head_weight"])
+    assert head_weight[found["layer"], found["head"]] == head_weight.max()
+    _, weight, _ = passkey.attention_on_key(model, enc, 300, 4, seed=0, device="cpu")
+    assert np.allclose(found["lengths"]["300"]["weight"], weight[:, found["layer"], found["head"]])
+    at_600 = found["lengths"]["600"]
+    near = [w for d, w in zip(at_600["distance"], at_600["weight"]) if d < 300]
+    assert np.isclose(at_600["mean_weight_near"], np.mean(near))
+    assert found["lengths"]["300"]["mean_weight_far"] is None  # within train_len every needle is near
+    assert "skipped" in passkey.retrieval_attention(model, enc, [150, 600], trials=4, seed=0, device="cpu")
+
+
 def test_eval_passkey_end_to_end(tmp_path):
     save_tiny_checkpoint(tmp_path / "fope.pt", "fope")
     save_tiny_checkpoint(tmp_path / "rope.pt", "rope")
