@@ -4,8 +4,8 @@ the grid's shared ones), the context extensions it evaluates without training, a
 and arguments of its evaluations. `python reproduce.py --grid NAME` runs one;
 `python report.py --grid NAME` turns its saved results into figures and tables.
 
-    default   RoPE, FoPE (3 seeds each), ALiBi, NoPE, FoPE ablations, context extension, at byte
-              level with the retrieval preset (CPU, ~14 h)
+    default   RoPE, FoPE, ALiBi, NoPE (3 seeds each), FoPE ablations, head_dim, context extension, at byte
+              level with the retrieval preset (CPU, ~16 h)
     quick     the same pipeline with tiny models (about a minute): checks that everything runs
     gpu60m    the paper's 60M shape on FineWeb-Edu, for a GPU (untested here)
     bpe256    the former default grid: BPE-4096 at train_len 256, no retrieval recipe (CPU, ~6 h)
@@ -77,15 +77,16 @@ def yarn_after(train_len):
     return ["--rope_scaling", "yarn", "--rope_scale", "16", "--rope_original_len", str(train_len)]
 
 
-def shakespeare_grid(about, training, train_len, lengths, ppl_args, seeds_for_all):
+def shakespeare_grid(about, training, train_len, lengths, ppl_args, full):
     """The CPU experiment on train.py's CPU model: RoPE, FoPE, ALiBi and NoPE, the extension
     experiment, FoPE's ablations, RoPE's training-free extensions. RoPE and FoPE run on 3 seeds; with
-    seeds_for_all, ALiBi, NoPE and FoPE's two parts alone (nocf, nofs) do too. Ordered so that a
-    partly finished grid is already informative: seed 0 of every method, the fine-tunes that start
-    from two of them, the other seeds, then the ablations."""
+    full, ALiBi, NoPE and FoPE's two parts alone (nocf, nofs) do too, and RoPE and FoPE also run at
+    head_dim 32 and 128. Ordered so that a partly finished grid is already informative: seed 0 of
+    every method, the fine-tunes that start from two of them, the other seeds, then the ablations."""
     ft, yarn = finetune(train_len), yarn_after(train_len)
-    seeded = ["rope", "fope", "alibi", "nope"] if seeds_for_all else ["rope", "fope"]
-    more_seeds = (1, 2) if seeds_for_all else ()
+    seeded = ["rope", "fope", "alibi", "nope"] if full else ["rope", "fope"]
+    more_seeds = (1, 2) if full else ()
+    head_counts = (8, 2) if full else ()  # head_dim 32 and 128 at width 256
     return Grid(
         about=about,
         training=training,
@@ -105,6 +106,9 @@ def shakespeare_grid(about, training, train_len, lengths, ppl_args, seeds_for_al
             # train_len 256, 15 at 384)
             Run("fope-sigma1", "ablation", ["--pe", "fope", "--fope_sigma", "1"]),
             Run("fope-sigma3", "ablation", ["--pe", "fope", "--fope_sigma", "3"]),
+            # the paper's Fig. 5c at one seed: head_dim 32 and 128 at the same width (K and M change with it)
+            *[Run(f"{pe}-hd{256 // heads}", "headdim", ["--pe", pe, "--n_head", str(heads), *SEEDS[0]])
+              for heads in head_counts for pe in ("rope", "fope")],
             *[Run(f"fope-no{part}-s{seed}", "ablation", ["--pe", "fope", f"--fope_{part}", "false", *SEEDS[seed]])
               for seed in more_seeds for part in ("cf", "fs")],
         ],
@@ -125,14 +129,14 @@ def shakespeare_grid(about, training, train_len, lengths, ppl_args, seeds_for_al
 DEFAULT = shakespeare_grid(
     about="The CPU model of train.py on Shakespeare at byte level (train.py --preset retrieval), trained at "
           "384 bytes and evaluated to 16x; perplexities are per byte. Estimated time on 2 CPU cores at about "
-          "4.8k tokens/s in float32: 21 runs x 27 min of training, 4 fine-tunes x 4 min, 34 evaluations x "
-          "(1-2 min perplexity + 6 min passkey); about 14 hours in all.",
+          "4.8k tokens/s in float32: 25 runs x 27 min of training, 4 fine-tunes x 4 min, 38 evaluations x "
+          "(1-2 min perplexity + 6 min passkey); about 16 hours in all.",
     training=["--preset", "retrieval", *CPU_PRECISION],
     train_len=384,
     lengths=[192, 288, 384, 768, 1536, 3072, 6144],
     # the authors' chunked protocol on the first 131 072 validation bytes (about 35k BPE-4096 tokens of text)
     ppl_args=["--max_tokens", "131072", *CPU_PRECISION],
-    seeds_for_all=True,
+    full=True,
 )
 
 # The default grid before the retrieval preset: BPE-4096 tokens at train_len 256, OLMo's
@@ -150,7 +154,7 @@ BPE256 = shakespeare_grid(
     # the authors' chunked protocol on the first 65 536 validation tokens (16 chunks at 4096):
     # half the evaluation time of all 142k tokens
     ppl_args=["--max_tokens", "65536", *CPU_PRECISION],
-    seeds_for_all=False,
+    full=False,
 )
 
 # Tiny models that exercise every kind of step in about a minute. train_len 128 leaves room for

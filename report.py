@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import data  # noqa: E402
 import grids  # noqa: E402
 import runs  # noqa: E402
+from fope_gpt import kept_frequencies  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(HERE, "README.md")
@@ -91,6 +92,14 @@ def report_sections(grid):
             "coefficient gain X instead of 0.3.",
             group_by_method([name for name in main if method_of(name) == "fope"] + ablations),
             [("ablations.png", ["ppl_ratio", "accuracy"])]))
+    headdim = [run for run in grid.runs if run.section == "headdim"]
+    if headdim:
+        sections.append(Section(
+            "Head dimension",
+            "RoPE and FoPE at seed 0 with the same width split into more or fewer heads (the paper's Fig. 5c); "
+            "K is the number of frequencies FoPE keeps at train_len.",
+            head_dim_groups(grid, [run for run in grid.runs if run.name in ("rope-s0", "fope-s0")] + headdim),
+            [("headdim.png", ["ppl_ratio", "accuracy"])]))
     if grid.extensions:
         sections.append(Section(
             "Context extension without training",
@@ -111,6 +120,18 @@ def report_sections(grid):
             {name: [name] for name in sources + [run.name for run in finetunes]},
             [("extension_finetune.png", ["ppl", "accuracy"])]))
     return sections
+
+
+def head_dim_groups(grid, compared):
+    """{'fope, head_dim 32 (K = 8)': ['fope-hd32'], ...}: the runs by position embedding, then head_dim."""
+    labelled = []
+    for run in compared:
+        values = grids.run_settings(grid, run)[0]
+        head_dim = values["n_embd"] // values["n_head"]
+        kept = len(kept_frequencies(head_dim, values["train_len"], values["rope_theta"]))
+        labelled.append(((values["pe"], head_dim), f"{values['pe']}, head_dim {head_dim}"
+                         + (f" (K = {kept})" if values["pe"] == "fope" else ""), run.name))
+    return {label: [name] for _, label, name in sorted(labelled)}
 
 
 def load_results(grid, results_grid):

@@ -56,6 +56,15 @@ def test_the_default_grid_trains_every_method_alike_with_the_retrieval_preset(tm
     assert not grids.is_current(str(path), *grids.run_settings(grid, grid.runs[0]))
 
 
+def test_the_head_dim_sweep_compares_rope_and_fope_at_three_head_dims_of_one_width():
+    section = next(s for s in report.report_sections(grids.GRIDS["default"]) if s.title == "Head dimension")
+    # at train_len 384 FoPE keeps the frequencies whose period fits: 8 of 16, 15 of 32, 29 of 64
+    assert section.groups == {
+        "fope, head_dim 32 (K = 8)": ["fope-hd32"], "fope, head_dim 64 (K = 15)": ["fope-s0"],
+        "fope, head_dim 128 (K = 29)": ["fope-hd128"], "rope, head_dim 32": ["rope-hd32"],
+        "rope, head_dim 64": ["rope-s0"], "rope, head_dim 128": ["rope-hd128"]}
+
+
 def test_the_report_groups_seeds_of_a_method_and_only_seeds():
     assert report.method_of("rope-s2") == "rope"
     assert report.method_of("rope-s0+yarn16") == "rope+yarn16"
