@@ -315,7 +315,8 @@ def analyze_all(args):
         pair = spectra.default_pair(model, args.layer) if args.pair is None else args.pair
         result = {"path": path, "run": runs.run_of(path),
                   "pe": model.config.pe, "train_len": train_len, "step": state["step"],
-                  "model_config": state["model_config"], "layer": args.layer, "head": args.head, "pair": pair}
+                  "model_config": state["model_config"], "train_config": state.get("train_config", {}),
+                  "layer": args.layer, "head": args.head, "pair": pair}
         result["text_tokens"] = args.text_tokens or 4 * train_len
         result["max_distance"] = args.max_distance or 16 * train_len
         result.update(spectra.analyze(model, tokens, args.layer, args.head, pair,

@@ -16,7 +16,7 @@ whether a saved result is still this grid's.
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import runs
 import settings
@@ -49,6 +49,8 @@ class Grid:
     ppl_args: list       # further eval_ppl.py arguments
     passkey_args: list   # further eval_passkey.py arguments
     threads: int = 0     # torch threads per step (OMP_NUM_THREADS); 0: torch's default, every core
+    analysed: list = field(default_factory=list)  # runs whose checkpoints analyze.py compares in one report
+    analysis_args: list = field(default_factory=list)  # further analyze.py arguments
 
 
 # Seed i of a method: model init and text batches (--seed), and the passkey mix (--passkey_seed).
@@ -118,6 +120,9 @@ def shakespeare_grid(about, training, train_len, lengths, ppl_args, full):
         lengths=lengths,
         ppl_args=ppl_args,
         passkey_args=["--trials", "100"],
+        # why retrieval fails past train_len: seed 0 of each main method, side by side
+        analysed=["rope-s0", "fope-s0", "alibi-s0", "nope-s0"] if full else [],
+        analysis_args=["--passkey_trials", "20"],
     )
 
 
@@ -184,6 +189,8 @@ QUICK = Grid(
     # Matrices this small gain nothing from a second thread, and on a machine whose cores are busy
     # two threads wait for each other: one thread trains several times faster there.
     threads=1,
+    analysed=["rope-s0", "fope-s0"],
+    analysis_args=["--passkey_trials", "4", "--text_tokens", "256", "--max_distance", "512"],
 )
 
 GPU60M = Grid(
@@ -255,12 +262,17 @@ def evaluations(grid, run):
 def steps(grid, selected):
     """Every step of the selected runs, in the order reproduce.py runs them, as (kind, run, entry,
     extension arguments): kind "train" (entry None), then "ppl" and "passkey" for the run itself
-    and for each of its extensions."""
+    and for each of its extensions; when every analysed run is selected, "analysis" of them all
+    after the last of them (run: that last one, entry: their names)."""
+    names = {run.name for run in selected}
+    last_analysed = [run.name for run in grid.runs if run.name in grid.analysed][-1:]
     for run in selected:
         yield "train", run, None, []
         for entry, extension_args in evaluations(grid, run):
             for kind in ("ppl", "passkey"):
                 yield kind, run, entry, extension_args
+        if [run.name] == last_analysed and set(grid.analysed) <= names:
+            yield "analysis", run, " ".join(grid.analysed), []
 
 
 def step_title(kind, run, entry):
@@ -269,30 +281,57 @@ def step_title(kind, run, entry):
 
 
 def result_path(results_grid, kind, entry):
-    """Where the evaluation `kind` ("ppl" or "passkey") of an entry is saved."""
+    """Where the evaluation `kind` ("ppl", "passkey" or "analysis") of an entry is saved."""
+    if kind == "analysis":
+        return os.path.join(results_grid, "analysis", "analysis.json")
     return os.path.join(results_grid, kind, f"{entry}.json")
+
+
+def saved_records(path):
+    """The list of checkpoint records of an evaluation JSON; [] when it is missing or damaged."""
+    try:
+        with open(path) as f:
+            records = json.load(f)["checkpoints"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return records if isinstance(records, list) and all(isinstance(r, dict) for r in records) else []
+
+
+def record_is_current(record, values, given):
+    """Whether a checkpoint record was made from a checkpoint trained with these settings to the end."""
+    return record.get("step") == values["max_steps"] and all(
+        record.get("train_config", {}).get(key) == value for key, value in given.items() if key not in NOT_COMPARED)
 
 
 def is_current(path, values, given):
     """Whether the evaluation JSON at path exists and was made from a checkpoint trained with
     these settings to the end (a result of other settings is not this grid's)."""
-    try:
-        with open(path) as f:
-            records = json.load(f)["checkpoints"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return bool(records) and all(
-        isinstance(record, dict) and record.get("step") == values["max_steps"]
-        and all(record.get("train_config", {}).get(key) == value
-                for key, value in given.items() if key not in NOT_COMPARED)
-        for record in records)
+    records = saved_records(path)
+    return bool(records) and all(record_is_current(record, values, given) for record in records)
+
+
+def analysis_is_current(grid, results_grid):
+    """Whether the grid's analysis holds a current record of every analysed run."""
+    by_run = {record.get("run"): record for record in saved_records(result_path(results_grid, "analysis", None))}
+    return all(run.name in by_run and record_is_current(by_run[run.name], *run_settings(grid, run))
+               for run in grid.runs if run.name in grid.analysed)
+
+
+def step_is_current(grid, kind, run, entry, results_grid):
+    """Whether an evaluation step of the grid has its current JSON."""
+    if kind == "analysis":
+        return analysis_is_current(grid, results_grid)
+    return is_current(result_path(results_grid, kind, entry), *run_settings(grid, run))
 
 
 def pending(grid, run, results_grid):
-    """The evaluations of a run (kind, entry, extension arguments) that lack a current JSON."""
-    values, given = run_settings(grid, run)
-    return [(kind, entry, args) for kind, _, entry, args in steps(grid, [run])
-            if kind != "train" and not is_current(result_path(results_grid, kind, entry), values, given)]
+    """The evaluations of a run (kind, entry, extension arguments) that lack a current JSON,
+    the analysis of the analysed runs among them."""
+    own = [(kind, entry, args) for kind, _, entry, args in steps(grid, [run])
+           if kind not in ("train", "analysis") and not step_is_current(grid, kind, run, entry, results_grid)]
+    if run.name in grid.analysed and not analysis_is_current(grid, results_grid):
+        own.append(("analysis", " ".join(grid.analysed), []))
+    return own
 
 
 def needs_checkpoint(grid, run, runs, results_grid):

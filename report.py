@@ -281,6 +281,67 @@ def diagnostics_markdown(results):
     return lines + [""]
 
 
+# What the retrieval paragraph calls a fall: below half of what it is compared with.
+FALL = 0.5
+
+
+def retrieval_reading(found, train_len):
+    """One verdict for a run's retrieval attention (analyze.py), read at the longest measured
+    length up to 4x train_len: does its retrieval head lose the key with the prompt's length even
+    for needles within train_len of the answer (dilution), or only for needles further back
+    (distance)?"""
+    reference = found["lengths"][str(found["reference_length"])]["mean_weight"]
+    if reference < FALL:
+        return f"its answer hardly looks at the key even at {found['reference_length']} tokens ({reference:.2f})"
+    longer = [int(n) for n in found["lengths"] if train_len < int(n) <= 4 * train_len]
+    if not longer:
+        return "not measured past train_len"
+    at = found["lengths"][str(max(longer))]
+    near, far = at["mean_weight_near"], at["mean_weight_far"]
+    diluted = near is not None and near < FALL * reference
+    distant = far is not None and near is not None and far < FALL * near
+    verdict = {(True, True): "dilution and distance", (True, False): "dilution", (False, True): "distance",
+               (False, False): "neither: its retrieval head still finds the key"}[(diluted, distant)]
+    return f"{verdict} (at {max(longer)} tokens)"
+
+
+def retrieval_markdown(results_grid, figure_dir):
+    """The retrieval-attention table of the grid's analysis (analyze.py), with a verdict per run;
+    empty when the grid has no analysis yet."""
+    records = [r for r in grids.saved_records(grids.result_path(results_grid, "analysis", None))
+               if r.get("retrieval_attention") and "skipped" not in r["retrieval_attention"]]
+    if not records:
+        return []
+    train_len = records[0]["train_len"]
+    lengths = sorted({int(n) for r in records for n in r["retrieval_attention"]["lengths"]})
+
+    def cell(trials, key):
+        value = trials.get(key) if trials else None
+        return "–" if value is None else f"{value:.2f}"
+
+    lines = ["#### Why retrieval fails past train_len", "",
+             f"![where the passkey answer looks]({figure_dir}analysis/retrieval_attention.png)", "",
+             "For each run, the head whose answer position (the one that predicts the key's first digit) attends most "
+             f"to the key's digits in prompts of train_len = {train_len} tokens; then, as the prompt grows, its "
+             "attention on the key for needles within train_len of the answer / further back, and the entropy of its "
+             f"attention (nats; spread evenly over T tokens it would be ln T). {records[0]['retrieval_attention']['trials']} "
+             "prompts a length (analyze.py). Reading: *dilution* where the weight on needles within train_len falls "
+             f"below {FALL:.0%} of its value at train_len as the prompt grows (the other tokens take the attention); "
+             f"*distance* where needles further back get below {FALL:.0%} of the weight of the near ones (distances, "
+             "so phases, never seen in training).", "",
+             "| run | head | " + " | ".join(f"key weight {n}" for n in lengths) + " | "
+             + " | ".join(f"entropy {n}" for n in lengths) + " | reading |",
+             "|---" * (3 + 2 * len(lengths)) + "|"]
+    for record in records:
+        found = record["retrieval_attention"]
+        at = [found["lengths"].get(str(n)) for n in lengths]
+        weights = [f"{cell(t, 'mean_weight_near')} / {cell(t, 'mean_weight_far')}" if t else "–" for t in at]
+        lines.append(f"| {record['run']} | L{found['layer']} H{found['head']} | " + " | ".join(weights) + " | "
+                     + " | ".join(cell(t, "mean_entropy") for t in at) + f" | {retrieval_reading(found, train_len)} |")
+    return lines + ["", "Key weight: needle within train_len of the answer / further back (– where no prompt has "
+                    "one); head: the retrieval head, layer L, head H.", ""]
+
+
 def grid_steps(grid, results_grid):
     """(title, done) of every step of the grid: a run's training is done when nothing needs its
     checkpoint any more, an evaluation when its JSON is current."""
@@ -289,7 +350,7 @@ def grid_steps(grid, results_grid):
         if kind == "train":
             finished = not grids.needs_checkpoint(grid, run, grid.runs, results_grid)
         else:
-            finished = grids.is_current(grids.result_path(results_grid, kind, entry), *grids.run_settings(grid, run))
+            finished = grids.step_is_current(grid, kind, run, entry, results_grid)
         done.append((grids.step_title(kind, run, entry), finished))
     return done
 
@@ -331,8 +392,9 @@ def saved_precision(results):
     return f"The saved runs were trained in {trained} and their perplexity computed in {evaluated}; passkey in fp32."
 
 
-def report_markdown(grid_name, grid, sections, results, figure_dir, measured):
-    """The report's Markdown; figure links start with figure_dir; `measured` from measured_markdown."""
+def report_markdown(grid_name, grid, sections, results, figure_dir, measured, retrieval):
+    """The report's Markdown; figure links start with figure_dir; `measured` from measured_markdown,
+    `retrieval` from retrieval_markdown."""
     lines = [f"Grid `{grid_name}` of `grids.py`. {grid.about}", "",
              f"Training: train.py's defaults with `{shlex.join(grid.training)}` "
              f"(per run: see `{grid_name.upper()}` in grids.py). Perplexity: eval_ppl.py "
@@ -341,7 +403,7 @@ def report_markdown(grid_name, grid, sections, results, figure_dir, measured):
              f"--grid {grid_name}` from the evaluation JSON.", "", *measured]
     for section in sections:
         lines += section_markdown(section, results, grid.lengths, figure_dir)
-    return "\n".join(lines + diagnostics_markdown(results))
+    return "\n".join(lines + diagnostics_markdown(results) + retrieval)
 
 
 def headline_markdown(grid, results):
@@ -393,7 +455,8 @@ def write_report(grid_name, results_grid, readme=README):
     measured = measured_markdown(grid, results_grid)
     markdown_path = os.path.join(results_grid, "results.md")
     data.write_atomically(markdown_path, (f"### Results of the {grid_name} grid\n\n"
-                                          + report_markdown(grid_name, grid, sections, results, "", measured)
+                                          + report_markdown(grid_name, grid, sections, results, "", measured,
+                                                            retrieval_markdown(results_grid, ""))
                                           + "\n").encode())
     print(f"wrote {markdown_path} and its figures")
     if grid_name == HEADLINE_GRID and readme:

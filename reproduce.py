@@ -99,12 +99,17 @@ def plan(grid, selected, out_grid, results_grid):
         if kind == "train":
             planned.append((title, *train_command(grid, run, selected, out_grid, results_grid)))
             continue
-        script, options = {"ppl": ("eval_ppl.py", grid.ppl_args),
-                           "passkey": ("eval_passkey.py", grid.passkey_args)}[kind]
         output = grids.result_path(results_grid, kind, entry)
-        command = [sys.executable, script, "--ckpt", project_path(checkpoint), "--lengths",
-                   ",".join(map(str, grid.lengths)), "--out", project_path(output), *options, *extension_args]
-        current = grids.is_current(output, *grids.run_settings(grid, run))
+        if kind == "analysis":
+            checkpoints = [project_path(runs.checkpoint_path(out_grid, name)) for name in grid.analysed]
+            command = [sys.executable, "analyze.py", "--ckpt", *checkpoints,
+                       "--out_dir", project_path(os.path.dirname(output)), *grid.analysis_args]
+        else:
+            script, options = {"ppl": ("eval_ppl.py", grid.ppl_args),
+                               "passkey": ("eval_passkey.py", grid.passkey_args)}[kind]
+            command = [sys.executable, script, "--ckpt", project_path(checkpoint), "--lengths",
+                       ",".join(map(str, grid.lengths)), "--out", project_path(output), *options, *extension_args]
+        current = grids.step_is_current(grid, kind, run, entry, results_grid)
         planned.append((title, None if current else command, "done"))
     return planned
 

@@ -22,7 +22,7 @@ def test_every_run_of_every_grid_is_a_valid_train_py_command(grid_name, tmp_path
     steps = reproduce.plan(grid, grid.runs, str(tmp_path / "out"), str(tmp_path / "results"))  # parses each run
     titles = [title for title, _, _ in steps]
     assert titles == [title for title, _ in report.grid_steps(grid, str(tmp_path / "results"))]
-    assert len(titles) == len(set(titles)) == len(grid.runs) + 2 * len(grids.entries(grid))
+    assert len(titles) == len(set(titles)) == len(grid.runs) + 2 * len(grids.entries(grid)) + bool(grid.analysed)
     assert all(command for _, command, _ in steps)  # nothing is done yet
     # the fine-tunes halve batch_size as they double train_len: every step has as many tokens
     values = [grids.run_settings(grid, run)[0] for run in grid.runs]
@@ -65,6 +65,18 @@ def test_the_head_dim_sweep_compares_rope_and_fope_at_three_head_dims_of_one_wid
         "rope, head_dim 64": ["rope-s0"], "rope, head_dim 128": ["rope-hd128"]}
 
 
+def test_the_retrieval_reading_tells_dilution_from_distance():
+    def found(at_train_len, near, far):  # mean weights on the key at train_len 100 and at 400 tokens
+        return {"reference_length": 100, "lengths": {
+            "100": {"mean_weight": at_train_len, "mean_weight_near": at_train_len, "mean_weight_far": None},
+            "400": {"mean_weight": None, "mean_weight_near": near, "mean_weight_far": far}}}
+    assert report.retrieval_reading(found(0.9, 0.2, 0.2), 100) == "dilution (at 400 tokens)"
+    assert report.retrieval_reading(found(0.9, 0.8, 0.1), 100) == "distance (at 400 tokens)"
+    assert report.retrieval_reading(found(0.9, 0.3, 0.05), 100) == "dilution and distance (at 400 tokens)"
+    assert report.retrieval_reading(found(0.9, 0.8, 0.7), 100).startswith("neither")
+    assert report.retrieval_reading(found(0.1, 0.1, 0.1), 100).startswith("its answer hardly looks at the key")
+
+
 def test_the_report_groups_seeds_of_a_method_and_only_seeds():
     assert report.method_of("rope-s2") == "rope"
     assert report.method_of("rope-s0+yarn16") == "rope+yarn16"
@@ -93,6 +105,13 @@ def test_a_fresh_clone_retrains_a_run_only_when_something_still_needs_its_checkp
                 with open(path, "w") as f:
                     json.dump({"checkpoints": [record]}, f)
     runs = {run.name: run for run in grid.runs}
+    assert grids.needs_checkpoint(grid, runs["fope-s0"], grid.runs, results)  # the analysis still needs it
+    analysis = grids.result_path(results, "analysis", None)
+    os.makedirs(os.path.dirname(analysis))
+    with open(analysis, "w") as f:
+        json.dump({"checkpoints": [{"run": name, "step": grids.run_settings(grid, runs[name])[0]["max_steps"],
+                                    "train_config": grids.run_settings(grid, runs[name])[0]}
+                                   for name in grid.analysed]}, f)
     assert not grids.needs_checkpoint(grid, runs["fope-s0"], grid.runs, results)
     assert grids.needs_checkpoint(grid, runs["rope-s0"], grid.runs, results)  # ext-rope-fope still starts from it
     assert grids.needs_checkpoint(grid, runs["ext-rope-fope"], grid.runs, results)
@@ -178,10 +197,20 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     assert rows["rope (2 seeds)"] == [f"{statistics.mean(v):.0%} ({min(v):.0%}–{max(v):.0%})" for v in both]
     assert f"Measured: {len(steps)} of the grid's {len(steps)} steps took" in markdown  # wall time, from steps.jsonl
     assert "#### Copying at train_len" in markdown and "| rope-s0 |" in markdown and "| fope-s1 |" not in markdown
+    # the analysis of the analysed runs, side by side, with one reading per run from its own numbers
+    analysis = json.loads((results / "analysis" / "analysis.json").read_text())["checkpoints"]
+    assert [record["run"] for record in analysis] == grid.analysed == ["rope-s0", "fope-s0"]
+    assert png_size(results / "analysis" / "retrieval_attention.png")
+    retrieval = table_rows(markdown, "run | head")
+    for record in analysis:
+        found = record["retrieval_attention"]
+        row = retrieval[record["run"]]
+        assert row[0] == f"L{found['layer']} H{found['head']}"
+        assert row[-1] == report.retrieval_reading(found, record["train_len"])
     for name, panels in (("ppl", 1), ("ppl_ratio", 1), ("passkey", 1), ("ablations", 2),
                          ("extension_inference", 2), ("extension_finetune", 2)):
         assert png_size(results / f"{name}.png") == (780 * panels, 516) and f"]({name}.png)" in markdown
-    assert (HERE / "README.md").read_bytes() == readme  # the README shows the default grid only
+    assert (HERE / "README.md").read_bytes() == readme  # the README shows the headline grid only
 
     # a partial invocation runs only what it names
     result = run_script("reproduce.py", "--quick", "--only", "fope-s1", "--out_dir", tmp_path, "--results_dir", tmp_path,
