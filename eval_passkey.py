@@ -35,8 +35,7 @@ from fope_gpt import GPTConfig
 from passkey import (MAX_KEY, NEEDLE, NEEDLE_FURTHER, build_prompt, completion_text, needle_repeat_digits, score,
                      shortest_prompt_len, teacher_forced_digits, trial_settings)
 from runs import (add_extension_options, default_lengths, extension_overrides, in_one_line, label_runs, load_model,
-                  parse_lengths)
-from tokenizer import encoding_from_state
+                  load_tokenizer, parse_lengths)
 
 MAX_NEW_TOKENS = 10  # as in the authors' script
 # Default prompts per forward pass: about this many tokens, so that the activations of a batch
@@ -91,16 +90,7 @@ def load_run(path, device, overrides):
     """Load a checkpoint, with `overrides` of its model config (context extension): returns a
     dict with the model, its tokenizer and what describes the run."""
     state, model = load_model(path, device, **overrides)
-    if "tokenizer" not in state:
-        raise CheckpointError(f"checkpoint {path} carries no tokenizer")
-    try:
-        enc = encoding_from_state(state["tokenizer"])
-    except (KeyError, TypeError, ValueError) as error:  # a damaged tokenizer
-        raise CheckpointError(f"checkpoint {path} is corrupt: {type(error).__name__}: {error}") from None
-    if enc.n_vocab > model.config.vocab_size:
-        raise CheckpointError(
-            f"checkpoint {path}: tokenizer has {enc.n_vocab} tokens but the model only {model.config.vocab_size}"
-        )
+    enc = load_tokenizer(path, state, model)
     return {
         "path": str(path),
         "model": model,
