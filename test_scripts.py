@@ -5,8 +5,10 @@ and bad input answered in one line.
 
 import json
 import os
+import random
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ import checkpoint
 import eval_ppl
 import runs
 import settings as run_settings
+import tokenizer
 import train
 from conftest import dead_pid, png_size, error_of, logged_losses, snapshot, tiny_run_args
 
@@ -81,6 +84,50 @@ def test_eval_ppl_writes_numbers_and_a_figure(trained_run, tmp_path):
     assert png_size(tmp_path / "ppl.png") == (round(6.5 * 120), round(4.2 * 120))
 
 
+def prose(seed, sentences=20):
+    """Deterministic sentences of prose, unlike the tiny run's lines of play text."""
+    rng = random.Random(seed)
+    subjects = ["The committee", "Our merchants", "The treasury", "A traveller", "The harbour master"]
+    verbs = ["reported", "doubted", "observed", "recommended", "considered"]
+    objects = ["that the roads were poor", "a new canal", "the price of grain", "the frontier", "the coming winter"]
+    return " ".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} in {1800 + i}."
+                    for i in range(sentences)) + "\n"
+
+
+def test_eval_ppl_reads_another_text_with_the_checkpoints_tokenizer(trained_run, tmp_path):
+    _, run_dir = trained_run
+    folder = tmp_path / "letters"
+    folder.mkdir()
+    (folder / "a.txt").write_text(prose(0))
+    (folder / "b.md").write_text(prose(1))
+    out = tmp_path / "ppl.json"
+    eval_ppl.main(["--ckpt", str(run_dir / "ckpt.pt"), "--text", str(folder), "--lengths", "16,32", "--dtype", "fp32",
+                   "--out", str(out)])
+    result = json.loads(out.read_text())["checkpoints"][0]
+    state = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))
+    enc = tokenizer.encoding_from_state(state["tokenizer"])
+    tokens = enc.encode_ordinary(prose(0)) + [enc.eot_token] + enc.encode_ordinary(prose(1))  # joined as in training
+    assert result["text"] == str(folder.resolve()) and result["text_tokens"] == len(tokens)
+    loss, count = eval_ppl.chunked_ppl(checkpoint.model_from_checkpoint(state), np.array(tokens), 32, 4, "cpu", "fp32")
+    assert result["loss"]["32"] == pytest.approx(loss, rel=1e-5) and result["tokens"]["32"] == count
+
+
+def test_perplexity_on_another_text_differs_from_the_validation_split(trained_run, tmp_path):
+    data_dir, run_dir = trained_run
+    text = tmp_path / "prose.txt"
+    text.write_text(prose(0))
+    args = ["--ckpt", str(run_dir / "ckpt.pt"), "--lengths", "16,32", "--data_dir", str(data_dir / "data"),
+            "--dtype", "fp32"]
+    eval_ppl.main([*args, "--out", str(tmp_path / "val.json")])
+    eval_ppl.main([*args, "--text", str(text), "--max_tokens", "500", "--out", str(tmp_path / "prose.json")])
+    val, other = (json.loads((tmp_path / name).read_text())["checkpoints"][0] for name in ("val.json", "prose.json"))
+    validation = runs.validation_tokens(checkpoint.load_checkpoint(str(run_dir / "ckpt.pt")), str(data_dir / "data"))
+    assert val["text"] == "validation" and val["text_tokens"] == len(validation)
+    assert other["text"] == str(text.resolve()) and other["text_tokens"] == 500
+    # a model of the king-and-fool lines finds the prose far less predictable than its held-out lines
+    assert all(other["ppl"][length] > 2 * val["ppl"][length] for length in ("16", "32"))
+
+
 def test_chunked_perplexity_averages_every_target_of_every_chunk(trained_run):
     data_dir, run_dir = trained_run
     model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(str(run_dir / "ckpt.pt")))
@@ -146,6 +193,34 @@ def test_a_length_longer_than_the_validation_split_is_refused(trained_run, tmp_p
     message = error_of(eval_ppl.main, ["--ckpt", str(run_dir / "ckpt.pt"), "--lengths", "32,1000000",
                                        "--data_dir", str(data_dir / "data"), "--out", str(tmp_path / "ppl.json")])
     assert "1000000" in message and "validation split" in message
+
+
+@pytest.mark.parametrize("text, named", [("missing.txt", "text not found"), ("empty-folder", "no .txt or .md files"),
+                                         ("empty.txt", "larger than the text")])
+def test_a_bad_text_is_named_before_any_evaluation(trained_run, tmp_path, capsys, text, named):
+    (tmp_path / "empty-folder").mkdir()
+    (tmp_path / "empty.txt").write_text("")
+    out = tmp_path / "ppl.json"
+    message = error_of(eval_ppl.main, ["--ckpt", str(trained_run[1] / "ckpt.pt"), "--text", str(tmp_path / text),
+                                       "--lengths", "16,32", "--out", str(out)])
+    assert message.startswith("eval_ppl.py: error:") and text in message and named in message
+    assert capsys.readouterr().out == "" and not out.exists()
+
+
+def test_an_unknown_text_name_is_refused_naming_the_known_one(trained_run, tmp_path):
+    message = error_of(eval_ppl.main, ["--ckpt", str(trained_run[1] / "ckpt.pt"), "--text", "austen",
+                                       "--out", str(tmp_path / "ppl.json")])
+    assert "text not found: austen" in message and "'sotu'" in message
+    assert not (tmp_path / "ppl.json").exists()
+
+
+def test_eval_ppl_help_gives_the_text_its_meaning_and_default(capsys):
+    with pytest.raises(SystemExit):
+        eval_ppl.main(["--help"])
+    text = re.sub(r"\s+", " ", capsys.readouterr().out)  # however argparse wraps the lines
+    assert "--text TEXT evaluate on this text, in each checkpoint's own tokenizer, instead of its validation" in text
+    assert "'sotu' (the presidents' annual messages to Congress of 1790-1899" in text
+    assert "(default: the validation split)" in text
 
 
 @pytest.mark.parametrize("eval_interval", [1, 100])
