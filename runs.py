@@ -152,21 +152,6 @@ def load_validation(path, state, data_dir):
         raise data.DataError(f"{path}: {e}") from None
 
 
-def load_tokenizer(path, state, model):
-    """The tokenizer a checkpoint carries, checked against its model; CheckpointError names the file."""
-    if "tokenizer" not in state:
-        raise CheckpointError(f"checkpoint {path} carries no tokenizer")
-    try:
-        enc = encoding_from_state(state["tokenizer"])
-    except (KeyError, TypeError, ValueError) as error:  # a damaged tokenizer
-        raise CheckpointError(f"checkpoint {path} is corrupt: {type(error).__name__}: {error}") from None
-    if enc.n_vocab > model.config.vocab_size:
-        raise CheckpointError(
-            f"checkpoint {path}: tokenizer has {enc.n_vocab} tokens but the model only {model.config.vocab_size}"
-        )
-    return enc
-
-
 def checkpoint_to_resume(path):
     """The checkpoint of the run to continue, with everything that resuming needs."""
     if not os.path.exists(path):
