@@ -49,6 +49,7 @@ class Grid:
     ppl_args: list       # further eval_ppl.py arguments
     passkey_args: list   # further eval_passkey.py arguments
     threads: int = 0     # torch threads per step (OMP_NUM_THREADS); 0: torch's default, every core
+    prose_args: list = field(default_factory=list)  # eval_ppl.py arguments of the second corpus (none: no such step)
     analysed: list = field(default_factory=list)  # runs whose checkpoints analyze.py compares in one report
     analysis_args: list = field(default_factory=list)  # further analyze.py arguments
 
@@ -120,6 +121,9 @@ def shakespeare_grid(about, training, train_len, lengths, ppl_args, full):
         lengths=lengths,
         ppl_args=ppl_args,
         passkey_args=["--trials", "100"],
+        # the second corpus, prose of another genre than the plays: the first 131 072 tokens of the
+        # State of the Union messages of 1790-1899 (data.load_sotu)
+        prose_args=["--text", "sotu", *ppl_args] if full else [],
         # why retrieval fails past train_len: seed 0 of each main method, side by side
         analysed=["rope-s0", "fope-s0", "alibi-s0", "nope-s0"] if full else [],
         analysis_args=["--passkey_trials", "20"],
@@ -189,6 +193,7 @@ QUICK = Grid(
     # Matrices this small gain nothing from a second thread, and on a machine whose cores are busy
     # two threads wait for each other: one thread trains several times faster there.
     threads=1,
+    prose_args=["--text", "sotu", "--max_tokens", "4096", *CPU_PRECISION],
     analysed=["rope-s0", "fope-s0"],
     analysis_args=["--passkey_trials", "4", "--text_tokens", "256", "--max_distance", "512"],
 )
@@ -262,8 +267,9 @@ def evaluations(grid, run):
 def steps(grid, selected):
     """Every step of the selected runs, in the order reproduce.py runs them, as (kind, run, entry,
     extension arguments): kind "train" (entry None), then "ppl" and "passkey" for the run itself
-    and for each of its extensions; when every analysed run is selected, "analysis" of them all
-    after the last of them (run: that last one, entry: their names)."""
+    and for each of its extensions, "prose" (perplexity on the second corpus) for a main run; when
+    every analysed run is selected, "analysis" of them all after the last of them (run: that last
+    one, entry: their names)."""
     names = {run.name for run in selected}
     last_analysed = [run.name for run in grid.runs if run.name in grid.analysed][-1:]
     for run in selected:
@@ -271,6 +277,8 @@ def steps(grid, selected):
         for entry, extension_args in evaluations(grid, run):
             for kind in ("ppl", "passkey"):
                 yield kind, run, entry, extension_args
+        if grid.prose_args and run.section == "main":
+            yield "prose", run, run.name, []
         if [run.name] == last_analysed and set(grid.analysed) <= names:
             yield "analysis", run, " ".join(grid.analysed), []
 
@@ -281,7 +289,7 @@ def step_title(kind, run, entry):
 
 
 def result_path(results_grid, kind, entry):
-    """Where the evaluation `kind` ("ppl", "passkey" or "analysis") of an entry is saved."""
+    """Where the evaluation `kind` ("ppl", "passkey", "prose" or "analysis") of an entry is saved."""
     if kind == "analysis":
         return os.path.join(results_grid, "analysis", "analysis.json")
     return os.path.join(results_grid, kind, f"{entry}.json")

@@ -47,8 +47,13 @@ METRICS = {
     "ppl": ("ppl", "ppl", "perplexity"),
     "ppl_ratio": ("ppl", "ppl_ratio", "perplexity / perplexity at train_len"),
     "accuracy": ("passkey", "accuracy", "passkey accuracy"),
+    "prose_ppl": ("prose", "ppl", "perplexity on the second corpus"),
+    "prose_ratio": ("prose", "ppl_ratio", "perplexity / perplexity at train_len, second corpus"),
 }
-TABLE_TITLES = {"ppl": "Perplexity", "ppl_ratio": "Perplexity ratio to train_len", "accuracy": "Passkey accuracy"}
+TABLE_TITLES = {"ppl": "Perplexity", "ppl_ratio": "Perplexity ratio to train_len", "accuracy": "Passkey accuracy",
+                "prose_ppl": "Perplexity on the second corpus",
+                "prose_ratio": "Perplexity ratio to train_len on the second corpus"}
+KINDS = ("ppl", "passkey", "prose")  # the evaluations of an entry that the report reads
 
 
 @dataclass
@@ -78,12 +83,17 @@ def report_sections(grid):
     main = [run.name for run in grid.runs if run.section == "main"]
     ablations = [run.name for run in grid.runs if run.section == "ablation"]
     finetunes = [run for run in grid.runs if run.section == "finetune"]
+    second_corpus = (" Left and right of `prose_ratio.png`: the perplexity ratio on Shakespeare's held-out plays and "
+                     "on a second corpus of another genre, prose that no run trained on (eval_ppl.py "
+                     f"`{shlex.join(grid.prose_args)}`: the presidents' annual messages of 1790-1899)."
+                     if grid.prose_args else "")
     sections = [Section(
         "Main comparison",
         "Trained at train_len (dashed line) and evaluated far beyond it. Lines: mean over seeds; "
-        "bands and brackets: the lowest and highest seed.",
+        "bands and brackets: the lowest and highest seed." + second_corpus,
         group_by_method(main),
-        [("ppl.png", ["ppl"]), ("ppl_ratio.png", ["ppl_ratio"]), ("passkey.png", ["accuracy"])])]
+        [("ppl.png", ["ppl"]), ("ppl_ratio.png", ["ppl_ratio"]), ("passkey.png", ["accuracy"])]
+        + [("prose_ratio.png", ["ppl_ratio", "prose_ratio"])] * bool(grid.prose_args))]
     if ablations:
         sections.append(Section(
             "FoPE ablations",
@@ -135,27 +145,28 @@ def head_dim_groups(grid, compared):
 
 
 def load_results(grid, results_grid):
-    """{entry: {"ppl": record or None, "passkey": record or None}} from the evaluation JSON files."""
-    results = {}
-    for entry in grids.entries(grid):
-        results[entry] = {}
-        for kind in ("ppl", "passkey"):
-            path = grids.result_path(results_grid, kind, entry)
-            try:
-                with open(path) as f:
-                    results[entry][kind] = json.load(f)["checkpoints"][0]
-            except FileNotFoundError:
-                results[entry][kind] = None
-            except (ValueError, KeyError, IndexError):
-                raise ReportError(f"{path} is not an evaluation result of eval_{kind}.py: "
-                                  f"delete it to evaluate again") from None
+    """{entry: {kind: record or None}} from the evaluation JSON files, for each of KINDS that the
+    grid evaluates the entry with."""
+    results = {entry: {} for entry in grids.entries(grid)}
+    for kind, _, entry, _ in grids.steps(grid, grid.runs):
+        if kind not in KINDS:
+            continue
+        path = grids.result_path(results_grid, kind, entry)
+        script = "eval_passkey.py" if kind == "passkey" else "eval_ppl.py"
+        try:
+            with open(path) as f:
+                results[entry][kind] = json.load(f)["checkpoints"][0]
+        except FileNotFoundError:
+            results[entry][kind] = None
+        except (ValueError, KeyError, IndexError):
+            raise ReportError(f"{path} is not an evaluation result of {script}: delete it to evaluate again") from None
     return results
 
 
 def values_at(results, entries, metric, length):
     """The metric at one length, one value for each entry that has it."""
     kind, key, _ = METRICS[metric]
-    records = [results[entry][kind] for entry in entries if results[entry][kind]]
+    records = [results[entry][kind] for entry in entries if results[entry].get(kind)]
     return [record[key][str(length)] for record in records if str(length) in record[key]]
 
 
@@ -221,7 +232,7 @@ def table(section, metric, results, lengths):
              "|---" * (len(lengths) + 1) + "|"]
     for label, entries in section.groups.items():
         cells = [spread_cell(results, entries, metric, length) for length in lengths]
-        done = sum(1 for entry in entries if results[entry][METRICS[metric][0]])
+        done = sum(1 for entry in entries if results[entry].get(METRICS[metric][0]))
         if done:
             lines.append(f"| {row_label(label, done, len(entries))} | " + " | ".join(cells) + " |")
     return lines
@@ -245,14 +256,16 @@ def has_results(section, results):
 
 
 def section_markdown(section, results, lengths, figure_dir):
-    """Title, text, figure links and the three tables, then the runs behind rows and those missing."""
+    """Title, text, figure links and a table per metric its entries are evaluated with, then the runs
+    behind rows and those missing."""
     missing = [entry for entry in section_entries(section) if not all(results[entry].values())]
     lines = [f"#### {section.title}", "", section.text, ""]  # under the README's "### Results"
     if has_results(section, results):
         lines += [f"![{section.title}: {', '.join(METRICS[m][2] for m in metrics)}]({figure_dir}{name})"
                   for name, metrics in section.figures] + [""]
         for metric in METRICS:
-            lines += table(section, metric, results, lengths) + [""]
+            if any(METRICS[metric][0] in results[entry] for entry in section_entries(section)):
+                lines += table(section, metric, results, lengths) + [""]
     rows = "; ".join(f"{label} = {', '.join(group)}" for label, group in section.groups.items() if group != [label])
     if rows:
         lines += [f"Runs behind each row: {rows}.", ""]

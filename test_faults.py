@@ -333,7 +333,10 @@ def test_default_outputs_are_untracked_and_the_grids_name_theirs(tmp_path):
     assert "out/" in (HERE / ".gitignore").read_text().split()
     for grid in grids.GRIDS.values():  # the grids write results/ themselves
         for title, command, _ in reproduce.plan(grid, grid.runs, str(tmp_path / "out"), str(tmp_path / "results")):
-            kind, entry = title.split()
-            if kind != "train":
+            kind, entry = title.split(maxsplit=1)
+            if kind == "analysis":
+                out = os.path.join(command[command.index("--out_dir") + 1], "analysis.json")
+                assert os.path.abspath(out) == grids.result_path(str(tmp_path / "results"), kind, entry)
+            elif kind != "train":
                 out = command[command.index("--out") + 1]
                 assert os.path.abspath(out) == grids.result_path(str(tmp_path / "results"), kind, entry)

@@ -22,7 +22,9 @@ def test_every_run_of_every_grid_is_a_valid_train_py_command(grid_name, tmp_path
     steps = reproduce.plan(grid, grid.runs, str(tmp_path / "out"), str(tmp_path / "results"))  # parses each run
     titles = [title for title, _, _ in steps]
     assert titles == [title for title, _ in report.grid_steps(grid, str(tmp_path / "results"))]
-    assert len(titles) == len(set(titles)) == len(grid.runs) + 2 * len(grids.entries(grid)) + bool(grid.analysed)
+    main = sum(run.section == "main" for run in grid.runs)
+    assert len(titles) == len(set(titles)) == (len(grid.runs) + 2 * len(grids.entries(grid)) + bool(grid.prose_args) * main
+                                               + bool(grid.analysed))
     assert all(command for _, command, _ in steps)  # nothing is done yet
     # the fine-tunes halve batch_size as they double train_len: every step has as many tokens
     values = [grids.run_settings(grid, run)[0] for run in grid.runs]
@@ -95,15 +97,14 @@ def test_only_also_selects_the_runs_a_fine_tune_starts_from():
 def test_a_fresh_clone_retrains_a_run_only_when_something_still_needs_its_checkpoint(tmp_path):
     grid = grids.GRIDS["quick"]
     results = str(tmp_path / "results")
-    for run in grid.runs:  # every evaluation saved, no checkpoint kept: a fresh clone
+    for kind, run, entry, _ in grids.steps(grid, grid.runs):  # every evaluation saved, no checkpoint kept
+        if kind in ("train", "analysis") or run.name == "ext-rope-fope":
+            continue
         values, _ = grids.run_settings(grid, run)
-        record = {"step": values["max_steps"], "train_config": values}
-        for entry, _ in grids.evaluations(grid, run) if run.name != "ext-rope-fope" else []:
-            for kind in ("ppl", "passkey"):
-                path = grids.result_path(results, kind, entry)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "w") as f:
-                    json.dump({"checkpoints": [record]}, f)
+        path = grids.result_path(results, kind, entry)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"checkpoints": [{"step": values["max_steps"], "train_config": values}]}, f)
     runs = {run.name: run for run in grid.runs}
     assert grids.needs_checkpoint(grid, runs["fope-s0"], grid.runs, results)  # the analysis still needs it
     analysis = grids.result_path(results, "analysis", None)
@@ -170,6 +171,12 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
         accuracy = json.loads((results / "passkey" / f"{entry}.json").read_text())["checkpoints"][0]
         assert list(ppl["ppl"]) == list(accuracy["accuracy"]) == [str(n) for n in grid.lengths]
         assert ppl["model_config"] == accuracy["model_config"]  # the same model, extension included
+    for run in grid.runs:  # the main runs, and only they, are measured on the second corpus too
+        assert (results / "prose" / f"{run.name}.json").is_file() == (run.section == "main")
+    prose = json.loads((results / "prose" / "rope-s0.json").read_text())["checkpoints"][0]
+    shakespeare = json.loads((results / "ppl" / "rope-s0.json").read_text())["checkpoints"][0]
+    assert prose["text"] == "sotu" and list(prose["ppl"]) == [str(n) for n in grid.lengths]
+    assert prose["model_config"] == shakespeare["model_config"] and prose["ppl"] != shakespeare["ppl"]
     finetuned = json.loads((results / "ppl" / "ext-rope-fope.json").read_text())["checkpoints"][0]
     assert finetuned["pe"] == "fope" and finetuned["train_len"] == 2 * 128  # RoPE continued as FoPE at 2x
     extended = json.loads((results / "passkey" / "rope-s0+yarn4.json").read_text())["checkpoints"][0]
@@ -207,7 +214,8 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
         row = retrieval[record["run"]]
         assert row[0] == f"L{found['layer']} H{found['head']}"
         assert row[-1] == report.retrieval_reading(found, record["train_len"])
-    for name, panels in (("ppl", 1), ("ppl_ratio", 1), ("passkey", 1), ("ablations", 2),
+    assert "fope (2 seeds)" in table_rows(markdown, "Perplexity ratio to train_len on the second corpus")
+    for name, panels in (("ppl", 1), ("ppl_ratio", 1), ("passkey", 1), ("prose_ratio", 2), ("ablations", 2),
                          ("extension_inference", 2), ("extension_finetune", 2)):
         assert png_size(results / f"{name}.png") == (780 * panels, 516) and f"]({name}.png)" in markdown
     assert (HERE / "README.md").read_bytes() == readme  # the README shows the headline grid only
@@ -216,6 +224,6 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     result = run_script("reproduce.py", "--quick", "--only", "fope-s1", "--out_dir", tmp_path, "--results_dir", tmp_path,
                         timeout=600)
     assert result.returncode == 0, result.stderr
-    assert "[1/3] train fope-s1: done (25 steps), skipped" in result.stdout
+    assert "[1/4] train fope-s1: done (25 steps), skipped" in result.stdout  # then ppl, passkey, prose
     assert (results / "passkey" / "fope-s1.json").is_file()
     assert json.loads((results / "steps.jsonl").read_text().splitlines()[-1])["step"] == "passkey fope-s1"
