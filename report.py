@@ -204,7 +204,7 @@ def plot_figure(path, section, metrics, results, lengths):
         ax.set_xlabel("evaluation length (tokens); dashed: train_len")
         ax.set_ylabel(METRICS[metric][2])
         ax.grid(True, which="both", alpha=0.3)
-        if ax.has_data():
+        if ax.get_legend_handles_labels()[0]:  # a curve, not only the train_len line
             ax.legend(fontsize=8)
     fig.suptitle(section.title)
     fig.tight_layout()
@@ -264,13 +264,14 @@ def section_markdown(section, results, lengths, figure_dir):
         lines += [f"![{section.title}: {', '.join(METRICS[m][2] for m in metrics)}]({figure_dir}{name})"
                   for name, metrics in section.figures] + [""]
         for metric in METRICS:
-            if any(METRICS[metric][0] in results[entry] for entry in section_entries(section)):
-                lines += table(section, metric, results, lengths) + [""]
+            rows = table(section, metric, results, lengths)
+            if len(rows) > 2:  # a table only where some entry has this evaluation
+                lines += rows + [""]
     rows = "; ".join(f"{label} = {', '.join(group)}" for label, group in section.groups.items() if group != [label])
     if rows:
         lines += [f"Runs behind each row: {rows}.", ""]
     if missing:
-        lines += [f"Not yet run: {', '.join(missing)}.", ""]
+        lines += [f"Not yet evaluated in full: {', '.join(missing)}.", ""]
     return lines
 
 

@@ -195,7 +195,7 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     report.main(["--grid", "quick", "--results_dir", str(tmp_path)])
     markdown = (results / "results.md").read_text()
     assert all(entry in markdown for entry in grids.entries(grid))
-    assert "Not yet run: fope-s1." in markdown
+    assert "Not yet evaluated in full: fope-s1." in markdown
     accuracy = {entry: json.loads((results / "passkey" / f"{entry}.json").read_text())["checkpoints"][0]["accuracy"]
                 for entry in ("rope-s0", "rope-s1", "fope-s0")}
     rows = table_rows(markdown, "Passkey accuracy")
