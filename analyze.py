@@ -21,7 +21,7 @@ claims two things go wrong, and this script makes both visible, side by side per
 
 q and k always come from real validation text, run through the model in windows of
 train_len tokens (the positions it was trained on); the analyses are in spectra.py. The
-retrieval attention runs on the passkey prompts of eval_passkey.py (same keys and depths).
+retrieval attention builds its passkey prompts as eval_passkey.py does, with the same seed.
 
 The files go to out/analysis/ by default (outside the committed results); every checkpoint,
 its data and the output folder are checked before the first analysis.
@@ -40,10 +40,6 @@ import hardware
 import passkey
 import runs
 import spectra
-
-
-# eval_passkey.py's default seed of the keys and depths
-PASSKEY_SEED = 1234
 
 
 def fail(message):
@@ -323,7 +319,7 @@ def analyze_all(args):
                               result["text_tokens"], result["max_distance"]))
         lengths = args.passkey_lengths or [m * train_len for m in (1, 2, 4, 8, 16)]
         result["retrieval_attention"] = passkey.retrieval_attention(
-            model, enc, lengths, args.passkey_trials, PASSKEY_SEED, args.device) if args.passkey_trials else None
+            model, enc, lengths, args.passkey_trials, passkey.TRIAL_SEED, args.device) if args.passkey_trials else None
         results.append(result)
         print(f"{path} [{model.config.pe}]: analysed layer {args.layer}, head {args.head}, pair {pair}", flush=True)
     write_outputs(results, args.out_dir)

@@ -33,7 +33,8 @@ from checkpoint import CheckpointError
 from data import check_writable_folder, write_atomically
 from fope_gpt import GPTConfig
 from passkey import (MAX_KEY, NEEDLE, NEEDLE_FURTHER, build_prompt, completion_text, feasible_lengths,
-                     needle_repeat_digits, score, shortest_prompt_len, teacher_forced_digits, trial_settings)
+                     needle_repeat_digits, score, shortest_prompt_len, teacher_forced_digits, TRIAL_SEED,
+                     trial_settings)
 from runs import (add_extension_options, default_lengths, extension_overrides, in_one_line, label_runs, load_model,
                   load_tokenizer, parse_lengths)
 
@@ -58,7 +59,8 @@ def parse_args(argv=None):
         "(default: 128, 256, ... up to 16x the largest train_len)"
     )
     parser.add_argument("--trials", type=positive_int, default=100, help="prompts per length (default 100)")
-    parser.add_argument("--seed", type=non_negative_int, default=1234, help="seed of the keys and depths (default 1234)")
+    parser.add_argument("--seed", type=non_negative_int, default=TRIAL_SEED,
+                        help=f"seed of the keys and depths (default {TRIAL_SEED})")
     parser.add_argument(
         "--batch_size", type=positive_int,
         help=f"prompts per forward pass (default: about {TOKENS_PER_FORWARD} tokens' worth)"

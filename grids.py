@@ -80,13 +80,14 @@ def yarn_after(train_len):
     return ["--rope_scaling", "yarn", "--rope_scale", "16", "--rope_original_len", str(train_len)]
 
 
-def shakespeare_grid(about, training, train_len, lengths, ppl_args, full):
+def shakespeare_grid(about, training, lengths, ppl_args, full):
     """The CPU experiment on train.py's CPU model: RoPE, FoPE, ALiBi and NoPE, the extension
     experiment, FoPE's ablations, RoPE's training-free extensions. RoPE and FoPE run on 3 seeds; with
     full, ALiBi, NoPE and FoPE's two parts alone (nocf, nofs) do too, and RoPE and FoPE also run at
     head_dim 32 and 128. Ordered so that a partly finished grid is already informative: seed 0 of
     every method, the fine-tunes that start from two of them, the other seeds, then the ablations."""
-    ft, yarn = finetune(train_len), yarn_after(train_len)
+    shared = settings.parse_args(training)[1]  # the settings every run starts from
+    ft, yarn = finetune(shared["train_len"]), yarn_after(shared["train_len"])
     seeded = ["rope", "fope", "alibi", "nope"] if full else ["rope", "fope"]
     more_seeds = (1, 2) if full else ()
     head_counts = (8, 2) if full else ()  # head_dim 32 and 128 at width 256
@@ -110,7 +111,7 @@ def shakespeare_grid(about, training, train_len, lengths, ppl_args, full):
             Run("fope-sigma1", "ablation", ["--pe", "fope", "--fope_sigma", "1"]),
             Run("fope-sigma3", "ablation", ["--pe", "fope", "--fope_sigma", "3"]),
             # the paper's Fig. 5c at one seed: head_dim 32 and 128 at the same width (K and M change with it)
-            *[Run(f"{pe}-hd{256 // heads}", "headdim", ["--pe", pe, "--n_head", str(heads), *SEEDS[0]])
+            *[Run(f"{pe}-hd{shared['n_embd'] // heads}", "headdim", ["--pe", pe, "--n_head", str(heads), *SEEDS[0]])
               for heads in head_counts for pe in ("rope", "fope")],
             *[Run(f"fope-no{part}-s{seed}", "ablation", ["--pe", "fope", f"--fope_{part}", "false", *SEEDS[seed]])
               for seed in more_seeds for part in ("cf", "fs")],
@@ -141,7 +142,6 @@ DEFAULT = shakespeare_grid(
           "4.8k tokens/s in float32: 25 runs x 27 min of training, 4 fine-tunes x 4 min, 38 evaluations x "
           "(1-2 min perplexity + 6 min passkey); about 16 hours in all.",
     training=["--preset", "retrieval", *CPU_PRECISION],
-    train_len=384,
     lengths=[192, 288, 384, 768, 1536, 3072, 6144],
     # the authors' chunked protocol on the first 131 072 validation bytes (about 35k BPE-4096 tokens of text)
     ppl_args=["--max_tokens", "131072", *CPU_PRECISION],
@@ -158,7 +158,6 @@ BPE256 = shakespeare_grid(
           "2 CPU cores at about 5k tokens/s: 13 runs x 16 min of training, 4 fine-tunes x 2-3 min, 26 "
           "evaluations x (1-2 min perplexity + 3 min passkey); about 6 hours in all.",
     training=["--passkey_frac", "0.5", "--max_steps", "1200", *CPU_PRECISION],
-    train_len=256,
     lengths=[128, 256, 512, 1024, 2048, 4096],
     # the authors' chunked protocol on the first 65 536 validation tokens (16 chunks at 4096):
     # half the evaluation time of all 142k tokens

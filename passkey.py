@@ -34,6 +34,7 @@ NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 ANSWER = " {key}."
 MAX_KEY = 50_000  # keys are uniform in 1..MAX_KEY
+TRIAL_SEED = 1234  # the default seed of an evaluation's keys and depths (eval_passkey.py, analyze.py)
 
 
 def fixed_tokens(enc, key, needle_text=NEEDLE):
@@ -236,7 +237,7 @@ def last_position_attention(model, idx):
     hooks = [block.attn.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
              for block in model.blocks]
     try:
-        model(idx)
+        model.features(idx)  # the hidden states only: no logits are needed
     finally:
         for hook in hooks:
             hook.remove()

@@ -342,7 +342,8 @@ def retrieval_markdown(results_grid, figure_dir):
              "prompts a length (analyze.py). Reading: *dilution* where the weight on needles within train_len falls "
              f"below {FALL:.0%} of its value at train_len as the prompt grows (the other tokens take the attention); "
              f"*distance* where needles further back get below {FALL:.0%} of the weight of the near ones (distances, "
-             "so phases, never seen in training).", "",
+             f"so phases, never seen in training); a head with less than {FALL:.0%} of its attention on the key even at "
+             "train_len is read as not looking at it.", "",
              "| run | head | " + " | ".join(f"key weight {n}" for n in lengths) + " | "
              + " | ".join(f"entropy {n}" for n in lengths) + " | reading |",
              "|---" * (3 + 2 * len(lengths)) + "|"]

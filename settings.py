@@ -82,7 +82,7 @@ DEFAULTS = {**{f.name: f.default for f in dataclasses.fields(GPTConfig)},
 MEANING = {**MODEL, **{key: words for key, (_, words) in TRAINING.items()}}
 PRESETS = {
     "cpu": {},
-    # The CPU model as the default grid trains it: the settings that teach every position embedding
+    # The CPU model as the default grid trains it: the settings that taught RoPE, FoPE and ALiBi
     # passkey retrieval within 1200 steps (EXPERIMENTS.md, the passkey-recipe probes; FAITHFULNESS.md).
     # Byte-level tokens (vocab_size 257: the 256 bytes and end of text), so perplexities are per byte;
     # train_len 384 so that a prompt holds the benchmark's 247 bytes of fixed text and some filler;
