@@ -263,6 +263,9 @@ def evaluations(grid, run):
     return [(run.name, [])] + [(e.name, e.args) for e in grid.extensions if e.run == run.name]
 
 
+EVALUATIONS = ("ppl", "passkey", "prose", "analysis")  # the kinds of evaluation step
+
+
 def steps(grid, selected):
     """Every step of the selected runs, in the order reproduce.py runs them, as (kind, run, entry,
     extension arguments): kind "train" (entry None), then "ppl" and "passkey" for the run itself
@@ -331,18 +334,18 @@ def step_is_current(grid, kind, run, entry, results_grid):
     return is_current(result_path(results_grid, kind, entry), *run_settings(grid, run))
 
 
-def pending(grid, run, results_grid):
+def pending(grid, run, results_grid, evals=EVALUATIONS):
     """The evaluations of a run (kind, entry, extension arguments) that lack a current JSON,
-    the analysis of the analysed runs among them."""
+    the analysis of the analysed runs among them; only the kinds in `evals`."""
     own = [(kind, entry, args) for kind, _, entry, args in steps(grid, [run])
-           if kind not in ("train", "analysis") and not step_is_current(grid, kind, run, entry, results_grid)]
-    if run.name in grid.analysed and not analysis_is_current(grid, results_grid):
+           if kind in evals and kind != "analysis" and not step_is_current(grid, kind, run, entry, results_grid)]
+    if "analysis" in evals and run.name in grid.analysed and not analysis_is_current(grid, results_grid):
         own.append(("analysis", " ".join(grid.analysed), []))
     return own
 
 
-def needs_checkpoint(grid, run, runs, results_grid):
-    """Whether a run's checkpoint is still needed: for its own evaluations, or for a fine-tune
-    among `runs` that starts from it and is needed itself."""
-    return bool(pending(grid, run, results_grid)) or any(
-        other.init_from == run.name and needs_checkpoint(grid, other, runs, results_grid) for other in runs)
+def needs_checkpoint(grid, run, runs, results_grid, evals=EVALUATIONS):
+    """Whether a run's checkpoint is still needed: for its own evaluations (of the kinds in
+    `evals`), or for a fine-tune among `runs` that starts from it and is needed itself."""
+    return bool(pending(grid, run, results_grid, evals)) or any(
+        other.init_from == run.name and needs_checkpoint(grid, other, runs, results_grid, evals) for other in runs)

@@ -6,6 +6,7 @@ passkey accuracy as the context grows past the training length, then write the r
     python reproduce.py                         # the default grid: about 16 hours on 2 CPU cores
     python reproduce.py --quick                 # tiny models, about a minute: checks the pipeline
     python reproduce.py --only rope-s0 fope-s0  # some runs only
+    python reproduce.py --evals passkey         # passkey accuracy first, the rest later
     python reproduce.py --dry_run               # list the steps and which are done
     python report.py                            # figures, tables and the README block from saved JSON
 
@@ -92,14 +93,17 @@ def trained_steps(grid, run, checkpoint):
     return state["step"]
 
 
-def plan(grid, selected, out_grid, results_grid):
-    """(title, command or None when done, why it is done) of every step of the selected runs."""
+def plan(grid, selected, out_grid, results_grid, evals=grids.EVALUATIONS):
+    """(title, command or None when done, why it is done) of every step of the selected runs:
+    their evaluations of the kinds in `evals`, and the trainings those need."""
     planned = []
     for kind, run, entry, extension_args in grids.steps(grid, selected):
         checkpoint = runs.checkpoint_path(out_grid, run.name)
         title = grids.step_title(kind, run, entry)
         if kind == "train":
-            planned.append((title, *train_command(grid, run, selected, out_grid, results_grid)))
+            planned.append((title, *train_command(grid, run, selected, out_grid, results_grid, evals)))
+            continue
+        if kind not in evals:
             continue
         output = grids.result_path(results_grid, kind, entry)
         if kind == "analysis":
@@ -116,9 +120,9 @@ def plan(grid, selected, out_grid, results_grid):
     return planned
 
 
-def train_command(grid, run, selected, out_grid, results_grid):
+def train_command(grid, run, selected, out_grid, results_grid, evals):
     """(the train.py command, or None when nothing needs training, and why not) of a run."""
-    if not grids.needs_checkpoint(grid, run, selected, results_grid):
+    if not grids.needs_checkpoint(grid, run, selected, results_grid, evals):
         return None, "evaluated before"
     checkpoint = runs.checkpoint_path(out_grid, run.name)
     done = trained_steps(grid, run, checkpoint)
@@ -189,6 +193,9 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="the same as --grid quick")
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="these runs only, with the runs they start from and their extensions")
+    parser.add_argument("--evals", nargs="+", choices=grids.EVALUATIONS, default=list(grids.EVALUATIONS),
+                        metavar="KIND", help="these evaluations only, with the trainings they need "
+                        f"(default: all of {', '.join(grids.EVALUATIONS)})")
     parser.add_argument("--dry_run", action="store_true", help="print the steps without running them")
     parser.add_argument("--out_dir", default="out", help="checkpoints go to OUT_DIR/<grid>/ (default out)")
     parser.add_argument("--results_dir", default="results", help="results go to RESULTS_DIR/<grid>/ (default results)")
@@ -214,7 +221,7 @@ def run_grid(argv):
     grid = grids.GRIDS[args.grid]
     out_grid = os.path.abspath(os.path.join(args.out_dir, args.grid))
     results_grid = os.path.abspath(os.path.join(args.results_dir, args.grid))
-    steps = plan(grid, select_runs(grid, args.only), out_grid, results_grid)
+    steps = plan(grid, select_runs(grid, args.only), out_grid, results_grid, args.evals)
     print(f"grid {args.grid}: {grid.about}", flush=True)
     run_steps(grid, steps, results_grid, args.dry_run, argv)
     if not args.dry_run:

@@ -125,6 +125,25 @@ def test_a_fresh_clone_retrains_a_run_only_when_something_still_needs_its_checkp
     assert steps["train fope-s1"] and steps["ppl fope-s1"] and steps["passkey fope-s1"] is None
 
 
+def test_evals_runs_only_the_chosen_evaluations_and_the_trainings_they_need(tmp_path):
+    grid = grids.GRIDS["quick"]
+    runs = {run.name: run for run in grid.runs}
+    results = str(tmp_path / "results")
+    values, _ = grids.run_settings(grid, runs["fope-s0"])
+    path = grids.result_path(results, "passkey", "fope-s0")  # fope-s0's passkey saved, nothing else
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+        json.dump({"checkpoints": [{"step": values["max_steps"], "train_config": values}]}, f)
+    steps = {title: command for title, command, _ in
+             reproduce.plan(grid, grid.runs, str(tmp_path / "out"), results, ("passkey",))}
+    assert {title.split()[0] for title in steps} == {"train", "passkey"}
+    assert steps["train fope-s0"] is None and steps["passkey fope-s0"] is None
+    assert steps["train rope-s0"] and "eval_passkey.py" in steps["passkey rope-s0"]
+    everything = {title: command for title, command, _ in
+                  reproduce.plan(grid, grid.runs, str(tmp_path / "out"), results)}
+    assert everything["train fope-s0"] and everything["ppl fope-s0"]  # its perplexity still needs it
+
+
 def test_the_readme_block_between_the_markers_is_replaced_and_nothing_else(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# title\n\n<!-- results:begin -->\nold table\n<!-- results:end -->\n\n## after\n")
