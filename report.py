@@ -48,7 +48,7 @@ METRICS = {
     "ppl_ratio": ("ppl", "ppl_ratio", "perplexity / perplexity at train_len"),
     "accuracy": ("passkey", "accuracy", "passkey accuracy"),
     "prose_ppl": ("prose", "ppl", "perplexity on the second corpus"),
-    "prose_ratio": ("prose", "ppl_ratio", "perplexity / perplexity at train_len, second corpus"),
+    "prose_ratio": ("prose", "ppl_ratio", "perplexity / perplexity at train_len (second corpus)"),
 }
 TABLE_TITLES = {"ppl": "Perplexity", "ppl_ratio": "Perplexity ratio to train_len", "accuracy": "Passkey accuracy",
                 "prose_ppl": "Perplexity on the second corpus",
@@ -214,7 +214,8 @@ def plot_figure(path, section, metrics, results, lengths):
 
 def format_value(metric, value):
     """Accuracy in percent, ratios with two decimals, perplexity with one."""
-    return f"{value:.0%}" if metric == "accuracy" else f"{value:.2f}" if metric == "ppl_ratio" else f"{value:.1f}"
+    key = METRICS[metric][1]
+    return f"{value:.0%}" if key == "accuracy" else f"{value:.2f}" if key == "ppl_ratio" else f"{value:.1f}"
 
 
 def spread_cell(results, entries, metric, length):

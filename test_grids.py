@@ -5,6 +5,7 @@ The grids (grids.py), running one (reproduce.py) and its report (report.py).
 import importlib.util
 import json
 import os
+import re
 import statistics
 
 import pytest
@@ -233,7 +234,8 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
         row = retrieval[record["run"]]
         assert row[0] == f"L{found['layer']} H{found['head']}"
         assert row[-1] == report.retrieval_reading(found, record["train_len"])
-    assert "fope (2 seeds)" in table_rows(markdown, "Perplexity ratio to train_len on the second corpus")
+    prose_ratio = table_rows(markdown, "Perplexity ratio to train_len on the second corpus")
+    assert re.fullmatch(r"\d\.\d\d \(\d\.\d\d–\d\.\d\d\)", prose_ratio["fope (2 seeds)"][0])  # as on Shakespeare
     for name, panels in (("ppl", 1), ("ppl_ratio", 1), ("passkey", 1), ("prose_ratio", 2), ("ablations", 2),
                          ("extension_inference", 2), ("extension_finetune", 2)):
         assert png_size(results / f"{name}.png") == (780 * panels, 516) and f"]({name}.png)" in markdown
