@@ -53,7 +53,7 @@ METRICS = {
 TABLE_TITLES = {"ppl": "Perplexity", "ppl_ratio": "Perplexity ratio to train_len", "accuracy": "Passkey accuracy",
                 "prose_ppl": "Perplexity on the second corpus",
                 "prose_ratio": "Perplexity ratio to train_len on the second corpus"}
-KINDS = ("ppl", "passkey", "prose")  # the evaluations of an entry that the report reads
+KINDS = tuple(kind for kind in grids.EVALUATIONS if kind != "analysis")  # an entry's evaluations the report reads
 
 
 @dataclass

@@ -74,7 +74,7 @@ def select_runs(grid, names):
 
 def trained_steps(grid, run, checkpoint):
     """The steps of a run's checkpoint (0 without one); raises GridError for a checkpoint that is
-    not this grid's run: other settings, or more steps than the grid trains."""
+    not this grid's run: other settings, or another number of steps to train."""
     if not os.path.exists(checkpoint):
         return 0
     try:
@@ -87,9 +87,12 @@ def trained_steps(grid, run, checkpoint):
         if key not in grids.NOT_COMPARED and key in saved and saved[key] != value:
             raise GridError(f"{checkpoint} was trained with {key}={saved[key]!r}, the grid now has {value!r}: "
                             f"delete it to train {run.name} again")
-    if state["step"] > values["max_steps"]:
-        raise GridError(f"{checkpoint} has {state['step']} steps, the grid now has {values['max_steps']}: "
-                        f"delete it to train {run.name} again")
+    # max_steps may change on --resume, but a run's learning-rate schedule is drawn over its max_steps:
+    # a checkpoint of another schedule, finished or not, is not an interrupted run of this grid's
+    schedule = saved.get("max_steps", state["step"])
+    if schedule != values["max_steps"] or state["step"] > values["max_steps"]:
+        raise GridError(f"{checkpoint} was trained on a {schedule}-step schedule ({state['step']} steps done), "
+                        f"the grid now has {values['max_steps']}: delete it to train {run.name} again")
     return state["step"]
 
 

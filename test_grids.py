@@ -9,6 +9,7 @@ import re
 import statistics
 
 import pytest
+import torch
 
 import grids
 import report
@@ -143,6 +144,21 @@ def test_evals_runs_only_the_chosen_evaluations_and_the_trainings_they_need(tmp_
     everything = {title: command for title, command, _ in
                   reproduce.plan(grid, grid.runs, str(tmp_path / "out"), results)}
     assert everything["train fope-s0"] and everything["ppl fope-s0"]  # its perplexity still needs it
+
+
+def test_a_checkpoint_of_another_step_budget_is_refused_not_resumed(tmp_path):
+    grid = grids.GRIDS["quick"]
+    run = grid.runs[0]
+    values, _ = grids.run_settings(grid, run)
+    path = str(tmp_path / "ckpt.pt")
+    for steps_done, schedule, accepted in ((10, values["max_steps"], True), (20, 20, False), (10, 40, False)):
+        torch.save({"model_config": {}, "model": {}, "step": steps_done,
+                    "train_config": {**values, "max_steps": schedule}}, path)
+        if accepted:  # an interrupted run of the grid's schedule resumes
+            assert reproduce.trained_steps(grid, run, path) == steps_done
+        else:  # a finished 20-step run would otherwise be resumed on a schedule it was not trained on
+            with pytest.raises(reproduce.GridError, match=f"{schedule}-step schedule"):
+                reproduce.trained_steps(grid, run, path)
 
 
 def test_the_readme_block_between_the_markers_is_replaced_and_nothing_else(tmp_path):
