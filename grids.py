@@ -308,9 +308,12 @@ def saved_records(path):
 
 
 def record_is_current(record, values, given):
-    """Whether a checkpoint record was made from a checkpoint trained with these settings to the end."""
-    return record.get("step") == values["max_steps"] and all(
-        record.get("train_config", {}).get(key) == value for key, value in given.items() if key not in NOT_COMPARED)
+    """Whether a checkpoint record was made from a checkpoint trained with these settings to the end
+    of this schedule (a copy taken midway through a longer schedule is not)."""
+    config = record.get("train_config", {})
+    return (record.get("step") == values["max_steps"]
+            and settings.schedule_steps(config) == settings.schedule_steps(values)
+            and all(config.get(key) == value for key, value in given.items() if key not in NOT_COMPARED))
 
 
 def is_current(path, values, given):

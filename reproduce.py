@@ -42,6 +42,7 @@ import torch
 import data
 import grids
 import runs
+import settings
 from checkpoint import CheckpointError, load_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -87,10 +88,10 @@ def trained_steps(grid, run, checkpoint):
         if key not in grids.NOT_COMPARED and key in saved and saved[key] != value:
             raise GridError(f"{checkpoint} was trained with {key}={saved[key]!r}, the grid now has {value!r}: "
                             f"delete it to train {run.name} again")
-    # max_steps may change on --resume, but a run's learning-rate schedule is drawn over its max_steps:
+    # max_steps may change on --resume, but a run's learning-rate schedule is fixed when it starts:
     # a checkpoint of another schedule, finished or not, is not an interrupted run of this grid's
-    schedule = saved.get("max_steps", state["step"])
-    if schedule != values["max_steps"] or state["step"] > values["max_steps"]:
+    schedule = settings.schedule_steps(saved) or state["step"]
+    if schedule != settings.schedule_steps(values) or state["step"] > values["max_steps"]:
         raise GridError(f"{checkpoint} was trained on a {schedule}-step schedule ({state['step']} steps done), "
                         f"the grid now has {values['max_steps']}: delete it to train {run.name} again")
     return state["step"]

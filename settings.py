@@ -214,6 +214,12 @@ def run_name(settings, preset):
     return "-".join(parts)
 
 
+def schedule_steps(config):
+    """The length of a run's learning-rate schedule: decay_steps, or max_steps where that is 0 or
+    absent (checkpoints written before decay_steps existed)."""
+    return config.get("decay_steps") or config.get("max_steps")
+
+
 def resumed_settings(saved, given, ckpt_path):
     """The checkpoint's settings, with the given ones that may change on resume (RESUMABLE); any
     other given setting must equal the checkpoint's. Raises ValueError."""

@@ -264,3 +264,13 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     assert "[1/4] train fope-s1: done (25 steps), skipped" in result.stdout  # then ppl, passkey, prose
     assert (results / "passkey" / "fope-s1.json").is_file()
     assert json.loads((results / "steps.jsonl").read_text().splitlines()[-1])["step"] == "passkey fope-s1"
+
+
+def test_a_result_of_a_copy_taken_midway_through_a_longer_schedule_is_not_current(tmp_path):
+    grid = grids.GRIDS["quick"]
+    values, given = grids.run_settings(grid, grid.runs[0])
+    path = tmp_path / "rope-s0.json"
+    for decay_steps, current in ((0, True), (values["max_steps"], True), (2 * values["max_steps"], False)):
+        config = {**values, "decay_steps": decay_steps}
+        path.write_text(json.dumps({"checkpoints": [{"step": values["max_steps"], "train_config": config}]}))
+        assert grids.is_current(str(path), values, given) == current

@@ -295,7 +295,7 @@ def settings_of_run(argv):
             fail(str(e))
     elif os.path.exists(ckpt_path):
         fail(f"{ckpt_path} exists: pass --resume to continue it, or --run_name to start another run")
-    settings = {**settings, "decay_steps": settings["decay_steps"] or settings["max_steps"]}
+    settings = {**settings, "decay_steps": run_settings.schedule_steps(settings)}
     return settings, run_dir, ckpt_path, resumed
 
 
