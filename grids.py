@@ -5,7 +5,7 @@ and arguments of its evaluations. `python reproduce.py --grid NAME` runs one;
 `python report.py --grid NAME` turns its saved results into figures and tables.
 
     default   RoPE, FoPE, ALiBi, NoPE (3 seeds each), FoPE ablations, head_dim, context extension, at byte
-              level with the retrieval preset (CPU, ~22 h)
+              level with the retrieval preset (CPU, ~30 h)
     quick     the same pipeline with tiny models (about a minute): checks that everything runs
     gpu60m    the paper's 60M shape on FineWeb-Edu, for a GPU (untested here)
     bpe256    the former default grid: BPE-4096 at train_len 256, no retrieval recipe (CPU, ~6 h)
@@ -133,14 +133,14 @@ def shakespeare_grid(about, training, lengths, ppl_args, full):
 
 # train.py's CPU model (4 layers, 256 wide, head_dim 64) on Shakespeare with the retrieval preset:
 # byte-level tokens, train_len 384, 16 x 384 bytes a step, PyTorch's initialisation, half the
-# sequences passkey prompts with loss on the answer, 1600 steps (settings.py; FAITHFULNESS.md).
+# sequences passkey prompts with loss on the answer, 2400 steps (settings.py; FAITHFULNESS.md).
 # Evaluated from half train_len to 16x; 288 because a passkey prompt needs 247 bytes of fixed text, so
 # half train_len (192) holds none: perplexity only there.
 DEFAULT = shakespeare_grid(
     about="The CPU model of train.py on Shakespeare at byte level (train.py --preset retrieval), trained at "
           "384 bytes and evaluated to 16x; perplexities are per byte. Estimated time on 2 CPU cores at about "
-          "4k tokens/s in float32: 25 runs x 41 min of training, 4 fine-tunes x 4 min, 38 evaluations x "
-          "(1-2 min perplexity + 6 min passkey); about 22 hours in all (more on an AVX2-only CPU).",
+          "4.4k tokens/s in float32: 25 runs x 56 min of training, 4 fine-tunes x 4 min, 38 evaluations x "
+          "(1-2 min perplexity + 6 min passkey); about 30 hours in all (more on an AVX2-only CPU).",
     training=["--preset", "retrieval", *CPU_PRECISION],
     lengths=[192, 288, 384, 768, 1536, 3072, 6144],
     # the authors' chunked protocol on the first 131 072 validation bytes (about 35k BPE-4096 tokens of text)

@@ -3,7 +3,7 @@ reproduce.py: run a grid of grids.py end to end. Train every run, measure perple
 passkey accuracy as the context grows past the training length, then write the report
 (report.py).
 
-    python reproduce.py                         # the default grid: about 22 hours on 2 CPU cores
+    python reproduce.py                         # the default grid: about 30 hours on 2 CPU cores
     python reproduce.py --quick                 # tiny models, about a minute: checks the pipeline
     python reproduce.py --only rope-s0 fope-s0  # some runs only
     python reproduce.py --evals passkey         # passkey accuracy first, the rest later
