@@ -3,7 +3,7 @@ reproduce.py: run a grid of grids.py end to end. Train every run, measure perple
 passkey accuracy as the context grows past the training length, then write the report
 (report.py).
 
-    python reproduce.py                         # the default grid: about 30 hours on 2 CPU cores
+    python reproduce.py                         # the default grid (--dry_run prints its time estimate)
     python reproduce.py --quick                 # tiny models, about a minute: checks the pipeline
     python reproduce.py --only rope-s0 fope-s0  # some runs only
     python reproduce.py --evals passkey         # passkey accuracy first, the rest later
@@ -90,10 +90,10 @@ def trained_steps(grid, run, checkpoint):
                             f"delete it to train {run.name} again")
     # max_steps may change on --resume, but a run's learning-rate schedule is fixed when it starts:
     # a checkpoint of another schedule, finished or not, is not an interrupted run of this grid's
-    schedule = settings.schedule_steps(saved) or state["step"]
-    if schedule != settings.schedule_steps(values) or state["step"] > values["max_steps"]:
+    schedule, grid_schedule = settings.schedule_steps(saved) or state["step"], settings.schedule_steps(values)
+    if schedule != grid_schedule or state["step"] > values["max_steps"]:
         raise GridError(f"{checkpoint} was trained on a {schedule}-step schedule ({state['step']} steps done), "
-                        f"the grid now has {values['max_steps']}: delete it to train {run.name} again")
+                        f"the grid now has {grid_schedule}: delete it to train {run.name} again")
     return state["step"]
 
 
