@@ -376,11 +376,12 @@ def measured_markdown(grid, results_grid):
     environment.json (empty when either is missing). A step finished twice counts its last run."""
     try:
         with open(os.path.join(results_grid, "steps.jsonl")) as f:
-            seconds = {record["step"]: record["seconds"] for record in map(json.loads, f)}
+            records = {record["step"]: record for record in map(json.loads, f)}
         with open(os.path.join(results_grid, "environment.json")) as f:
             environment = json.load(f)
     except FileNotFoundError:
         return []
+    seconds = {title: record["seconds"] for title, record in records.items()}
     steps = grid_steps(grid, results_grid)
     timed = [title for title, _ in steps if title in seconds]
     by_kind = {}
@@ -393,9 +394,22 @@ def measured_markdown(grid, results_grid):
     return [f"Measured: {len(timed)} of the grid's {len(steps)} steps took "
             f"{runs.clock(sum(by_kind.values()))} of wall time ({kinds})"
             + (f"; not timed: {', '.join(untimed)}" if untimed else "")
-            + f". On {environment['cpu']} ({environment['cores']} cores) with Python {environment['python']} "
-            f"and torch {environment['torch']}; every step's command line and time are in `steps.jsonl` "
-            f"and `environment.json` beside the results.", ""]
+            + f". {where_trained(timed, records)} Last run with Python {environment['python']} and torch "
+            f"{environment['torch']}; every step's command line, time and CPU are in `steps.jsonl`, the versions "
+            f"in `environment.json`, beside the results.", ""]
+
+
+def where_trained(timed, records):
+    """The CPU each timed run was trained on (runs made on different CPUs are compared in the
+    same precision, but their times are not comparable). A step logged before steps.jsonl held
+    the CPU is listed as unrecorded."""
+    by_cpu = {}
+    for title in timed:
+        if title.startswith("train "):
+            record = records[title]
+            cpu = f"{record['cpu']} ({record['cores']} cores)" if "cpu" in record else "CPU not recorded"
+            by_cpu.setdefault(cpu, []).append(title.split(maxsplit=1)[1])
+    return " ".join(f"Trained on {cpu}: {', '.join(names)}." for cpu, names in by_cpu.items())
 
 
 def saved_precision(results):

@@ -21,7 +21,7 @@ was interrupted, so after a stop the same command carries on where it was.
     results/<grid>/prose/<entry>.json     perplexity on the second corpus (main runs)
     results/<grid>/analysis/              analyze.py on the analysed runs, side by side
     results/<grid>/*.png, results.md      the report; the headline grid's table also goes into README.md
-    results/<grid>/steps.jsonl            every finished step: name, command, seconds, date
+    results/<grid>/steps.jsonl            every finished step: name, command, seconds, date, CPU
     results/<grid>/environment.json       versions and CPU of the machine that last ran steps
 """
 
@@ -164,7 +164,8 @@ def run_steps(grid, steps, results_grid, dry_run, argv):
         print(f"{prefix}: finished in {runs.clock(seconds)}", flush=True)
         with open(os.path.join(results_grid, "steps.jsonl"), "a") as log:
             log.write(json.dumps({"step": title, "command": command_line(grid, command), "seconds": round(seconds, 1),
-                                  "date": datetime.datetime.now().isoformat(timespec="seconds")}) + "\n")
+                                  "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                                  "cpu": cpu_model(), "cores": os.cpu_count()}) + "\n")
     if not dry_run:
         print(f"all {len(steps)} steps done ({ran} run now) in {runs.clock(time.time() - start)}")
 
