@@ -401,13 +401,11 @@ def measured_markdown(grid, results_grid):
 
 def where_trained(timed, records):
     """The CPU each timed run was trained on (runs made on different CPUs are compared in the
-    same precision, but their times are not comparable). A step logged before steps.jsonl held
-    the CPU is listed as unrecorded."""
+    same precision, but their times are not comparable)."""
     by_cpu = {}
     for title in timed:
         if title.startswith("train "):
-            record = records[title]
-            cpu = f"{record['cpu']} ({record['cores']} cores)" if "cpu" in record else "CPU not recorded"
+            cpu = f"{records[title]['cpu']} ({records[title]['cores']} cores)"
             by_cpu.setdefault(cpu, []).append(title.split(maxsplit=1)[1])
     return " ".join(f"Trained on {cpu}: {', '.join(names)}." for cpu, names in by_cpu.items())
 
