@@ -133,14 +133,15 @@ def shakespeare_grid(about, training, lengths, ppl_args, full):
 
 # train.py's CPU model (4 layers, 256 wide, head_dim 64) on Shakespeare with the retrieval preset:
 # byte-level tokens, train_len 384, 16 x 384 bytes a step, PyTorch's initialisation, half the
-# sequences passkey prompts with loss on the answer, 2400 steps (settings.py; FAITHFULNESS.md).
+# sequences passkey prompts with loss on the answer, 3200 steps (settings.py; FAITHFULNESS.md).
 # Evaluated from half train_len to 16x; 288 because a passkey prompt needs 247 bytes of fixed text, so
 # half train_len (192) holds none: perplexity only there.
 DEFAULT = shakespeare_grid(
     about="The CPU model of train.py on Shakespeare at byte level (train.py --preset retrieval), trained at "
           "384 bytes and evaluated to 16x; perplexities are per byte. Estimated time on 2 CPU cores at about "
-          "4.4k tokens/s in float32: 25 runs x 56 min of training, 4 fine-tunes x 4 min, 38 evaluations x "
-          "(1-2 min perplexity + 6 min passkey); about 30 hours in all (more on an AVX2-only CPU).",
+          "6.4k tokens/s in float32: 25 runs x 56 min of training, 4 fine-tunes x 4 min, 38 evaluations x "
+          "(1-2 min perplexity + 3-6 min passkey); about 27 hours in all (about 35 at 4.4k tokens/s, over 60 "
+          "on an AVX2-only CPU).",
     training=["--preset", "retrieval", *CPU_PRECISION],
     lengths=[192, 288, 384, 768, 1536, 3072, 6144],
     # the authors' chunked protocol on the first 131 072 validation bytes (about 35k BPE-4096 tokens of text)
