@@ -114,8 +114,8 @@ def training_sequence(enc, rng, seq_len, eot, loss_on="answer+repeat"):
     offset instead, which does not carry over to the answer (eval_passkey.py's diagnostics).
     The retrieval preset (settings.py) puts the loss on the answer alone: with byte-level tokens
     and PyTorch's initialisation that taught RoPE and FoPE retrieval within 1200 steps at seed 0
-    (other seeds needed up to 3200: the timing varies with the seed); with BPE tokens, or with OLMo's initialisation, the same probes learned none
-    (EXPERIMENTS.md).
+    (other seeds needed up to 3200: the timing varies with the seed); with BPE tokens, or with
+    OLMo's initialisation, the same probes learned none (EXPERIMENTS.md).
     """
     key = int(rng.integers(1, MAX_KEY + 1))
     answer = enc.encode_ordinary(ANSWER.format(key=key))
