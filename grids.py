@@ -140,7 +140,7 @@ DEFAULT = shakespeare_grid(
     about="The CPU model of train.py on Shakespeare at byte level (train.py --preset retrieval), trained at "
           "384 bytes and evaluated to 16x; perplexities are per byte. Estimated time on 2 CPU cores at about "
           "6.4k tokens/s in float32: 25 runs x 56 min of training, 4 fine-tunes x 4 min, 38 evaluations x "
-          "(1-2 min perplexity + 3-6 min passkey); about 27 hours in all (about 35 at 4.4k tokens/s, over 60 "
+          "(1-5 min perplexity + 2-13 min passkey, ALiBi's the slowest); about 27 hours in all (about 35 at 4.4k tokens/s, over 60 "
           "on an AVX2-only CPU).",
     training=["--preset", "retrieval", *CPU_PRECISION],
     lengths=[192, 288, 384, 768, 1536, 3072, 6144],
