@@ -85,7 +85,8 @@ def shakespeare_grid(about, training, lengths, ppl_args, full):
     experiment, FoPE's ablations, RoPE's training-free extensions. RoPE and FoPE run on 3 seeds; with
     full, ALiBi, NoPE and FoPE's two parts alone (nocf, nofs) do too, and RoPE and FoPE also run at
     head_dim 32 and 128. Ordered so that a partly finished grid is already informative: seed 0 of
-    every method, the fine-tunes that start from two of them, the other seeds, then the ablations."""
+    every method (FoPE's two parts alone among them), the fine-tunes that start from two of them,
+    the other seeds, then the one-seed ablations and the head_dim sweep."""
     shared = settings.parse_args(training)[1]  # the settings every run starts from
     ft, yarn = finetune(shared["train_len"]), yarn_after(shared["train_len"])
     seeded = ["rope", "fope", "alibi", "nope"] if full else ["rope", "fope"]
@@ -96,15 +97,19 @@ def shakespeare_grid(about, training, lengths, ppl_args, full):
         training=training,
         runs=[
             *[Run(f"{pe}-s0", "main", ["--pe", pe, *SEEDS[0]]) for pe in ("rope", "fope", "alibi", "nope")],
+            # FoPE's two parts alone at seed 0 (defined in FAITHFULNESS.md), rows of the headline table
+            Run("fope-nocf", "ablation", ["--pe", "fope", "--fope_cf", "false"]),      # Fourier series, no clip
+            Run("fope-nofs", "ablation", ["--pe", "fope", "--fope_fs", "false"]),      # clip only: clipped RoPE
             # the paper's extension experiment: continue at 2x train_len with YaRN or with FoPE
             Run("ext-rope-yarn", "finetune", ["--pe", "rope", *ft, *yarn], init_from="rope-s0"),
             Run("ext-rope-fope", "finetune", ["--pe", "fope", "--fope_grow", "fresh", *ft], init_from="rope-s0"),
             Run("ext-fope-yarn", "finetune", ["--pe", "fope", "--fope_grow", "zeros", *ft, *yarn], init_from="fope-s0"),
             Run("ext-fope-fope", "finetune", ["--pe", "fope", "--fope_grow", "fresh", *ft], init_from="fope-s0"),
-            *[Run(f"{pe}-s{seed}", "main", ["--pe", pe, *SEEDS[seed]]) for seed in (1, 2) for pe in seeded],
-            # FoPE ablations at seed 0 (defined in FAITHFULNESS.md); fope-s0 is the reference with sigma 0.3.
-            Run("fope-nocf", "ablation", ["--pe", "fope", "--fope_cf", "false"]),      # Fourier series, no clip
-            Run("fope-nofs", "ablation", ["--pe", "fope", "--fope_fs", "false"]),      # clip only: clipped RoPE
+            *[run for seed in (1, 2) for run in (
+                *[Run(f"{pe}-s{seed}", "main", ["--pe", pe, *SEEDS[seed]]) for pe in seeded],
+                *[Run(f"fope-no{part}-s{seed}", "ablation", ["--pe", "fope", f"--fope_{part}", "false", *SEEDS[seed]])
+                  for part in ("cf", "fs") if seed in more_seeds])],
+            # the other FoPE ablations at seed 0; fope-s0 is the reference with sigma 0.3
             Run("fope-sinpad0", "ablation", ["--pe", "fope", "--fope_sin_pad", "0"]),  # padded pairs: exact identity
             # sigma 0 is not run: with FS on it equals fope-nofs, since K <= head_dim/4 = 16 (K = 13 at
             # train_len 256, 15 at 384)
@@ -113,8 +118,6 @@ def shakespeare_grid(about, training, lengths, ppl_args, full):
             # the paper's Fig. 5c at one seed: head_dim 32 and 128 at the same width (K and M change with it)
             *[Run(f"{pe}-hd{shared['n_embd'] // heads}", "headdim", ["--pe", pe, "--n_head", str(heads), *SEEDS[0]])
               for heads in head_counts for pe in ("rope", "fope")],
-            *[Run(f"fope-no{part}-s{seed}", "ablation", ["--pe", "fope", f"--fope_{part}", "false", *SEEDS[seed]])
-              for seed in more_seeds for part in ("cf", "fs")],
         ],
         # RoPE extended without training; s = 16 covers the 16x range (the authors' YaRN also uses 16)
         extensions=[Extension(f"rope-s{seed}+{method}16", f"rope-s{seed}", ["--rope_scaling", method, "--rope_scale", "16"])
