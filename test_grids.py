@@ -258,6 +258,10 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
                          ("extension_inference", 2), ("extension_finetune", 2)):
         assert png_size(results / f"{name}.png") == (780 * panels, 516) and f"]({name}.png)" in markdown
     assert (HERE / "README.md").read_bytes() == readme  # the README shows the headline grid only
+    # the headline table counts the seeds behind each row and names the runs it still lacks
+    headline = report.headline_markdown(grid, report.load_results(grid, str(results)))
+    assert "| FoPE (1 of 2 seeds) | 1.00 |" in headline and "| RoPE (2 seeds) | 1.00 (1.00–1.00) |" in headline
+    assert "Runs: RoPE: rope-s0, rope-s1; FoPE: fope-s0; CF only: fope-nofs. Not yet evaluated: fope-s1." in headline
 
     # a partial invocation runs only what it names
     result = run_script("reproduce.py", "--quick", "--only", "fope-s1", "--out_dir", tmp_path, "--results_dir", tmp_path,
