@@ -435,8 +435,8 @@ def report_markdown(grid_name, grid, sections, results, figure_dir, measured, re
 
 
 def headline_markdown(grid, results):
-    """Perplexity ratio to train_len and passkey accuracy, 'mean (lowest–highest)' over seeds, for
-    the rows of HEADLINE_ROWS that the grid has."""
+    """Perplexity ratio to train_len and passkey accuracy, 'mean (lowest–highest)' over the seeds
+    evaluated so far, for the rows of HEADLINE_ROWS that the grid has."""
     groups = group_by_method(run.name for run in grid.runs)
     planned = {label: groups[method] for label, method in HEADLINE_ROWS.items() if method in groups}
     # a row stands on the runs with both evaluations; a partly finished grid says how many it has
