@@ -228,7 +228,8 @@ def needle_repeat_digits(model, enc, length, trials, seed, device, needle_text):
 @torch.no_grad()
 def last_position_attention(model, idx):
     """The attention weights of the last position of idx (B, T) in every layer and head:
-    (B, n_layer, H, T) probabilities over the T positions.
+    (B, n_layer, H, T) probabilities over the T positions; and the model's top prediction for the
+    token after idx, (B,) token ids.
 
     The model never forms these weights (SDPA fuses them away), so they are recomputed from each
     layer's input as CausalSelfAttention.forward computes its logits; test_passkey.py checks that
@@ -238,7 +239,7 @@ def last_position_attention(model, idx):
     hooks = [block.attn.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
              for block in model.blocks]
     try:
-        model.features(idx)  # the hidden states only: no logits are needed
+        predicted = model.lm_head(model.features(idx)[:, -1]).argmax(-1)  # (B,)
     finally:
         for hook in hooks:
             hook.remove()
@@ -254,30 +255,41 @@ def last_position_attention(model, idx):
         if attn.pe == "alibi":
             logits = logits + attn.pos.bias(T - 1, 1, T)
         weights.append(torch.softmax(logits[:, :, 0], dim=-1))  # (B, H, T)
-    return torch.stack(weights, dim=1)
+    return torch.stack(weights, dim=1), predicted
+
+
+def prompt_to_first_digit(enc, length, depth, key):
+    """`length` tokens: a passkey prompt, then the answer up to its first key digit (at byte level
+    the answer's leading space), so that the last position is the one that predicts that digit."""
+    answer = enc.encode_ordinary(ANSWER.format(key=key))
+    lead = answer[:key_mentions(answer, enc.encode_ordinary(str(key)))[0]]
+    return build_prompt(enc, length - len(lead), depth, key) + lead
 
 
 @torch.no_grad()
 def attention_on_key(model, enc, length, trials, seed, device, batch_size=8):
-    """On the trial prompts of `length` tokens, where the answer position (the prompt's last, which
-    predicts the key's first digit) looks. Returns numpy arrays: distance (trials,), tokens from
-    the answer position back to the needle's first key digit; weight (trials, n_layer, H), the
-    attention it puts on the key's digits, both mentions; entropy (trials, n_layer, H), in nats,
-    of its whole attention row (ln(length) if it attended evenly to every token)."""
+    """On the trial prompts of `length` tokens (prompt_to_first_digit), where the answer position
+    (the last, which predicts the key's first digit) looks. Returns numpy arrays: distance
+    (trials,), tokens from the answer position back to the needle's first key digit; weight
+    (trials, n_layer, H), the attention it puts on the key's digits, both mentions; entropy
+    (trials, n_layer, H), in nats, of its whole attention row (ln(length) if it attended evenly to
+    every token); first_digit (trials,), whether the model's top prediction there is the key's
+    first digit."""
     keys, depths = trial_settings(seed, length, trials)
-    prompts = [build_prompt(enc, length, depth, key) for key, depth in zip(keys, depths)]
-    distance, weight, entropy = [], [], []
+    prompts = [prompt_to_first_digit(enc, length, depth, key) for key, depth in zip(keys, depths)]
+    distance, weight, entropy, first_digit = [], [], [], []
     for start in range(0, trials, batch_size):
         batch = prompts[start:start + batch_size]
-        rows = last_position_attention(model, torch.tensor(batch, device=device)).cpu()  # (B, n_layer, H, length)
-        for prompt, key, row in zip(batch, keys[start:start + batch_size], rows):
+        rows, predicted = last_position_attention(model, torch.tensor(batch, device=device))  # (B, n_layer, H, length)
+        for prompt, key, row, top in zip(batch, keys[start:start + batch_size], rows.cpu(), predicted.tolist()):
             digits = enc.encode_ordinary(str(key))
             mentions = key_mentions(prompt, digits)
             on_key = [m + i for m in mentions for i in range(len(digits))]
             distance.append(length - 1 - mentions[0])
             weight.append(row[..., on_key].sum(-1).numpy())
             entropy.append(-torch.special.xlogy(row, row).sum(-1).numpy())
-    return np.array(distance), np.array(weight), np.array(entropy)
+            first_digit.append(top == digits[0])
+    return np.array(distance), np.array(weight), np.array(entropy), np.array(first_digit)
 
 
 def retrieval_attention(model, enc, lengths, trials, seed, device):
@@ -286,7 +298,9 @@ def retrieval_attention(model, enc, lengths, trials, seed, device):
     over more tokens (dilution)? Finds the retrieval head, the (layer, head) whose answer position
     puts the most attention on the key in prompts of train_len tokens (or the longest that is no
     longer), then follows that head's weight on the key and its entropy over `lengths`, trial by
-    trial with the needle's distance. A JSON-ready dict; lengths too short for a prompt are skipped.
+    trial with the needle's distance, and at each length how often the model's top prediction at
+    the answer position is the key's first digit (the needle found, whatever comes after). A
+    JSON-ready dict; lengths too short for a prompt are skipped.
 
     Reading it: if the weight on a needle within train_len of the answer falls as the prompt
     grows, the decline is dilution; if it holds there but falls for needles further back, it is
@@ -300,11 +314,12 @@ def retrieval_attention(model, enc, lengths, trials, seed, device):
     head_weight = measured[max(within)][1].mean(0)  # (n_layer, H)
     layer, head = (int(i) for i in np.unravel_index(head_weight.argmax(), head_weight.shape))
     per_length = {}
-    for n, (distance, weight, entropy) in measured.items():
+    for n, (distance, weight, entropy, first_digit) in measured.items():
         weight, entropy = weight[:, layer, head], entropy[:, layer, head]
         near = distance < train_len
         per_length[str(n)] = {
             "distance": distance.tolist(), "weight": weight.tolist(), "entropy": entropy.tolist(),
+            "first_digit": first_digit.tolist(), "first_digit_accuracy": float(first_digit.mean()),
             "mean_weight": float(weight.mean()), "mean_entropy": float(entropy.mean()),
             # None where no trial falls on that side of train_len
             "mean_weight_near": float(weight[near].mean()) if near.any() else None,

@@ -301,23 +301,24 @@ FALL = 0.5
 
 
 def retrieval_reading(found, train_len):
-    """One verdict for a run's retrieval attention (analyze.py), read at the longest measured
-    length up to 4x train_len: does its retrieval head lose the key with the prompt's length even
-    for needles within train_len of the answer (dilution), or only for needles further back
+    """One verdict for a run's retrieval attention (analyze.py), at the shortest prompt past
+    train_len where its retrieval head loses the key: for needles within train_len of the answer
+    too (dilution: the other tokens take the attention), or only for needles further back
     (distance)?"""
     reference = found["lengths"][str(found["reference_length"])]["mean_weight"]
     if reference < FALL:
         return f"its answer hardly looks at the key even at {found['reference_length']} tokens ({reference:.2f})"
-    longer = [int(n) for n in found["lengths"] if train_len < int(n) <= 4 * train_len]
+    longer = sorted(int(n) for n in found["lengths"] if int(n) > train_len)
     if not longer:
         return "not measured past train_len"
-    at = found["lengths"][str(max(longer))]
-    near, far = at["mean_weight_near"], at["mean_weight_far"]
-    diluted = near is not None and near < FALL * reference
-    distant = far is not None and near is not None and far < FALL * near
-    verdict = {(True, True): "dilution and distance", (True, False): "dilution", (False, True): "distance",
-               (False, False): "neither: its retrieval head still finds the key"}[(diluted, distant)]
-    return f"{verdict} (at {max(longer)} tokens)"
+    for n in longer:
+        near, far = found["lengths"][str(n)]["mean_weight_near"], found["lengths"][str(n)]["mean_weight_far"]
+        diluted = near is not None and near < FALL * reference
+        distant = far is not None and near is not None and far < FALL * near
+        if diluted or distant:
+            verdict = {(True, True): "dilution and distance", (True, False): "dilution", (False, True): "distance"}
+            return f"{verdict[(diluted, distant)]} (from {n} tokens)"
+    return f"neither: its retrieval head still finds the key (up to {longer[-1]} tokens)"
 
 
 def retrieval_markdown(results_grid, figure_dir):
@@ -334,26 +335,35 @@ def retrieval_markdown(results_grid, figure_dir):
         value = trials.get(key) if trials else None
         return "–" if value is None else f"{value:.2f}"
 
+    def percent(trials, key):
+        value = trials.get(key) if trials else None  # absent in an analysis saved before it was measured
+        return "–" if value is None else f"{value:.0%}"
+
     lines = ["#### Why retrieval fails past train_len", "",
              f"![where the passkey answer looks]({figure_dir}analysis/retrieval_attention.png)", "",
              "For each run, the head whose answer position (the one that predicts the key's first digit) attends most "
              f"to the key's digits in prompts of train_len = {train_len} tokens; then, as the prompt grows, its "
              "attention on the key for needles within train_len of the answer / further back, and the entropy of its "
-             f"attention (nats; spread evenly over T tokens it would be ln T). {records[0]['retrieval_attention']['trials']} "
+             "attention (nats; spread evenly over T tokens it would be ln T), and how often the model's top prediction "
+             "there is the key's first digit (the needle found, whatever comes after). "
+             f"{records[0]['retrieval_attention']['trials']} "
              "prompts a length (analyze.py). Reading: *dilution* where the weight on needles within train_len falls "
              f"below {FALL:.0%} of its value at train_len as the prompt grows (the other tokens take the attention); "
              f"*distance* where needles further back get below {FALL:.0%} of the weight of the near ones (distances, "
              f"so phases, never seen in training); a head with less than {FALL:.0%} of its attention on the key even at "
              "train_len is read as not looking at it.", "",
              "| run | head | " + " | ".join(f"key weight {n}" for n in lengths) + " | "
-             + " | ".join(f"entropy {n}" for n in lengths) + " | reading |",
-             "|---" * (3 + 2 * len(lengths)) + "|"]
+             + " | ".join(f"entropy {n}" for n in lengths) + " | "
+             + " | ".join(f"first digit {n}" for n in lengths) + " | reading |",
+             "|---" * (3 + 3 * len(lengths)) + "|"]
     for record in records:
         found = record["retrieval_attention"]
         at = [found["lengths"].get(str(n)) for n in lengths]
         weights = [f"{cell(t, 'mean_weight_near')} / {cell(t, 'mean_weight_far')}" if t else "–" for t in at]
         lines.append(f"| {record['run']} | L{found['layer']} H{found['head']} | " + " | ".join(weights) + " | "
-                     + " | ".join(cell(t, "mean_entropy") for t in at) + f" | {retrieval_reading(found, train_len)} |")
+                     + " | ".join(cell(t, "mean_entropy") for t in at) + " | "
+                     + " | ".join(percent(t, "first_digit_accuracy") for t in at)
+                     + f" | {retrieval_reading(found, train_len)} |")
     return lines + ["", "Key weight: needle within train_len of the answer / further back (– where no prompt has "
                     "one); head: the retrieval head, layer L, head H.", ""]
 

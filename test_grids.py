@@ -70,15 +70,20 @@ def test_the_head_dim_sweep_compares_rope_and_fope_at_three_head_dims_of_one_wid
 
 
 def test_the_retrieval_reading_tells_dilution_from_distance():
-    def found(at_train_len, near, far):  # mean weights on the key at train_len 100 and at 400 tokens
-        return {"reference_length": 100, "lengths": {
-            "100": {"mean_weight": at_train_len, "mean_weight_near": at_train_len, "mean_weight_far": None},
-            "400": {"mean_weight": None, "mean_weight_near": near, "mean_weight_far": far}}}
-    assert report.retrieval_reading(found(0.9, 0.2, 0.2), 100) == "dilution (at 400 tokens)"
-    assert report.retrieval_reading(found(0.9, 0.8, 0.1), 100) == "distance (at 400 tokens)"
-    assert report.retrieval_reading(found(0.9, 0.3, 0.05), 100) == "dilution and distance (at 400 tokens)"
-    assert report.retrieval_reading(found(0.9, 0.8, 0.7), 100).startswith("neither")
-    assert report.retrieval_reading(found(0.1, 0.1, 0.1), 100).startswith("its answer hardly looks at the key")
+    def found(at_train_len, *longer):  # mean weight on the key at train_len 100; (near, far) at 200, 400, ...
+        lengths = {"100": {"mean_weight": at_train_len, "mean_weight_near": at_train_len, "mean_weight_far": None}}
+        for i, (near, far) in enumerate(longer):
+            lengths[str(200 * 2 ** i)] = {"mean_weight": None, "mean_weight_near": near, "mean_weight_far": far}
+        return {"reference_length": 100, "lengths": lengths}
+    assert report.retrieval_reading(found(0.9, (0.2, 0.2)), 100) == "dilution (from 200 tokens)"
+    assert report.retrieval_reading(found(0.9, (0.8, 0.1)), 100) == "distance (from 200 tokens)"
+    assert report.retrieval_reading(found(0.9, (0.3, 0.05)), 100) == "dilution and distance (from 200 tokens)"
+    # the first length where the head loses the key names the reading
+    assert report.retrieval_reading(found(0.9, (0.8, 0.7), (0.8, 0.3), (0.2, 0.1)), 100) == "distance (from 400 tokens)"
+    assert report.retrieval_reading(found(0.9, (0.8, 0.7), (0.8, 0.7)), 100) == (
+        "neither: its retrieval head still finds the key (up to 400 tokens)")
+    assert report.retrieval_reading(found(0.1, (0.1, 0.1)), 100).startswith("its answer hardly looks at the key")
+    assert report.retrieval_reading(found(0.9), 100) == "not measured past train_len"
 
 
 def test_the_report_groups_seeds_of_a_method_and_only_seeds():
@@ -252,6 +257,8 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
         row = retrieval[record["run"]]
         assert row[0] == f"L{found['layer']} H{found['head']}"
         assert row[-1] == report.retrieval_reading(found, record["train_len"])
+        longest = found["lengths"][str(max(int(n) for n in found["lengths"]))]
+        assert row[-2] == f"{longest['first_digit_accuracy']:.0%}"  # the needle found at the longest prompt
     prose_ratio = table_rows(markdown, "Perplexity ratio to train_len on the second corpus")
     assert re.fullmatch(r"\d\.\d\d \(\d\.\d\d–\d\.\d\d\)", prose_ratio["fope (2 seeds)"][0])  # as on Shakespeare
     for name, panels in (("ppl", 1), ("ppl_ratio", 1), ("passkey", 1), ("prose_ratio", 2), ("ablations", 2),
