@@ -216,7 +216,7 @@ def plot_retrieval_attention(results, labels, path):
         top.set_xscale("log", base=2)
         top.set_ylim(-0.03, 1.03)
         top.set_title(f"{label}: layer {retrieval['layer']}, head {retrieval['head']}", fontsize=9)
-        top.set_xlabel("distance from the answer to the needle (tokens); dashed: train_len")
+        top.set_xlabel("needle's distance from the answer (tokens)\ndashed: train_len")
         top.set_ylabel("attention on the key's digits")
         top.legend(fontsize=7)
         bottom.plot(lengths, [retrieval["lengths"][str(n)]["mean_entropy"] for n in lengths], marker="o",
