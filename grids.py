@@ -128,8 +128,9 @@ def shakespeare_grid(about, training, lengths, ppl_args, full):
         # the second corpus, prose of another genre than the plays: the first 131 072 tokens of the
         # State of the Union messages of 1790-1899 (data.load_sotu)
         prose_args=["--text", "sotu", *ppl_args] if full else [],
-        # why retrieval fails past train_len: seed 0 of each main method, side by side
-        analysed=["rope-s0", "fope-s0", "alibi-s0", "nope-s0"] if full else [],
+        # why retrieval fails past train_len: every seed of each main method, side by side (run after
+        # the last of them, nope-s2; until then the report shows the analysis saved before)
+        analysed=[f"{pe}-s{seed}" for seed in range(3) for pe in seeded] if full else [],
         analysis_args=["--passkey_trials", "20"],
     )
 
