@@ -331,13 +331,9 @@ def retrieval_markdown(results_grid, figure_dir):
     train_len = records[0]["train_len"]
     lengths = sorted({int(n) for r in records for n in r["retrieval_attention"]["lengths"]})
 
-    def cell(trials, key):
+    def cell(trials, key, form=".2f"):
         value = trials.get(key) if trials else None
-        return "–" if value is None else f"{value:.2f}"
-
-    def percent(trials, key):
-        value = trials.get(key) if trials else None  # absent in an analysis saved before it was measured
-        return "–" if value is None else f"{value:.0%}"
+        return "–" if value is None else format(value, form)
 
     lines = ["#### Why retrieval fails past train_len", "",
              f"![where the passkey answer looks]({figure_dir}analysis/retrieval_attention.png)", "",
@@ -362,7 +358,7 @@ def retrieval_markdown(results_grid, figure_dir):
         weights = [f"{cell(t, 'mean_weight_near')} / {cell(t, 'mean_weight_far')}" if t else "–" for t in at]
         lines.append(f"| {record['run']} | L{found['layer']} H{found['head']} | " + " | ".join(weights) + " | "
                      + " | ".join(cell(t, "mean_entropy") for t in at) + " | "
-                     + " | ".join(percent(t, "first_digit_accuracy") for t in at)
+                     + " | ".join(cell(t, "first_digit_accuracy", ".0%") for t in at)
                      + f" | {retrieval_reading(found, train_len)} |")
     return lines + ["", "Key weight: needle within train_len of the answer / further back (– where no prompt has "
                     "one); head: the retrieval head, layer L, head H.", ""]
