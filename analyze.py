@@ -64,16 +64,39 @@ def pyplot():
     return plt
 
 
-def plot_pair_norms(results, labels, path):
+RUNS_PER_ROW = 4  # a grid's seed 0, 1, 2 of RoPE, FoPE, ALiBi, NoPE: one row of panels per seed
+
+
+def run_panels(n_runs, rows_per_run, width, height):
+    """A figure with a column of rows_per_run panels (each width x height inches) for every
+    checkpoint, at most RUNS_PER_ROW checkpoints side by side; returns the figure and, per
+    checkpoint, its column of axes. Panels left over are switched off."""
     plt = pyplot()
+    cols = min(n_runs, RUNS_PER_ROW)
+    groups = -(-n_runs // cols)
+    fig, axes = plt.subplots(rows_per_run * groups, cols,
+                             figsize=(max(10, width * cols), height * rows_per_run * groups + 1),
+                             squeeze=False, layout="constrained")
+    columns = []
+    for i in range(groups * cols):
+        group, col = divmod(i, cols)
+        column = axes[group * rows_per_run:(group + 1) * rows_per_run, col]
+        if i < n_runs:
+            columns.append(column)
+        else:
+            for ax in column:
+                ax.axis("off")
+    return fig, columns
+
+
+def plot_pair_norms(results, labels, path):
     n_layer = max(len(r["pair_norms"]["q_norm"]) for r in results)
-    fig, axes = plt.subplots(n_layer, len(results), figsize=(max(10, 4.5 * len(results)), 2.4 * n_layer + 1),
-                             squeeze=False, sharex="col", layout="constrained")
-    for col, (result, label) in enumerate(zip(results, labels)):
+    fig, columns = run_panels(len(results), n_layer, 4.5, 2.4)
+    for column, result, label in zip(columns, results, labels):
         norms = result["pair_norms"]
         pairs = np.arange(len(norms["rope_period"]))
         for layer in range(n_layer):
-            ax = axes[layer, col]
+            ax = column[layer]
             if layer >= len(norms["q_norm"]):
                 ax.axis("off")
                 continue
@@ -92,7 +115,7 @@ def plot_pair_norms(results, labels, path):
             ax.grid(alpha=0.3)
             if layer == 0:
                 ax.legend(fontsize=7)
-        axes[-1, col].set_xlabel("rotary pair j (fast -> slow)")
+        column[-1].set_xlabel("rotary pair j (fast -> slow)")
     save_figure(fig, path,
                 "Mean |q|, |k| per rotary pair before rotation, over heads and real text.\n"
                 "Look for: low or odd norms in the gray pairs (period > train_len: never a full cycle "
@@ -112,11 +135,9 @@ def mark_frequencies(ax, spectrum, two_sided):
 
 
 def plot_spectra(results, labels, path):
-    plt = pyplot()
-    fig, axes = plt.subplots(2, len(results), figsize=(max(10, 5 * len(results)), 7), squeeze=False,
-                             layout="constrained")
-    for col, (result, label) in enumerate(zip(results, labels)):
-        spectrum, (top, bottom) = result["spectrum"], axes[:, col]
+    fig, columns = run_panels(len(results), 2, 5, 3)
+    for (top, bottom), result, label in zip(columns, results, labels):
+        spectrum = result["spectrum"]
         if spectrum is None:
             for ax in (top, bottom):
                 ax.text(0.5, 0.5, f"{result['pe']}: no rotary pairs", ha="center", va="center")
@@ -143,10 +164,8 @@ def plot_spectra(results, labels, path):
 
 
 def plot_logits(results, labels, path):
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(results), figsize=(max(10, 5 * len(results)), 4.2), squeeze=False,
-                             layout="constrained")
-    for ax, result, label in zip(axes[0], results, labels):
+    fig, columns = run_panels(len(results), 1, 5, 3.2)
+    for (ax,), result, label in zip(columns, results, labels):
         curve = result["logit_vs_distance"]
         ax.fill_between(curve["distance"], curve["p10"], curve["p90"], alpha=0.25, label="10-90 percentile")
         ax.plot(curve["distance"], curve["mean"], linewidth=1, label="mean")
@@ -195,11 +214,9 @@ def plot_retrieval_attention(results, labels, path):
     """Per checkpoint: the retrieval head's attention on the key against the needle's distance,
     one colour per prompt length (top), and the entropy of its attention against the prompt
     length beside that of attention spread evenly (bottom)."""
-    plt = pyplot()
-    fig, axes = plt.subplots(2, len(results), figsize=(max(10, 4.5 * len(results)), 7), squeeze=False,
-                             layout="constrained")
-    for col, (result, label) in enumerate(zip(results, labels)):
-        retrieval, (top, bottom) = result["retrieval_attention"], axes[:, col]
+    fig, columns = run_panels(len(results), 2, 4.5, 3)
+    for (top, bottom), result, label in zip(columns, results, labels):
+        retrieval = result["retrieval_attention"]
         if retrieval is None or "skipped" in retrieval:
             for ax in (top, bottom):
                 ax.text(0.5, 0.5, f"{label}: {retrieval['skipped'] if retrieval else 'not measured'}",

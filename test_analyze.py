@@ -143,6 +143,20 @@ def test_default_pair_has_the_period_closest_to_a_quarter_of_train_len():
     assert spectra.default_pair(model, 0) == int(np.abs(periods - 64).argmin()) == 8
 
 
+def test_a_grid_of_checkpoints_wraps_into_rows_of_runs_per_row():
+    # 12 checkpoints (3 seeds of 4 methods) in 3 rows of 4, each a column of 2 panels
+    fig, columns = analyze.run_panels(12, 2, 4.5, 3)
+    assert len(columns) == 12 and all(len(column) == 2 for column in columns)
+    assert len(fig.axes) == 24 and len({id(ax) for column in columns for ax in column}) == 24
+    assert tuple(fig.get_size_inches()) == (4.5 * 4, 3 * 2 * 3 + 1)
+    # 5 checkpoints: 4 then 1, the 3 columns left over switched off
+    fig, columns = analyze.run_panels(5, 2, 4.5, 3)
+    used = {id(ax) for column in columns for ax in column}
+    assert len(columns) == 5 and len(fig.axes) == 16
+    assert all(not ax.axison for ax in fig.axes if id(ax) not in used)
+    assert all(ax.axison for column in columns for ax in column)
+
+
 def test_cli_writes_every_figure_and_the_json(checkpoints):
     tmp, paths = checkpoints
     result = run_script("analyze.py", "--ckpt", paths["rope"], paths["fope"], "--data_dir", tmp / "data",
