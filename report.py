@@ -97,9 +97,9 @@ def report_sections(grid):
     if ablations:
         sections.append(Section(
             "FoPE ablations",
-            "FoPE variants at seed 0 next to fope's seeds: `nocf` without the clip floor, `nofs` without the "
-            "Fourier series (clipped RoPE), `sinpad0` with padded pairs an exact identity, `sigmaX` with "
-            "coefficient gain X instead of 0.3.",
+            "FoPE variants next to fope's seeds, each row with its own seeds: `nocf` without the clip floor, "
+            "`nofs` without the Fourier series (clipped RoPE), `sinpad0` with padded pairs an exact identity, "
+            "`sigmaX` with coefficient gain X instead of 0.3.",
             group_by_method([name for name in main if method_of(name) == "fope"] + ablations),
             [("ablations.png", ["ppl_ratio", "accuracy"])]))
     headdim = [run for run in grid.runs if run.section == "headdim"]
