@@ -201,16 +201,6 @@ def flops_per_token(config):
     return 6 * matmul_params + 12 * config.n_layer * config.n_embd * config.train_len
 
 
-def machine_name(device):
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 # -----------------------------------------------------------------------------
 # the report
 
@@ -329,7 +319,7 @@ def measure(argv):
     report = {"config": dataclasses.asdict(config), "batch_size": BATCH_SIZE, "dtype": dtype,
               "gemm_peak_tflops": {k: v / 1e12 for k, v in peaks.items()}, "flops_per_token": per_token,
               "results": results, "ratios": ratios(results),
-              "machine": {"name": machine_name(device), "device": device, "threads": torch.get_num_threads(),
+              "machine": {"name": hardware.machine_name(device), "device": device, "threads": torch.get_num_threads(),
                           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": dtype == "bf16",
                           "torch": torch.__version__, "python": platform.python_version()}}
     data.write_atomically(args.out, json.dumps(report, indent=2).encode())

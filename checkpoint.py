@@ -11,6 +11,9 @@ A checkpoint is one torch file holding everything needed to continue a run or to
     tokenizer      the tokenizer itself (see tokenizer.tokenizer_state), so evaluation needs no cache
     data           the token cache's metadata (dataset, token counts, source hash)
     val_loss       the last validation loss
+    trained        the run's parts, one per training process: steps [from, to], seconds up to its
+                   last checkpoint, machine, cores, processes (seconds None: a part trained by a
+                   version that did not record it)
 
 While train.py writes a run folder it holds the folder's lock file (run_lock), so that a second
 process never writes the same run.

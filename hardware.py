@@ -3,6 +3,7 @@ hardware.py: where a script runs and in which precision, decided once for every 
 
     device  "auto" -> "cuda" where PyTorch sees a GPU (CUDA_VISIBLE_DEVICES respected), else "cpu"
     dtype   "auto" -> "bf16" where the hardware multiplies bfloat16 natively, else "fp32"
+    machine_name(device)  the GPU's or the CPU's model name, which every measured time names
 
 bf16 autocast is only a speed-up where the hardware has bf16 arithmetic: CUDA GPUs from
 Ampere on, and CPUs with AMX or AVX512-BF16 (Intel Sapphire Rapids, AMD Zen 4 and later).
@@ -11,6 +12,7 @@ than a float32 one, so "auto" picks float32 there.
 """
 
 import contextlib
+import platform
 
 import torch
 
@@ -32,6 +34,17 @@ def resolve_device(name):
     except (RuntimeError, ValueError) as error:
         raise HardwareError(f"device {name!r} is not usable: {str(error).strip().splitlines()[0]}") from None
     return name
+
+
+def machine_name(device):
+    """The model name of the GPU, or of the CPU as Linux reports it."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def native_bf16(device):

@@ -387,9 +387,10 @@ def measured_markdown(grid, results_grid):
             environment = json.load(f)
     except FileNotFoundError:
         return []
-    seconds = {title: record["seconds"] for title, record in records.items()}
+    seconds = {title: step_seconds(record) or record["seconds"] for title, record in records.items()}
     steps = grid_steps(grid, results_grid)
     timed = [title for title, _ in steps if title in seconds]
+    in_part = [title.split(maxsplit=1)[1] for title in timed if step_seconds(records[title]) is None]
     by_kind = {}
     for title in timed:
         kind = title.split()[0]
@@ -400,20 +401,42 @@ def measured_markdown(grid, results_grid):
     return [f"Measured: {len(timed)} of the grid's {len(steps)} steps took "
             f"{runs.clock(sum(by_kind.values()))} of wall time ({kinds})"
             + (f"; not timed: {', '.join(untimed)}" if untimed else "")
+            + (f"; timed in part (resumed from a checkpoint that recorded neither the time nor the CPU of the earlier part): "
+               f"{', '.join(in_part)}" if in_part else "")
             + f". {where_trained(timed, records)} Last run with Python {environment['python']} and torch "
             f"{environment['torch']}; every step's command line, time and CPU are in `steps.jsonl`, the versions "
             f"in `environment.json`, beside the results.", ""]
 
 
+def step_seconds(record):
+    """A step's wall time in all: its own, and for a training resumed from a checkpoint of an
+    earlier process, the earlier parts' that the checkpoint records. None when an earlier part
+    is not recorded (checkpoints of older versions)."""
+    earlier = (record.get("trained") or [])[:-1]
+    if any(part["seconds"] is None for part in earlier) or ("--resume" in record["command"] and not earlier):
+        return None
+    return record["seconds"] + sum(part["seconds"] for part in earlier)
+
+
 def where_trained(timed, records):
-    """The CPU each timed run was trained on (runs made on different CPUs are compared in the
-    same precision, but their times are not comparable)."""
-    by_cpu = {}
+    """The CPU each timed run was trained on, with the steps of each part where a resumed run
+    changed machines (runs made on different CPUs are compared in the same precision, but
+    their times are not comparable)."""
+    by_machine = {}
     for title in timed:
-        if title.startswith("train "):
-            cpu = f"{records[title]['cpu']} ({records[title]['cores']} cores)"
-            by_cpu.setdefault(cpu, []).append(title.split(maxsplit=1)[1])
-    return " ".join(f"Trained on {cpu}: {', '.join(names)}." for cpu, names in by_cpu.items())
+        if not title.startswith("train "):
+            continue
+        name, record = title.split(maxsplit=1)[1], records[title]
+        parts = [part for part in record.get("trained") or [] if part["seconds"] is not None]
+        parts = [{"machine": part["machine"], "cores": part["cores"], "steps": part["steps"]} for part in parts] \
+            or [{"machine": record["cpu"], "cores": record["cores"]}]
+        several = len({(part["machine"], part["cores"]) for part in parts}) > 1
+        for part in parts:
+            label = f"{name} (steps {part['steps'][0]}–{part['steps'][1]})" if several else name
+            names = by_machine.setdefault(f"{part['machine']} ({part['cores']} cores)", [])
+            if label not in names:
+                names.append(label)
+    return " ".join(f"Trained on {machine}: {', '.join(names)}." for machine, names in by_machine.items())
 
 
 def saved_precision(results):

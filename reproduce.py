@@ -21,7 +21,8 @@ was interrupted, so after a stop the same command carries on where it was.
     results/<grid>/prose/<entry>.json     perplexity on the second corpus (main runs)
     results/<grid>/analysis/              analyze.py on the analysed runs, side by side
     results/<grid>/*.png, results.md      the report; the headline grid's table also goes into README.md
-    results/<grid>/steps.jsonl            every finished step: name, command, seconds, date, CPU
+    results/<grid>/steps.jsonl            every finished step: name, command, seconds, date, CPU; for a
+                                          training, its parts (train.py's checkpoint "trained")
     results/<grid>/environment.json       versions and CPU of the machine that last ran steps
 """
 
@@ -41,6 +42,7 @@ import torch
 
 import data
 import grids
+import hardware
 import runs
 import settings
 from checkpoint import CheckpointError, load_checkpoint
@@ -141,7 +143,7 @@ def command_line(grid, command):
     return " ".join([f"OMP_NUM_THREADS={grid.threads}"] * bool(grid.threads) + [shlex.join(command)])
 
 
-def run_steps(grid, steps, results_grid, dry_run, argv):
+def run_steps(grid, steps, out_grid, results_grid, dry_run, argv):
     """Run the steps not done, in order, printing progress; log each finished one to steps.jsonl."""
     start, ran = time.time(), 0
     environment = {**os.environ, **({"OMP_NUM_THREADS": str(grid.threads)} if grid.threads else {})}
@@ -162,21 +164,24 @@ def run_steps(grid, steps, results_grid, dry_run, argv):
             raise GridError(f"{title} failed (its output is above); run the same command again to carry on from there")
         seconds = time.time() - step_start
         print(f"{prefix}: finished in {runs.clock(seconds)}", flush=True)
+        record = {"step": title, "command": command_line(grid, command), "seconds": round(seconds, 1),
+                  "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                  "cpu": hardware.machine_name("cpu"), "cores": os.cpu_count()}
+        if title.startswith("train "):  # a run resumed from another session's checkpoint took more than this step
+            record["trained"] = parts_trained(runs.checkpoint_path(out_grid, title.split(maxsplit=1)[1]))
         with open(os.path.join(results_grid, "steps.jsonl"), "a") as log:
-            log.write(json.dumps({"step": title, "command": command_line(grid, command), "seconds": round(seconds, 1),
-                                  "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                                  "cpu": cpu_model(), "cores": os.cpu_count()}) + "\n")
+            log.write(json.dumps(record) + "\n")
     if not dry_run:
         print(f"all {len(steps)} steps done ({ran} run now) in {runs.clock(time.time() - start)}")
 
 
-def cpu_model():
-    """The CPU's model name, as Linux reports it."""
+def parts_trained(checkpoint):
+    """The parts of a run its checkpoint records, one per training process (train.py), or None
+    for a checkpoint that does not record them."""
     try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
+        return load_checkpoint(checkpoint).get("trained")
+    except CheckpointError:
+        return None
 
 
 def write_environment(path, argv):
@@ -185,7 +190,7 @@ def write_environment(path, argv):
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
         "tiktoken": importlib.metadata.version("tiktoken"), "matplotlib": importlib.metadata.version("matplotlib"),
-        "platform": platform.platform(), "cpu": cpu_model(), "cores": os.cpu_count(),
+        "platform": platform.platform(), "cpu": hardware.machine_name("cpu"), "cores": os.cpu_count(),
         "command": shlex.join([sys.executable, "reproduce.py", *argv]),
     }
     data.write_atomically(path, json.dumps(environment, indent=2).encode())
@@ -228,7 +233,7 @@ def run_grid(argv):
     results_grid = os.path.abspath(os.path.join(args.results_dir, args.grid))
     steps = plan(grid, select_runs(grid, args.only), out_grid, results_grid, args.evals)
     print(f"grid {args.grid}: {grid.about}", flush=True)
-    run_steps(grid, steps, results_grid, args.dry_run, argv)
+    run_steps(grid, steps, out_grid, results_grid, args.dry_run, argv)
     if not args.dry_run:
         report = [sys.executable, "report.py", "--grid", args.grid, "--results_dir", project_path(args.results_dir)]
         if subprocess.run(report, cwd=HERE).returncode != 0:

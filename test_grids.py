@@ -287,3 +287,24 @@ def test_a_result_of_a_copy_taken_midway_through_a_longer_schedule_is_not_curren
         config = {**values, "decay_steps": decay_steps}
         path.write_text(json.dumps({"checkpoints": [{"step": values["max_steps"], "train_config": config}]}))
         assert grids.is_current(str(path), values, given) == current
+
+
+def test_the_report_times_a_resumed_run_in_all_its_parts_and_names_each_parts_cpu(tmp_path):
+    grid = grids.GRIDS["quick"]
+    part = {"cores": 2, "processes": 1}
+    records = [  # rope-s0 trained in two sessions on two CPUs; fope-s0 resumed from a checkpoint without parts
+        {"step": "train rope-s0", "command": "python train.py --resume", "seconds": 100.0, "cpu": "CPU B", "cores": 2,
+         "trained": [{"steps": [0, 10], "seconds": 50.0, "machine": "CPU A", **part},
+                     {"steps": [10, 25], "seconds": 90.0, "machine": "CPU B", **part}]},
+        {"step": "train fope-s0", "command": "python train.py --resume", "seconds": 30.0, "cpu": "CPU B", "cores": 2,
+         "trained": [{"steps": [0, 20], "seconds": None}, {"steps": [20, 25], "seconds": 25.0, "machine": "CPU B", **part}]},
+        {"step": "ppl rope-s0", "command": "python eval_ppl.py", "seconds": 10.0, "cpu": "CPU B", "cores": 2},
+    ]
+    (tmp_path / "steps.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    (tmp_path / "environment.json").write_text(json.dumps({"python": "3", "torch": "2"}))
+    line = report.measured_markdown(grid, str(tmp_path))[0]
+    assert line.startswith("Measured: 3 of the grid's") and "took 0:03:10 of wall time (train 0:03:00, ppl 0:00:10)" in line
+    assert "; timed in part (resumed from a checkpoint that recorded neither the time nor the CPU of the earlier part): " \
+           "fope-s0." in line
+    assert "Trained on CPU A (2 cores): rope-s0 (steps 0–10). Trained on CPU B (2 cores): rope-s0 (steps 10–25), fope-s0." \
+           in line

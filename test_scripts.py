@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 import checkpoint
 import eval_ppl
+import hardware
 import runs
 import settings as run_settings
 import tokenizer
@@ -71,6 +73,24 @@ def test_a_stopped_and_resumed_run_repeats_the_uninterrupted_losses(trained_run,
     train.main(tiny_run_args(tmp_path, "--pe", "fope", "--resume"))
     assert logged_losses(run_dir) == uninterrupted
     assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "config.json", "log.jsonl"]  # the lock is released
+    # the checkpoint keeps each process's part of the run: its steps, time and machine
+    parts = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))["trained"]
+    assert [part["steps"] for part in parts] == [[0, 10], [10, 30]] and all(part["seconds"] > 0 for part in parts)
+    assert all((part["machine"], part["cores"], part["processes"]) == (hardware.machine_name("cpu"), os.cpu_count(), 1)
+               for part in parts)
+
+
+def test_a_run_resumed_from_a_checkpoint_without_parts_records_the_earlier_part_as_untimed(trained_run, tmp_path, capsys):
+    run_dir = tmp_path / "out" / "tiny"
+    shutil.copytree(trained_run[1], run_dir)
+    state = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))
+    del state["trained"]  # as a checkpoint of a version that did not record them
+    torch.save(state, run_dir / "ckpt.pt")
+    train.main(tiny_run_args(trained_run[0], "--out_dir", str(tmp_path / "out"), "--max_steps", "32", "--resume"))
+    parts = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))["trained"]
+    assert parts[0] == {"steps": [0, 30], "seconds": None} and parts[1]["steps"] == [30, 32]
+    done = capsys.readouterr().out.splitlines()[-1]
+    assert done.startswith("done: 32 steps in 0:00:") and "(from step 30), val loss" in done  # no total: one part untimed
 
 
 def test_eval_ppl_writes_numbers_and_a_figure(trained_run, tmp_path):
