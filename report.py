@@ -427,9 +427,8 @@ def where_trained(timed, records):
         if not title.startswith("train "):
             continue
         name, record = title.split(maxsplit=1)[1], records[title]
-        parts = [part for part in record.get("trained") or [] if part["seconds"] is not None]
-        parts = [{"machine": part["machine"], "cores": part["cores"], "steps": part["steps"]} for part in parts] \
-            or [{"machine": record["cpu"], "cores": record["cores"]}]
+        parts = [part for part in record.get("trained") or [] if part["seconds"] is not None] \
+            or [{"machine": record["cpu"], "cores": record["cores"]}]  # a record without parts: the step's CPU
         several = len({(part["machine"], part["cores"]) for part in parts}) > 1
         for part in parts:
             label = f"{name} (steps {part['steps'][0]}–{part['steps'][1]})" if several else name

@@ -198,10 +198,11 @@ def run(argv, held):
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {len(prepared.train) / 1e6:.2f}M training tokens"
               + (f", resuming at step {step}" if step else ""), flush=True)
 
+    this_machine = {"machine": hardware.machine_name(device), "cores": os.cpu_count(), "processes": world}
+
     def parts_trained():
         """earlier_parts and this process's part up to now: what a run resumed across machines cost."""
-        return earlier_parts + [{"steps": [first_step, step], "seconds": round(time.time() - t_start, 1),
-                                 "machine": hardware.machine_name(device), "cores": os.cpu_count(), "processes": world}]
+        return earlier_parts + [{"steps": [first_step, step], "seconds": round(time.time() - t_start, 1), **this_machine}]
 
     def checkpoint():
         save_checkpoint(ckpt_path, {
