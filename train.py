@@ -202,7 +202,7 @@ def run(argv, held):
 
     def parts_trained():
         """earlier_parts and this process's part up to now: what a run resumed across machines cost."""
-        return earlier_parts + [{"steps": [first_step, step], "seconds": round(time.time() - t_start, 1), **this_machine}]
+        return earlier_parts + [{"steps": [first_step, step], "seconds": round(time.time() - t_start, 3), **this_machine}]
 
     def checkpoint():
         save_checkpoint(ckpt_path, {
