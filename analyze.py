@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-import data
-import hardware
-import passkey
-import runs
-import spectra
+from lib import data
+from lib import hardware
+from lib import passkey
+from lib import runs
+from lib import spectra
 
 
 def fail(message):

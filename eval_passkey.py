@@ -28,14 +28,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-import hardware
-from checkpoint import CheckpointError
-from data import check_writable_folder, write_atomically
+from lib import hardware
+from lib.checkpoint import CheckpointError
+from lib.data import check_writable_folder, write_atomically
 from fope_gpt import GPTConfig
-from passkey import (MAX_KEY, NEEDLE, NEEDLE_FURTHER, build_prompt, completion_text, feasible_lengths,
+from lib.passkey import (MAX_KEY, NEEDLE, NEEDLE_FURTHER, build_prompt, completion_text, feasible_lengths,
                      needle_repeat_digits, score, shortest_prompt_len, teacher_forced_digits, TRIAL_SEED,
                      trial_settings)
-from runs import (add_extension_options, default_lengths, extension_overrides, in_one_line, label_runs, load_model,
+from lib.runs import (add_extension_options, default_lengths, extension_overrides, in_one_line, label_runs, load_model,
                   load_tokenizer, parse_lengths)
 
 MAX_NEW_TOKENS = 10  # as in the authors' script

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data
-import hardware
-import runs
+from lib import data
+from lib import hardware
+from lib import runs
 from fope_gpt import GPTConfig
 
 

@@ -33,14 +33,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-import data
-import hardware
-import passkey
-import runs
-import settings as run_settings
-from checkpoint import CheckpointError, LockError, load_checkpoint, run_lock, save_checkpoint
+from lib import data
+from lib import hardware
+from lib import passkey
+from lib import runs
+from lib import settings as run_settings
+from lib.checkpoint import CheckpointError, LockError, load_checkpoint, run_lock, save_checkpoint
 from fope_gpt import GPT, GPTConfig
-from tokenizer import tokenizer_state
+from lib.tokenizer import tokenizer_state
 
 
 def fail(message):

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 import analyze
-import bench
+from experiments import bench
 import eval_passkey
 import eval_ppl
-import grids
-import reproduce
-import settings as run_settings
+from experiments import grids
+from experiments import reproduce
+from lib import settings as run_settings
 import train
 from conftest import HERE, error_of, logged_losses, snapshot, tiny_run_args
 

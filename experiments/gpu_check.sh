@@ -11,7 +11,7 @@
 #    evaluation tokens/s at 1x and 16x train_len.
 # Without a GPU it says so in one line and exits 1, having run nothing.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 STEPS=${STEPS:-300}
 OUT=out/gpu_check
 
@@ -34,7 +34,7 @@ python eval_ppl.py --ckpt "$OUT/fope/ckpt.pt" --dtype bf16 --out "$OUT/ppl.json"
 python eval_passkey.py --ckpt "$OUT/fope/ckpt.pt" --trials 50 --out "$OUT/passkey.json"
 
 echo "== 4. bench.py"
-python bench.py --device cuda --out "$OUT/bench.json"
+python -m experiments.bench --device cuda --out "$OUT/bench.json"
 
 echo "== 5. summary"
 python - "$OUT" <<'EOF'

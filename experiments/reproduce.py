@@ -40,14 +40,14 @@ import time
 import numpy
 import torch
 
-import data
-import grids
-import hardware
-import runs
-import settings
-from checkpoint import CheckpointError, load_checkpoint
+from lib import data
+from experiments import grids
+from lib import hardware
+from lib import runs
+from lib import settings
+from lib.checkpoint import CheckpointError, load_checkpoint
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
 class GridError(Exception):
@@ -191,7 +191,7 @@ def write_environment(path, argv):
         "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
         "tiktoken": importlib.metadata.version("tiktoken"), "matplotlib": importlib.metadata.version("matplotlib"),
         "platform": platform.platform(), "cpu": hardware.machine_name("cpu"), "cores": os.cpu_count(),
-        "command": shlex.join([sys.executable, "reproduce.py", *argv]),
+        "command": shlex.join([sys.executable, "-m", "experiments.reproduce", *argv]),
     }
     data.write_atomically(path, json.dumps(environment, indent=2).encode())
 
@@ -235,7 +235,7 @@ def run_grid(argv):
     print(f"grid {args.grid}: {grid.about}", flush=True)
     run_steps(grid, steps, out_grid, results_grid, args.dry_run, argv)
     if not args.dry_run:
-        report = [sys.executable, "report.py", "--grid", args.grid, "--results_dir", project_path(args.results_dir)]
+        report = [sys.executable, "-m", "experiments.report", "--grid", args.grid, "--results_dir", project_path(args.results_dir)]
         if subprocess.run(report, cwd=HERE).returncode != 0:
             raise GridError("the report failed (its output is above); run python report.py to try again")
 

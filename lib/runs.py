@@ -19,10 +19,10 @@ import json
 import os
 import sys
 
-import data
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from lib import data
+from lib.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from fope_gpt import ROPE_SCALINGS
-from tokenizer import encoding_from_state, tokenizer_state
+from lib.tokenizer import encoding_from_state, tokenizer_state
 
 CKPT_NAME, LOG_NAME, CONFIG_NAME = "ckpt.pt", "log.jsonl", "config.json"
 

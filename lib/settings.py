@@ -11,7 +11,7 @@ import dataclasses
 import math
 import os
 
-import passkey
+from lib import passkey
 from fope_gpt import POSITION_EMBEDDINGS, ROPE_SCALINGS, GPTConfig, kept_frequencies
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]

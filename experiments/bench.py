@@ -31,9 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
-import hardware
-import settings
+from lib import data
+from lib import hardware
+from lib import settings
 from fope_gpt import GPT, GPTConfig, POSITION_EMBEDDINGS
 
 BATCH_SIZE = settings.DEFAULTS["batch_size"]  # train.py's default: 16 x 256 = 4096 tokens a step

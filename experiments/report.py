@@ -24,12 +24,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-import data  # noqa: E402
-import grids  # noqa: E402
-import runs  # noqa: E402
+from lib import data  # noqa: E402
+from experiments import grids  # noqa: E402
+from lib import runs  # noqa: E402
 from fope_gpt import kept_frequencies  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 README = os.path.join(HERE, "README.md")
 HEADLINE_GRID = "default"  # the grid whose headline table README.md shows
 # The README's one table: the main methods and FoPE's two parts alone, at 1x, 2x, 4x and 16x train_len.

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
+from lib import checkpoint
 import eval_ppl
-import hardware
-import runs
-import settings as run_settings
-import tokenizer
+from lib import hardware
+from lib import runs
+from lib import settings as run_settings
+from lib import tokenizer
 import train
 from conftest import dead_pid, png_size, error_of, logged_losses, snapshot, tiny_run_args
 

@@ -18,8 +18,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
-import runs
-import settings
+from lib import runs
+from lib import settings
 
 @dataclass
 class Run:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-from tokenizer import EOT, build_encoding, encoding_from_ranks_file, ranks_to_text, train_bpe
+from lib.tokenizer import EOT, build_encoding, encoding_from_ranks_file, ranks_to_text, train_bpe
 
 FORMAT_VERSION = 1  # bump when the cache layout or the text cleaning changes
 VAL_FRACTION = 0.1

@@ -11,10 +11,10 @@ import statistics
 import pytest
 import torch
 
-import grids
-import report
-import reproduce
-import settings
+from experiments import grids
+from experiments import report
+from experiments import reproduce
+from lib import settings
 from conftest import HERE, error_of, png_size, run_script
 
 
@@ -204,7 +204,7 @@ def table_rows(markdown, title):
 def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     readme = (HERE / "README.md").read_bytes()
     grid = grids.GRIDS["quick"]
-    result = run_script("reproduce.py", "--quick", "--out_dir", tmp_path, "--results_dir", tmp_path, timeout=600)
+    result = run_script("experiments.reproduce", "--quick", "--out_dir", tmp_path, "--results_dir", tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr
     results = tmp_path / "quick"
     for entry in grids.entries(grid):
@@ -271,7 +271,7 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     assert "Runs: RoPE: rope-s0, rope-s1; FoPE: fope-s0; CF only: fope-nofs. Not yet evaluated: fope-s1." in headline
 
     # a partial invocation runs only what it names
-    result = run_script("reproduce.py", "--quick", "--only", "fope-s1", "--out_dir", tmp_path, "--results_dir", tmp_path,
+    result = run_script("experiments.reproduce", "--quick", "--only", "fope-s1", "--out_dir", tmp_path, "--results_dir", tmp_path,
                         timeout=600)
     assert result.returncode == 0, result.stderr
     assert "[1/4] train fope-s1: done (25 steps), skipped" in result.stdout  # then ppl, passkey, prose

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import analyze
-import data
-import spectra
-import tokenizer
+from lib import data
+from lib import spectra
+from lib import tokenizer
 from conftest import png_size, run_script
 from fope_gpt import GPT, GPTConfig, RoPE
 

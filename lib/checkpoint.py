@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from data import write_atomically
+from lib.data import write_atomically
 from fope_gpt import GPT, GPTConfig
 
 LOCK_NAME = "train.lock"

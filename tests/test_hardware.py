@@ -13,15 +13,15 @@ import pytest
 import torch
 
 import analyze
-import bench
-import checkpoint
+from experiments import bench
+from lib import checkpoint
 import eval_passkey
 import eval_ppl
-import hardware
+from lib import hardware
 import train
 from conftest import error_of, logged_losses, tiny_run_args
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the repository root, where the scripts are
 
 # -----------------------------------------------------------------------------
 # precision: bf16 autocast only where the hardware multiplies bf16 natively
@@ -133,11 +133,11 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(tmp_pa
 
 
 def test_the_gpu_check_parses_and_stops_with_one_line_where_there_is_no_gpu(tmp_path):
-    assert subprocess.run(["bash", "-n", str(HERE / "gpu_check.sh")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(HERE / "experiments" / "gpu_check.sh")]).returncode == 0
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: run gpu_check.sh itself")
     before = (HERE / "results").stat().st_mtime_ns
-    result = subprocess.run(["bash", str(HERE / "gpu_check.sh")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(["bash", str(HERE / "experiments" / "gpu_check.sh")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "gpu_check.sh: error: PyTorch sees no CUDA GPU here (torch.cuda.is_available() is False); nothing was run"]

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import eval_passkey
-import passkey
-import tokenizer
+from lib import passkey
+from lib import tokenizer
 from conftest import byte_encoding, png_size, run_script
 from fope_gpt import GPT, GPTConfig
 

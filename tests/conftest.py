@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import tokenizer
+from lib import tokenizer
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the repository root, where the scripts are
 
 
 def byte_encoding():
@@ -23,10 +23,13 @@ def byte_encoding():
 
 
 def run_script(script, *args, cwd=HERE, timeout=300):
-    """Run one of the project's scripts in a subprocess, as a user would; returns the
+    """Run one of the project's scripts in a subprocess, as a user would: a top-level script by
+    its file ("train.py"), one of experiments/ as a module ("experiments.reproduce"); returns the
     CompletedProcess with its exit status and text output."""
-    return subprocess.run([sys.executable, str(HERE / script), *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    command = [str(HERE / script)] if script.endswith(".py") else ["-m", script]
+    environment = {**os.environ, "PYTHONPATH": str(HERE)}  # a module runs from any folder
+    return subprocess.run([sys.executable, *command, *map(str, args)],
+                          cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
 def png_size(path):

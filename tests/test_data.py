@@ -10,8 +10,8 @@ import statistics
 import numpy as np
 import pytest
 
-import data
-import tokenizer
+from lib import data
+from lib import tokenizer
 
 
 SAMPLE_TEXT = (
