@@ -4,7 +4,12 @@ Follows the authors' released code (olmo/model.py of TsinghuaC3I/Fourier-Positio
 the choices listed in FAITHFULNESS.md; the test suite uses it as an independent check of the
 PyTorch model. Everything here is float64 and works on plain dicts of arrays: `params`
 maps state-dict names to arrays, `cfg` holds the model settings (vocab_size, n_layer, n_head,
-n_embd, train_len, pe, rope_theta, fope_sigma, fope_fs, fope_cf, fope_sin_pad, fope_learnable).
+n_embd, train_len, pe ∈ {rope, fope, cope, alibi, nope}, rope_theta, fope_sigma, fope_fs, fope_cf,
+fope_sin_pad, fope_learnable; and, defaulted when absent: cope_taper "cosine" | "step",
+fope_cap True, fope_shared False, qk_norm False).
+
+The deployed FoPE (Intern-S1-Pro, PAPER_NOTES.md §10) is pe="fope" with fope_shared=True,
+fope_cap=False, fope_sin_pad=0.0, fope_sigma=0.5 and qk_norm=True.
 
 Shape letters: B batch, T sequence length, C model width, H heads, d head_dim, V vocabulary,
 K kept frequencies, M FoPE output pairs.
@@ -30,6 +35,35 @@ def kept_frequencies(head_dim, train_len, theta=10000.0, clip=True):
     if clip:
         floor = 2.0 * math.pi / train_len
         freqs = freqs[~(freqs < floor)]  # (K,)
+    return freqs
+
+
+def cope_taper(n, kind="cosine"):
+    """Multipliers (n,) for the n lowest frequencies, fastest of the band first.
+
+    "cosine" is CoPE's raised cosine 0.5·(1 + cos(s)), s = linspace(0, π, n): ×1 at the band's
+    fastest frequency down to ×0 at its slowest (hrlics/CoPE modeling_cope.py,
+    LlamaRotaryEmbedding.__init__, lines 107-116, `use_cope`). "step" is CoPE's HardClip baseline,
+    every band frequency ×0 (same file, lines 118-125, `use_hardclip`).
+    """
+    if kind == "cosine":
+        return 0.5 * (1.0 + np.cos(np.linspace(0.0, math.pi, n, dtype=np.float64)))  # (n,)
+    if kind == "step":
+        return np.zeros(n, dtype=np.float64)  # (n,)
+    raise ValueError(f"unknown cope_taper {kind!r}")
+
+
+def cope_frequencies(head_dim, train_len, theta=10000.0, taper="cosine"):
+    """CoPE's soft-clipped RoPE frequencies, all d/2 of them, fastest first, shape (d/2,).
+
+    The tapered band is the n = d/2 − K frequencies that FoPE's floor would drop at train_len
+    (ω < 2π/train_len, strict, as in kept_frequencies), so CoPE and FoPE clip the same band;
+    CoPE's own code fixes n = clip_low_n = 20 instead (modeling_cope.py line 109). With n = 0 the
+    result is plain RoPE's frequencies.
+    """
+    freqs = kept_frequencies(head_dim, train_len, theta, clip=False)  # (d/2,)
+    n_kept = len(kept_frequencies(head_dim, train_len, theta, clip=True))  # K
+    freqs[n_kept:] = freqs[n_kept:] * cope_taper(head_dim // 2 - n_kept, taper)  # band (n,)
     return freqs
 
 
@@ -152,6 +186,20 @@ def rms_norm(x, weight, eps=1e-6):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
 
 
+def qk_rms_norm(x, weight, eps=1e-6):
+    """QK-norm: RMSNorm of every head's q or k (x (..., d)) over head_dim, times weight (d,).
+
+    One weight of shape (head_dim,) is shared by all heads, as in Qwen3-style q_norm/k_norm
+    (InternLM/xtuner xtuner/v1/module/attention/mha.py lines 186-188 build RMSNorm(head_dim);
+    lines 220-222 apply it to q and k, not v, before apply_rotary_emb at 224-225). Any other
+    weight shape is refused, so a per-head or per-channel weight in the model is caught.
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"qk-norm weight has shape {weight.shape}, expected {(x.shape[-1],)}")
+    return rms_norm(x, weight, eps)
+
+
 def silu(x):
     """SiLU x·sigmoid(x), with the sigmoid written via tanh to avoid overflow."""
     return x * 0.5 * (1.0 + np.tanh(0.5 * x))
@@ -161,42 +209,62 @@ def fope_layer_coefficients(params, cfg, layer, K, M):
     """The (sin_coef, cos_coef) pair, each (H, K, M), used by one layer under pe='fope'.
 
     With FS on they are the frozen tensors from `params`; with FS off they are the identity
-    (M = K, no noise) and `params` is not consulted.
+    (M = K, no noise) and `params` is not consulted. With fope_shared (the deployed variant, whose
+    sin_coef/cos_coef live in one FourierEmbedding built once per model: InternLM/xtuner
+    xtuner/v1/module/rope/rope.py FourierEmbedding.__init__ lines 405-456, the model's single
+    rotary_emb in xtuner/v1/model/moe/moe.py line 246) layer 0's tensors serve every layer, and a
+    ValueError is raised if this layer's saved copies differ from them (the model failed to share).
     """
     n_head = cfg["n_head"]
     if not cfg["fope_fs"]:
         identity = fope_coefficients(K, M, n_head)  # (H, K, K)
         return identity, identity
-    prefix = f"blocks.{layer}.attn.pos."
-    sin_coef = np.asarray(params[prefix + "sin_coef"], dtype=np.float64)  # (H, K, M)
-    cos_coef = np.asarray(params[prefix + "cos_coef"], dtype=np.float64)  # (H, K, M)
-    for name, coef in (("sin_coef", sin_coef), ("cos_coef", cos_coef)):
+    source = 0 if cfg.get("fope_shared", False) else layer
+    coefs = []
+    for name in ("sin_coef", "cos_coef"):
+        key = f"blocks.{source}.attn.pos.{name}"
+        coef = np.asarray(params[key], dtype=np.float64)  # (H, K, M)
         if coef.shape != (n_head, K, M):
-            raise ValueError(f"{prefix}{name} has shape {coef.shape}, expected {(n_head, K, M)}")
-    return sin_coef, cos_coef
+            raise ValueError(f"{key} has shape {coef.shape}, expected {(n_head, K, M)}")
+        own = f"blocks.{layer}.attn.pos.{name}"
+        if source != layer and not np.array_equal(np.asarray(params[own], dtype=np.float64), coef):
+            raise ValueError(f"fope_shared: blocks.{layer}.attn.pos.{name} differs from layer 0's")
+        coefs.append(coef)
+    return coefs[0], coefs[1]
 
 
 def position_tables(params, cfg, layer, T):
     """Rotation tables (cos, sin) for one layer, or None when pe does not rotate q and k.
 
-    'rope': (T, d/2) over all d/2 frequencies. 'fope': (H, T, d/2); frequencies are clipped iff
-    fope_cf, and M = min(K, d//4) only when both fope_fs and fope_cf are on (see FAITHFULNESS.md).
+    'rope': (T, d/2) over all d/2 frequencies. 'cope': (T, d/2) over cope_frequencies, the band
+    below 2π/train_len tapered by cope_taper. 'fope': (H, T, d/2); frequencies are clipped iff
+    fope_cf, and M = min(K, d//4) only when fope_cap (default True), fope_fs and fope_cf are all on
+    (see FAITHFULNESS.md); the deployed variant has no cap, M = K (vllm-project/vllm
+    vllm/model_executor/layers/rotary_embedding/fope.py at 151a2c74,
+    FourierRotaryEmbedding.__init__: output_dim = input_dim; xtuner rope.py lines 428-429 likewise).
     """
     head_dim = cfg["n_embd"] // cfg["n_head"]
     theta = cfg["rope_theta"]
     if cfg["pe"] == "rope":
         return rope_tables(T, kept_frequencies(head_dim, cfg["train_len"], theta, clip=False))
+    if cfg["pe"] == "cope":
+        taper = cfg.get("cope_taper", "cosine")
+        return rope_tables(T, cope_frequencies(head_dim, cfg["train_len"], theta, taper))
     if cfg["pe"] == "fope":
         freqs = kept_frequencies(head_dim, cfg["train_len"], theta, clip=cfg["fope_cf"])  # (K,)
         K = len(freqs)
-        M = output_pairs(K, head_dim, cap=cfg["fope_fs"] and cfg["fope_cf"])
+        cap = cfg.get("fope_cap", True) and cfg["fope_fs"] and cfg["fope_cf"]
+        M = output_pairs(K, head_dim, cap=cap)
         sin_coef, cos_coef = fope_layer_coefficients(params, cfg, layer, K, M)
         return fope_tables(T, freqs, sin_coef, cos_coef, head_dim, cfg["fope_sin_pad"])
     return None
 
 
 def attention(params, cfg, layer, x):
-    """Multi-head causal self-attention of one block on normalised input x (B, T, C)."""
+    """Multi-head causal self-attention of one block on normalised input x (B, T, C).
+
+    With qk_norm, q and k of every head are RMS-normalised (qk_rms_norm) before the position step.
+    """
     B, T, C = x.shape
     n_head = cfg["n_head"]
     head_dim = C // n_head
@@ -205,6 +273,9 @@ def attention(params, cfg, layer, x):
     q, k, v = np.split(qkv, 3, axis=-1)  # (B, T, C) each
     q, k, v = (a.reshape(B, T, n_head, head_dim).transpose(0, 2, 1, 3) for a in (q, k, v))
     # q, k, v: (B, H, T, d), head h taken from channels h·d:(h+1)·d
+    if cfg.get("qk_norm", False):  # before the rotation or the ALiBi bias; v untouched
+        q = qk_rms_norm(q, params[prefix + "q_norm.weight"])  # (B, H, T, d)
+        k = qk_rms_norm(k, params[prefix + "k_norm.weight"])  # (B, H, T, d)
 
     tables = position_tables(params, cfg, layer, T)
     if tables is not None:
@@ -231,7 +302,7 @@ def forward(params, cfg, idx):
     Pre-norm blocks x += attn(rms_norm(x)); x += mlp(rms_norm(x)), then a final RMSNorm and the
     untied output head. There is no position-embedding table and no maximum length.
     """
-    if cfg["pe"] not in ("rope", "fope", "alibi", "nope"):
+    if cfg["pe"] not in ("rope", "fope", "cope", "alibi", "nope"):
         raise ValueError(f"unknown pe {cfg['pe']!r}")
     params = {name: np.asarray(value, dtype=np.float64) for name, value in params.items()}
     x = params["tok_emb.weight"][np.asarray(idx)]  # (B, T, C)
