@@ -16,7 +16,7 @@ claims two things go wrong, and this script makes both visible, side by side per
                             extension or its breakdown
     fope_coefficients.png   FoPE's frozen sin/cos coefficient matrices: identity plus noise
     retrieval_attention.png beyond the paper: where a passkey answer looks as prompts grow past
-                            train_len, to tell distance from dilution (passkey.py)
+                            train_len, to tell distance from dilution (lib/retrieval.py)
     analysis.json           the arrays behind every figure, per checkpoint
 
 q and k always come from real validation text, run through the model in windows of
@@ -38,6 +38,7 @@ import numpy as np
 from lib import data
 from lib import hardware
 from lib import passkey
+from lib import retrieval
 from lib import runs
 from lib import spectra
 
@@ -335,7 +336,7 @@ def analyze_all(args):
         result.update(spectra.analyze(model, tokens, args.layer, args.head, pair,
                               result["text_tokens"], result["max_distance"]))
         lengths = args.passkey_lengths or [m * train_len for m in (1, 2, 4, 8, 16)]
-        result["retrieval_attention"] = passkey.retrieval_attention(
+        result["retrieval_attention"] = retrieval.retrieval_attention(
             model, enc, lengths, args.passkey_trials, passkey.TRIAL_SEED, args.device) if args.passkey_trials else None
         results.append(result)
         print(f"{path} [{model.config.pe}]: analysed layer {args.layer}, head {args.head}, pair {pair}", flush=True)

@@ -2,15 +2,20 @@
 fope_gpt.py: the whole model, one position-embedding switch.
 
 A small GPT in the shape of the FoPE paper's models (the OLMo block: pre-RMSNorm, SwiGLU,
-no biases, untied embeddings) with four ways to tell tokens where they are:
+no biases, untied embeddings) with five ways to tell tokens where they are:
 
     rope   rotary position embedding: each q/k channel pair rotates at one frequency
     fope   Fourier position embedding (Hua et al., arXiv 2412.17739): RoPE's rotation, but
            (FS) each pair is driven by a Fourier series over all kept frequencies, and
            (CF) frequencies too slow to complete a period within the training length are
            clipped to zero, i.e. those pairs carry no position at all
+    cope   RoPE with CoPE's soft clip (arXiv 2602.05258): the band FoPE clips is tapered to zero
     alibi  a linear distance penalty added to the attention logits
     nope   no position signal; causal masking alone
+
+A position embedding gives attention two things and nothing else: q and k rotated to their
+positions (`rotate`), and an additive bias on the logits (`bias`). Adding one is one class
+here, one function in reference_numpy.py and one specification test.
 
 The file reads in the order the data flows: config -> position embeddings -> attention ->
 block -> model -> generation. FoPE follows the authors' released code; every deviation is
@@ -24,8 +29,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-POSITION_EMBEDDINGS = ("rope", "fope", "alibi", "nope")
+POSITION_EMBEDDINGS = ("rope", "fope", "cope", "alibi", "nope")
 ROPE_SCALINGS = ("none", "pi", "ntk", "yarn")  # context extension of rotary frequencies
+COPE_TAPERS = ("cosine", "step")  # CoPE's raised cosine, or its HardClip baseline
+# FoPE as Intern-S1-Pro trains and serves it (InternLM/xtuner xtuner/v1/module/rope/rope.py,
+# FourierEmbedding; vLLM vllm/model_executor/layers/rotary_embedding/fope.py): one coefficient set
+# for the whole model, no head_dim/4 cap, padded pairs an exact identity, Xavier gain 0.5, and
+# QK-RMSNorm before the rotation (xtuner xtuner/v1/module/attention/mha.py).
+FOPE_DEPLOYED = dict(fope_shared=True, fope_cap=False, fope_sin_pad=0.0, fope_sigma=0.5, qk_norm=True)
 
 # -----------------------------------------------------------------------------
 # config
@@ -45,14 +56,20 @@ class GPTConfig:
     fope_cf: bool = True          # CF: clip frequencies below 2*pi/L to zero
     fope_sin_pad: float = 1.0     # sin value of the padded pairs: 1 as released, 0 = exact identity
     fope_learnable: bool = False  # the released code freezes the coefficients
+    fope_cap: bool = True         # at most head_dim/4 position-carrying pairs, as released
+    fope_shared: bool = False     # one coefficient set for every layer (deployed) instead of one per layer
+    cope_taper: str = "cosine"    # CoPE's band: raised cosine to zero, or "step" (its HardClip)
+    qk_norm: bool = False         # RMSNorm of each head's q and k before the position embedding
     rope_scaling: str = "none"    # context extension of rope/fope frequencies: one of ROPE_SCALINGS
     rope_scale: float = 1.0       # s, the factor by which the context is meant to grow
     rope_original_len: int = 0    # YaRN's L0, the length the frequencies were trained at (0: train_len)
     init: str = "olmo"            # weights: "olmo" truncated N(0, 0.02) as the authors; "pytorch" its defaults
 
     def __post_init__(self):
-        if self.pe not in POSITION_EMBEDDINGS:
-            raise ValueError(f"GPTConfig.pe must be one of {', '.join(POSITION_EMBEDDINGS)}, got {self.pe!r}")
+        for name, allowed in (("pe", POSITION_EMBEDDINGS), ("rope_scaling", ROPE_SCALINGS),
+                              ("cope_taper", COPE_TAPERS), ("init", ("olmo", "pytorch"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GPTConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "train_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -65,12 +82,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.rope_theta must be greater than 1, got {self.rope_theta!r}")
         if not self.fope_sigma >= 0:
             raise ValueError(f"GPTConfig.fope_sigma must be non-negative, got {self.fope_sigma!r}")
-        if self.rope_scaling not in ROPE_SCALINGS:
-            raise ValueError(f"GPTConfig.rope_scaling must be one of {', '.join(ROPE_SCALINGS)}, got {self.rope_scaling!r}")
         if not self.rope_scale >= 1:
             raise ValueError(f"GPTConfig.rope_scale must be at least 1, got {self.rope_scale!r}")
-        if self.init not in ("olmo", "pytorch"):
-            raise ValueError(f"GPTConfig.init must be olmo or pytorch, got {self.init!r}")
         if not isinstance(self.rope_original_len, int) or self.rope_original_len < 0:
             raise ValueError(f"GPTConfig.rope_original_len must be a non-negative integer, got {self.rope_original_len!r}")
 
@@ -139,22 +152,81 @@ def step_eye(num_kept, num_pairs):
     return eye
 
 
-def no_autocast(tensor):
-    """Turn autocast off for table building: under bf16 autocast einsum and outer products
-    would round the tables to bf16 (errors near 0.01 at long positions); they stay float32."""
-    return torch.autocast(device_type=tensor.device.type, enabled=False)
-
-
 def apply_rotary(x, cos, sin):
     """NeoX half-split rotation: pair j is channels (j, j + d/2). Done in float32.
 
-    x: (B, H, T, d); cos, sin: broadcastable to (B, H, T, d/2).
+    x: (..., T, d); cos, sin: broadcastable to (..., T, d/2).
     """
     a, b = x.float().chunk(2, dim=-1)
     return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1).type_as(x)
 
 
-class RoPE(nn.Module):
+def as_positions(positions, device):
+    """A slice of positions (what attention passes) or a LongTensor of them, as a LongTensor."""
+    if isinstance(positions, slice):
+        return torch.arange(positions.start, positions.stop, device=device)
+    return positions.to(device)
+
+
+class PositionEmbedding(nn.Module):
+    """What attention asks of a position embedding, and all it asks: q and k rotated to their
+    positions, and a bias added to the logits. This base does neither.
+
+    `positions` are absolute token positions, a slice (what attention passes) or a LongTensor
+    (an analysis may put each vector at its own position)."""
+
+    per_layer = False  # one module serves every layer unless it holds per-layer weights
+
+    def rotate(self, x, positions):
+        """q or k (..., H, T, d) at `positions` (T of them), as attention should see it."""
+        return x
+
+    def bias(self, q_positions, k_positions):
+        """Added to the logits of queries at q_positions over keys at k_positions: (H, Tq, Tk), or None."""
+        return None
+
+
+class NoPE(PositionEmbedding):
+    """No position signal: each token knows only which tokens it can see (the causal mask)."""
+
+    def __init__(self, config):
+        super().__init__()
+
+
+class Rotary(PositionEmbedding):
+    """A rotation of each (j, j + d/2) pair of q and k by a table of (cos, sin) over positions.
+
+    The base builds RoPE's table from `freqs` (pair j turns by t * freqs[j] at position t);
+    FoPE replaces `tables`. Tables are float32, built once, grown on demand, and sliced.
+    """
+
+    def __init__(self, freqs):
+        super().__init__()
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.register_buffer("cos_table", None, persistent=False)
+        self.register_buffer("sin_table", None, persistent=False)
+
+    def tables(self, T):
+        """float32 (cos, sin) for positions 0..T-1, each (T, d/2)."""
+        t = torch.arange(T, dtype=torch.float32, device=self.freqs.device)
+        with torch.autocast(device_type=t.device.type, enabled=False):  # bf16 would round the phases
+            phase = torch.outer(t, self.freqs)
+        return phase.cos(), phase.sin()
+
+    @torch.no_grad()
+    def cos_sin(self, T):
+        """The cached tables for positions 0..T-1 (..., T, d/2), grown (doubling) when T exceeds them."""
+        if self.cos_table is None or T > self.cos_table.shape[-2]:
+            self.cos_table, self.sin_table = self.tables(max(T, 2 * (0 if self.cos_table is None else self.cos_table.shape[-2])))
+        return self.cos_table[..., :T, :], self.sin_table[..., :T, :]
+
+    def rotate(self, x, positions):
+        end = positions.stop if isinstance(positions, slice) else int(positions.max()) + 1
+        cos, sin = self.cos_sin(end)
+        return apply_rotary(x, cos[..., positions, :], sin[..., positions, :])
+
+
+class RoPE(Rotary):
     """Rotary position embedding: pair j of q and k rotates by angle t * omega_j at position t.
 
     Then q_m . k_n depends on positions only through m - n: the logit is a sum of sinusoids
@@ -162,26 +234,31 @@ class RoPE(nn.Module):
     """
 
     def __init__(self, config):
-        super().__init__()
         freqs = kept_frequencies(config.head_dim, config.train_len, config.rope_theta, clip=False)
-        self.register_buffer("freqs", extend_context(freqs, config), persistent=False)  # (d/2,)
-        self._build_tables(config.train_len)
-
-    @torch.no_grad()
-    def _build_tables(self, T):
-        with no_autocast(self.freqs):
-            phase = torch.outer(torch.arange(T, dtype=torch.float32, device=self.freqs.device), self.freqs)
-        self.register_buffer("cos_table", phase.cos(), persistent=False)  # (T, d/2)
-        self.register_buffer("sin_table", phase.sin(), persistent=False)
-
-    def cos_sin(self, T):
-        """float32 (cos, sin) for positions 0..T-1, each (T, d/2); cached, grown on demand."""
-        if T > self.cos_table.shape[0]:
-            self._build_tables(max(T, 2 * self.cos_table.shape[0]))
-        return self.cos_table[:T], self.sin_table[:T]
+        super().__init__(extend_context(freqs, config))  # (d/2,)
 
 
-class FoPE(nn.Module):
+class CoPE(Rotary):
+    """RoPE with a soft clip (CoPE, arXiv 2602.05258; hrlics/CoPE modeling_cope.py,
+    LlamaRotaryEmbedding.__init__, `use_cope`).
+
+    CoPE argues that zeroing the slow frequencies at once, as FoPE's floor does, leaks spectrum:
+    the attention scores ring far past the clip. It multiplies the n slowest frequencies by a
+    raised cosine 0.5 (1 + cos(linspace(0, pi, n))), from 1 at the band's fastest to 0 at its
+    slowest; its HardClip baseline (`cope_taper="step"`) zeroes the band, which is FoPE's clip
+    without the Fourier series, with padded pairs an exact identity.
+    Deviation: CoPE fixes n = 20 of 64 frequencies for a 64k context; here the band is the one
+    FoPE's floor clips at train_len (the n = d/2 - K frequencies below 2*pi/L).
+    """
+
+    def __init__(self, config):
+        freqs = extend_context(kept_frequencies(config.head_dim, config.train_len, config.rope_theta, clip=False), config)
+        n = len(freqs) - len(kept_frequencies(config.head_dim, config.train_len, config.rope_theta))
+        taper = torch.zeros(n) if config.cope_taper == "step" else 0.5 * (1 + torch.cos(torch.linspace(0, math.pi, n)))
+        super().__init__(torch.cat((freqs[:len(freqs) - n], freqs[len(freqs) - n:] * taper)))  # (d/2,)
+
+
+class FoPE(Rotary):
     """Fourier position embedding, as in the authors' code (one module per layer).
 
     Linear layers and activations outside attention mix channels, so in a trained model a
@@ -194,25 +271,25 @@ class FoPE(nn.Module):
     Only M = min(K, head_dim/4) pairs are position-dependent; the remaining pairs are
     padded with cos = 1 and sin = fope_sin_pad (zero frequency, constant phase).
 
-    Ablations (not released by the authors; see FAITHFULNESS.md): fope_cf=False keeps all head_dim/2 frequencies,
-    fope_fs=False uses exact identity coefficients; either one off means M = K (no cap),
-    so with both off this is RoPE exactly.
+    Ablations (not released by the authors; see FAITHFULNESS.md): fope_cf=False keeps all head_dim/2
+    frequencies, fope_fs=False uses exact identity coefficients; either one off means M = K (no cap),
+    so with both off this is RoPE exactly. fope_cap=False and fope_shared=True are the deployed
+    variant's M = K and one coefficient set for all layers (FOPE_DEPLOYED).
     """
 
     def __init__(self, config):
-        super().__init__()
         d, H = config.head_dim, config.n_head
         K = len(kept_frequencies(d, config.train_len, config.rope_theta, clip=config.fope_cf))
-        M = min(K, d // 4) if (config.fope_fs and config.fope_cf) else K
+        M = min(K, d // 4) if (config.fope_cap and config.fope_fs and config.fope_cf) else K
         sigma = config.fope_sigma if config.fope_fs else 0.0
         # Clip first, then extend ("yarn_after" in the authors' configs): the kept frequencies
         # are a prefix of the descending list, so extension never brings back a clipped one.
         freqs = extend_context(kept_frequencies(d, config.train_len, config.rope_theta, clip=False), config)
-        self.register_buffer("freqs", freqs[:K], persistent=False)  # (K,)
+        super().__init__(freqs[:K])  # (K,)
         self.sin_coef = nn.Parameter(self._init_coef(H, K, M, sigma), requires_grad=config.fope_learnable)
         self.cos_coef = nn.Parameter(self._init_coef(H, K, M, sigma), requires_grad=config.fope_learnable)
         self.half_dim, self.sin_pad, self.learnable = d // 2, config.fope_sin_pad, config.fope_learnable
-        self._build_tables(config.train_len)
+        self.per_layer = not config.fope_shared
 
     @staticmethod
     def _init_coef(H, K, M, sigma):
@@ -220,9 +297,10 @@ class FoPE(nn.Module):
         noise = nn.init.xavier_normal_(torch.empty(H, K, M), gain=sigma)  # fans of a 3-D tensor
         return step_eye(K, M) + noise  # (H, K, M)
 
-    def _tables(self, T):
+    def tables(self, T):
+        """float32 (cos, sin) for positions 0..T-1, each (H, T, d/2), padding included."""
         t = torch.arange(T, dtype=torch.float32, device=self.freqs.device)
-        with no_autocast(t):
+        with torch.autocast(device_type=t.device.type, enabled=False):
             phase = torch.outer(t, self.freqs)                                     # (T, K)
             cos = torch.einsum("tk,hkm->htm", phase.cos(), self.cos_coef.float())  # (H, T, M)
             sin = torch.einsum("tk,hkm->htm", phase.sin(), self.sin_coef.float())
@@ -230,59 +308,51 @@ class FoPE(nn.Module):
         return F.pad(cos, (0, pad), value=1.0), F.pad(sin, (0, pad), value=self.sin_pad)  # (H, T, d/2)
 
     # The coefficients are frozen and positions always count from 0, so the mixed tables are
-    # a fixed function of (head, t): build them once and slice, exactly like RoPE's.
+    # a fixed function of (head, t): Rotary builds them once and slices, exactly like RoPE's.
     # Deviation: the authors' code recomputes the two einsums on every forward.
-    @torch.no_grad()
-    def _build_tables(self, T):
-        cos, sin = self._tables(T)
-        self.register_buffer("cos_table", cos, persistent=False)
-        self.register_buffer("sin_table", sin, persistent=False)
+    def cos_sin(self, T):
+        if self.learnable:
+            return self.tables(T)  # coefficients change every step: rebuild inside autograd
+        return super().cos_sin(T)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._build_tables(self.cos_table.shape[1])  # new coefficients, new tables
-
-    def cos_sin(self, T):
-        """float32 (cos, sin) for positions 0..T-1, each (H, T, d/2), padding included."""
-        if self.learnable:
-            return self._tables(T)  # coefficients change every step: rebuild inside autograd
-        if T > self.cos_table.shape[1]:
-            self._build_tables(max(T, 2 * self.cos_table.shape[1]))
-        return self.cos_table[:, :T], self.sin_table[:, :T]
+        self.cos_table = self.sin_table = None  # new coefficients, new tables
 
 
-class ALiBi(nn.Module):
-    """Attention with linear biases: logit(i, j) -= m_h * (i - j), slopes m_h = 2^(-8h/H)."""
+class ALiBi(PositionEmbedding):
+    """Attention with linear biases: logit(i, j) -= m_h * (i - j), slopes m_h = 2^(-8h/H).
+
+    One module serves every layer, so the bias of a forward is built once and reused by the
+    others (the last one asked is kept)."""
 
     def __init__(self, config):
         super().__init__()
         H = config.n_head
         slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=torch.float32) / H)
         self.register_buffer("slopes", slopes, persistent=False)  # (H,)
+        self.last = (None, None)  # (what was asked, its bias)
 
-    def bias(self, start, T, S):
-        """Additive float mask (H, T, S) for queries start..start+T-1 over keys 0..S-1,
-        causal positions set to -inf."""
-        q_pos = torch.arange(start, start + T, device=self.slopes.device)
-        k_pos = torch.arange(S, device=self.slopes.device)
-        distance = (q_pos[:, None] - k_pos[None, :]).float()                  # (T, S)
-        bias = -self.slopes[:, None, None] * distance                          # (H, T, S)
-        return bias.masked_fill(distance < 0, float("-inf"))
-
-
-class NoPE(nn.Module):
-    """No position signal: each token knows only which tokens it can see (the causal mask)."""
-
-    def __init__(self, config):
-        super().__init__()
+    def bias(self, q_positions, k_positions):
+        reusable = isinstance(q_positions, slice) and not torch.compiler.is_compiling()
+        asked = (q_positions, k_positions, self.slopes.device) if reusable else None
+        if asked is None or asked != self.last[0]:
+            q, k = as_positions(q_positions, self.slopes.device), as_positions(k_positions, self.slopes.device)
+            distance = (q[:, None] - k[None, :]).float()                                  # (Tq, Tk)
+            self.last = (asked, -self.slopes[:, None, None] * distance)                   # (H, Tq, Tk)
+        return self.last[1]
 
 
-def position_module(config):
-    return {"rope": RoPE, "fope": FoPE, "alibi": ALiBi, "nope": NoPE}[config.pe](config)
+def position_embedding(config):
+    return {"rope": RoPE, "fope": FoPE, "cope": CoPE, "alibi": ALiBi, "nope": NoPE}[config.pe](config)
 
 
 # -----------------------------------------------------------------------------
 # attention
+
+# The most bias entries (heads x queries x keys) one attention call forms: past it the queries go in
+# blocks, so a bias at 16x train_len never exists whole (ALiBi at 6144 tokens would take 600 MB).
+BIAS_ELEMENTS = 2 ** 24
 
 
 class KVCache:
@@ -305,38 +375,78 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
+    """Causal self-attention; where tokens are comes only from `pos`, the position embedding."""
 
-    def __init__(self, config):
+    def __init__(self, config, pos):
         super().__init__()
-        self.n_head, self.pe = config.n_head, config.pe
+        self.n_head, self.head_dim = config.n_head, config.head_dim
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.pos = position_module(config)
+        self.pos = position_embedding(config) if pos is None else pos  # after the weights: same seed, same draws
+        # QK-norm (the FoPE paper's Table 2; Intern-S1-Pro): each head's q and k RMS-normalised,
+        # with one weight over head_dim, before the position embedding acts on them
+        self.q_norm = RMSNorm(config.head_dim) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(config.head_dim) if config.qk_norm else nn.Identity()
+
+    def project(self, x):
+        """x (B, T, C) -> q, k, v, each (B, H, T, d): q and k normed, not yet positioned."""
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
+        return self.q_norm(q), self.k_norm(k), v
 
     def forward(self, x, cache=None):
         B, T, C = x.shape
         start = 0 if cache is None else len(cache)  # absolute position of x[:, 0]
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, d)
-        if self.pe in ("rope", "fope"):
-            cos, sin = self.pos.cos_sin(start + T)  # (T_all, d/2) or (H, T_all, d/2)
-            cos, sin = cos[..., start:, :], sin[..., start:, :]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # same positions, never v
+        q, k, v = self.project(x)
+        positions = slice(start, start + T)
+        q, k = self.pos.rotate(q, positions), self.pos.rotate(k, positions)  # same positions, never v
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, start + T, d)
-        S = k.shape[2]
-        if self.pe == "alibi":
-            mask = self.pos.bias(start, T, S).to(q.dtype)  # SDPA cannot combine a mask with is_causal
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif T == S or T == 1:
-            # T == 1: one new query sees every cached key; T == S: the usual square causal mask
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-        else:
-            # several new queries after a cache: SDPA's is_causal would align the mask top-left
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.proj(y)
+        y = self.attend(q, k, v, start)  # (B, H, T, d)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+    def attend(self, q, k, v, start):
+        """Causal attention of queries q (B, H, T, d) at positions start.. over keys and values
+        (B, H, S, d) at positions 0..S-1, where S = start + T."""
+        T, S, H = q.shape[2], k.shape[2], self.n_head
+        fits = H * T * S <= BIAS_ELEMENTS
+        rows = T if fits else max(1, BIAS_ELEMENTS // (H * S))
+        bias = self.pos.bias(slice(start, start + rows), slice(0, S))  # (H, rows, S), or None
+        if bias is None:
+            if T == S or T == 1:  # the square causal mask, or one new query that sees every key
+                return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)  # is_causal aligns top-left
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # A kernel given a bias cannot skip the keys after each query, so the queries go in blocks
+        # that see only the keys up to their last one: less work, and a bias of bounded size.
+        rows = max(64, T // 4) if fits else rows
+        blocks = []
+        for lo in range(0, T, rows):
+            hi = min(T, lo + rows)
+            end = start + hi  # the keys this block's queries may see
+            block_bias = bias[:, lo:hi, :end] if fits or lo == 0 else self.pos.bias(slice(start + lo, end), slice(0, end))
+            causal = torch.ones(hi - lo, end, dtype=torch.bool, device=q.device).tril(diagonal=start + lo)
+            mask = block_bias.masked_fill(~causal, float("-inf")).to(q.dtype)  # (H, hi - lo, end)
+            blocks.append(F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, :end], v[:, :, :end], attn_mask=mask))
+        return torch.cat(blocks, dim=2)
+
+    def logits(self, q, k, q_positions, k_positions):
+        """The attention logits, as attend forms them, of projected queries q (..., H, Tq, d) at
+        q_positions over keys k (..., H, Tk, d) at k_positions: (..., H, Tq, Tk) in float32, a key
+        after its query at -inf. For analyses: SDPA never forms them."""
+        q, k = self.pos.rotate(q, q_positions), self.pos.rotate(k, k_positions)
+        logits = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
+        bias = self.pos.bias(q_positions, k_positions)
+        if bias is not None:
+            logits = logits + bias
+        q_at, k_at = as_positions(q_positions, q.device), as_positions(k_positions, q.device)
+        return logits.masked_fill(k_at[None, :] > q_at[:, None], float("-inf"))
+
+    def weights(self, x, queries):
+        """The attention weights (B, H, len(queries), T) of the tokens of x (B, T, C) at `queries`
+        (a slice) over every token, as forward computes them."""
+        q, k, _ = self.project(x)
+        return torch.softmax(self.logits(q[:, :, queries], k, queries, slice(0, x.shape[1])), dim=-1)
 
 
 # -----------------------------------------------------------------------------
@@ -372,10 +482,10 @@ class SwiGLU(nn.Module):
 
 class Block(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, pos=None):
         super().__init__()
         self.attn_norm = RMSNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, pos)
         self.mlp_norm = RMSNorm(config.n_embd)
         self.mlp = SwiGLU(config)
 
@@ -394,7 +504,12 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        blocks = []
+        for _ in range(config.n_layer):
+            # one position embedding serves every layer, unless it holds per-layer weights (the released FoPE)
+            shared = blocks[0].attn.pos if blocks and not blocks[0].attn.pos.per_layer else None
+            blocks.append(Block(config, shared))
+        self.blocks = nn.ModuleList(blocks)
         self.final_norm = RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied
         # Deviation (init="pytorch", off by default): PyTorch's own initialisation, embeddings
@@ -430,8 +545,9 @@ class GPT(nn.Module):
     # generation
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, use_cache=True):
-        """Continue idx (B, T) by max_new_tokens; temperature 0 means greedy decoding.
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, use_cache=True, generator=None):
+        """Continue idx (B, T) by max_new_tokens; temperature 0 means greedy decoding, otherwise
+        sampling from the softmax at that temperature, among the top_k tokens when given.
 
         With use_cache the prompt runs once and each new token attends to cached keys and
         values; without it the whole sequence is re-run for every token (the slow reference).
@@ -443,7 +559,10 @@ class GPT(nn.Module):
             if temperature == 0.0:
                 next_id = last.argmax(dim=-1, keepdim=True)
             else:
-                next_id = torch.multinomial(F.softmax(last / temperature, dim=-1), num_samples=1)
+                if top_k is not None:
+                    kth = torch.topk(last, min(top_k, last.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
+                    last = last.masked_fill(last < kth, float("-inf"))
+                next_id = torch.multinomial(F.softmax(last / temperature, dim=-1), 1, generator=generator)
             idx = torch.cat((idx, next_id), dim=1)
             if step + 1 < max_new_tokens:
                 features = self.features(next_id, caches) if use_cache else self.features(idx)

@@ -39,17 +39,11 @@ def numpy_params(model):
     return {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
 
 
-def rotated_score(pos_module, q, k, m, n, head=0):
-    """q . k after rotating q to position m and k to position n with a module's tables."""
-    cos, sin = pos_module.cos_sin(max(m, n) + 1)
-    cos, sin = cos.expand(pos_module_heads(pos_module), -1, -1), sin.expand(pos_module_heads(pos_module), -1, -1)
-    qm = G.apply_rotary(q.view(1, 1, 1, -1), cos[head, m], sin[head, m]).flatten()
-    kn = G.apply_rotary(k.view(1, 1, 1, -1), cos[head, n], sin[head, n]).flatten()
+def rotated_score(pos_module, q, k, m, n):
+    """q . k of head 0 after the module rotates q (d,) to position m and k to position n."""
+    qm = pos_module.rotate(q.view(1, 1, -1), torch.tensor([m]))[0, 0]  # (H=1, T=1, d)
+    kn = pos_module.rotate(k.view(1, 1, -1), torch.tensor([n]))[0, 0]
     return float(qm @ kn)
-
-
-def pos_module_heads(pos_module):
-    return pos_module.sin_coef.shape[0] if isinstance(pos_module, G.FoPE) else 1
 
 
 # -----------------------------------------------------------------------------
@@ -158,7 +152,7 @@ def test_cached_tables_follow_loaded_coefficients_and_longer_lengths():
     assert torch.equal(a(idx[:, :16])[0], b(idx[:, :16])[0])  # tables built at init, then reloaded
     assert torch.equal(a(idx)[0], b(idx)[0])                  # longer than cached: the tables grow
     pos = b.blocks[1].attn.pos
-    for cached, fresh in zip(pos.cos_sin(70), pos._tables(70)):
+    for cached, fresh in zip(pos.cos_sin(70), pos.tables(70)):
         assert torch.equal(cached, fresh)
 
 
@@ -218,13 +212,16 @@ PE_VARIANTS = [
     dict(pe="rope"), dict(pe="alibi"), dict(pe="nope"),
     dict(pe="fope"), dict(pe="fope", fope_sin_pad=0.0), dict(pe="fope", fope_cf=False),
     dict(pe="fope", fope_fs=False), dict(pe="fope", train_len=1024),  # head_dim 16, L 1024: K = 5 > M = 4, step-eye
+    dict(pe="fope", train_len=1024, fope_cap=False), dict(pe="fope", fope_shared=True),
+    dict(pe="fope", **G.FOPE_DEPLOYED), dict(pe="cope"), dict(pe="cope", cope_taper="step"),
+    dict(pe="rope", qk_norm=True), dict(pe="alibi", qk_norm=True),
 ]
 
 
 @pytest.mark.parametrize("variant", PE_VARIANTS, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
 def test_logits_match_the_numpy_reference_past_the_training_length(variant):
     torch.manual_seed(0)
-    config = tiny_config(fope_sigma=1.0, **variant)
+    config = tiny_config(**{"fope_sigma": 1.0, **variant})
     model = spread_weights(G.GPT(config))
     idx = torch.randint(0, config.vocab_size, (2, 48))  # 3x train_len (or past K's periods)
     with torch.no_grad():
@@ -243,6 +240,82 @@ def test_the_reference_comparison_can_tell_position_embeddings_apart():
     rope = ref.forward(params, dataclasses.asdict(tiny_config(pe="rope")), idx.numpy())
     nope = ref.forward(params, dataclasses.asdict(tiny_config(pe="nope")), idx.numpy())
     assert np.abs(rope - nope).max() > 100 * 2e-4 * np.abs(rope).max()
+
+
+def test_alibi_in_query_blocks_matches_the_reference(monkeypatch):
+    # at 16x train_len the bias would be too large to form whole: attention takes the queries in
+    # blocks, each over the keys up to its last query; forced here on a short sequence
+    monkeypatch.setattr(G, "BIAS_ELEMENTS", 2 * 48 * 7)  # blocks of 7 queries
+    torch.manual_seed(0)
+    config = tiny_config(pe="alibi")
+    model = spread_weights(G.GPT(config))
+    idx = torch.randint(0, 61, (2, 48))
+    expected = ref.forward(numpy_params(model), dataclasses.asdict(config), idx.numpy())
+    np.testing.assert_allclose(model(idx)[0].detach().numpy(), expected, atol=2e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("pe", G.POSITION_EMBEDDINGS)
+def test_attention_weights_reproduce_what_the_layer_computes(pe):
+    # the analyses read attention weights that SDPA never forms; they must be the layer's own
+    torch.manual_seed(0)
+    attn = spread_weights(G.GPT(tiny_config(pe=pe, qk_norm=pe == "rope"))).blocks[0].attn
+    x = torch.randn(2, 40, 32)
+    weights = attn.weights(x, slice(0, 40))                                          # (B, H, T, T)
+    _, _, v = attn.project(x)
+    by_weights = attn.proj((weights @ v).transpose(1, 2).reshape(2, 40, 32))
+    torch.testing.assert_close(by_weights, attn(x), atol=1e-5, rtol=1e-4)
+    assert torch.all(weights[:, :, 10, 11:] == 0)                                    # nothing after the query
+
+
+def test_shared_fope_uses_one_coefficient_set_and_saves_it_under_every_layer():
+    model = G.GPT(tiny_config(fope_shared=True))
+    first, second = (block.attn.pos for block in model.blocks)
+    assert first is second and model.blocks[0].attn.pos.sin_coef.requires_grad is False
+    state = model.state_dict()
+    assert torch.equal(state["blocks.0.attn.pos.sin_coef"], state["blocks.1.attn.pos.sin_coef"])
+    per_layer = G.GPT(tiny_config())
+    assert per_layer.blocks[0].attn.pos is not per_layer.blocks[1].attn.pos
+
+
+@pytest.mark.parametrize("train_len, capped, uncapped", [(128, 3, 3), (1024, 4, 5)])  # head_dim 16: d/4 = 4
+def test_without_the_cap_every_kept_frequency_carries_position(train_len, capped, uncapped):
+    assert G.FoPE(tiny_config(train_len=train_len)).sin_coef.shape[2] == capped
+    assert G.FoPE(tiny_config(train_len=train_len, fope_cap=False)).sin_coef.shape[2] == uncapped
+
+
+def test_cope_with_a_step_taper_is_fope_clip_only_with_identity_padding():
+    # CoPE's HardClip baseline zeroes the band FoPE's floor clips: clipped RoPE, the clipped pairs
+    # unrotated, which is FoPE without its Fourier series and with sin padding 0
+    torch.manual_seed(0)
+    hard = spread_weights(G.GPT(tiny_config(pe="cope", cope_taper="step")))
+    clipped = G.GPT(tiny_config(pe="fope", fope_fs=False, fope_sin_pad=0.0))
+    clipped.load_state_dict(hard.state_dict(), strict=False)  # the same weights; FoPE's identity coefficients kept
+    idx = torch.randint(0, 61, (2, 64))
+    torch.testing.assert_close(hard(idx)[0], clipped(idx)[0], atol=1e-5, rtol=1e-5)
+    soft = G.GPT(tiny_config(pe="cope"))
+    soft.load_state_dict(hard.state_dict())
+    assert not torch.allclose(soft(idx)[0], hard(idx)[0], atol=1e-3)
+
+
+def test_cope_tapers_the_band_the_floor_clips_from_one_to_zero():
+    config = G.GPTConfig(n_head=4, n_embd=256, train_len=384)  # head_dim 64: K = 15 kept, 17 in the band
+    rope, cope = G.RoPE(config).freqs, G.CoPE(config).freqs
+    assert torch.equal(cope[:15], rope[:15])
+    assert cope[15] == rope[15] and cope[-1] == 0          # the band's fastest untouched, its slowest zero
+    assert torch.all(cope[16:-1] < rope[16:-1]) and torch.all(cope[16:-1] > 0)
+    assert torch.equal(G.CoPE(G.GPTConfig(n_head=4, n_embd=256, train_len=10 ** 6)).freqs, rope)  # nothing to clip
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_q_and_k():
+    torch.manual_seed(0)
+    idx = torch.randint(0, 61, (2, 40))
+    for qk_norm, blind in ((True, True), (False, False)):
+        model = spread_weights(G.GPT(tiny_config(pe="rope", qk_norm=qk_norm)))
+        before = model(idx)[0]
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.qkv.weight[:64] *= 5.0  # the q and k rows
+        assert torch.allclose(model(idx)[0], before, atol=1e-4) == blind
 
 
 def test_fope_without_both_parts_is_exactly_rope():

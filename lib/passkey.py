@@ -1,7 +1,7 @@
 """
 passkey.py: the passkey-retrieval task, shared by training (a passkey mix) and evaluation:
-the prompts, how an answer is scored, the trials of an evaluation, and the measurements that
-say why retrieval works or fails: digit by digit, and where the answer position looks.
+the prompts, how an answer is scored, the trials of an evaluation, and the copying measured
+digit by digit (retrieval.py measures where the answer position looks).
 
 A prompt hides one line, "The pass key is N. Remember it. N is the pass key.", at some depth
 inside repeated filler text and ends with "What is the pass key? The pass key is"; the model
@@ -17,13 +17,11 @@ characters, in steps of 128, which leaves their prompts slightly shorter than no
 """
 
 import functools
-import math
 import re
 
 import numpy as np
 import torch
 
-from fope_gpt import apply_rotary
 
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. "
@@ -108,14 +106,8 @@ def training_sequence(enc, rng, seq_len, eot, loss_on="answer+repeat"):
     must be copied: the answer and, with loss_on="answer+repeat", also its second mention in the
     needle line ("Remember it. N is ..."). Only those carry loss: with the whole sample as
     ordinary next-token loss a tiny model spends its capacity on the predictable filler and
-    never learns retrieval (see EXPERIMENTS.md). The needle's own repetition is meant as the easy first
-    step: a copy over a few tokens, which the answer repeats over up to seq_len tokens. ALiBi
-    models learn it as that copy (a lookup of the key); rotary models learn it from a fixed
-    offset instead, which does not carry over to the answer (eval_passkey.py's diagnostics).
-    The retrieval preset (settings.py) puts the loss on the answer alone: with byte-level tokens
-    and PyTorch's initialisation that taught RoPE and FoPE retrieval within 1200 steps at seed 0
-    (other seeds needed up to 3200: the timing varies with the seed); with BPE tokens, or with
-    OLMo's initialisation, the same probes learned none (EXPERIMENTS.md).
+    never learns retrieval (EXPERIMENTS.md). The needle's own repetition is meant as an easy first
+    step: a copy over a few tokens, which the answer repeats over up to seq_len tokens.
     """
     key = int(rng.integers(1, MAX_KEY + 1))
     answer = enc.encode_ordinary(ANSWER.format(key=key))
@@ -219,111 +211,3 @@ def needle_repeat_digits(model, enc, length, trials, seed, device, needle_text):
         repeat = key_mentions(prompt, digits)[1]
         later.extend(later_digits_hits(top_predictions(model, prompt, repeat, len(digits), device), digits))
     return float(np.mean(later)) if later else float("nan")
-
-
-# -----------------------------------------------------------------------------
-# where the answer looks: the attention of the position that predicts the key's first digit
-
-
-@torch.no_grad()
-def last_position_attention(model, idx):
-    """The attention weights of the last position of idx (B, T) in every layer and head:
-    (B, n_layer, H, T) probabilities over the T positions; and the model's top prediction for the
-    token after idx, (B,) token ids.
-
-    The model never forms these weights (SDPA fuses them away), so they are recomputed from each
-    layer's input as CausalSelfAttention.forward computes its logits; test_passkey.py checks that
-    they reproduce the layer's output.
-    """
-    inputs = []  # each layer's attention input, attn_norm(x): (B, T, C)
-    hooks = [block.attn.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
-             for block in model.blocks]
-    try:
-        predicted = model.lm_head(model.features(idx)[:, -1]).argmax(-1)  # (B,)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    weights = []
-    for block, x in zip(model.blocks, inputs):
-        attn, (B, T, C) = block.attn, x.shape
-        q, k, _ = attn.qkv(x).split(C, dim=2)
-        q, k = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k))  # (B, H, T, d)
-        if attn.pe in ("rope", "fope"):
-            cos, sin = attn.pos.cos_sin(T)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        logits = (q[:, :, -1:] @ k.transpose(-1, -2)).float() / math.sqrt(C // attn.n_head)  # (B, H, 1, T)
-        if attn.pe == "alibi":
-            logits = logits + attn.pos.bias(T - 1, 1, T)
-        weights.append(torch.softmax(logits[:, :, 0], dim=-1))  # (B, H, T)
-    return torch.stack(weights, dim=1), predicted
-
-
-def prompt_to_first_digit(enc, length, depth, key):
-    """`length` tokens: a passkey prompt, then the answer up to its first key digit (at byte level
-    the answer's leading space), so that the last position is the one that predicts that digit."""
-    answer = enc.encode_ordinary(ANSWER.format(key=key))
-    lead = answer[:key_mentions(answer, enc.encode_ordinary(str(key)))[0]]
-    return build_prompt(enc, length - len(lead), depth, key) + lead
-
-
-@torch.no_grad()
-def attention_on_key(model, enc, length, trials, seed, device, batch_size=8):
-    """On the trial prompts of `length` tokens (prompt_to_first_digit), where the answer position
-    (the last, which predicts the key's first digit) looks. Returns numpy arrays: distance
-    (trials,), tokens from the answer position back to the needle's first key digit; weight
-    (trials, n_layer, H), the attention it puts on the key's digits, both mentions; entropy
-    (trials, n_layer, H), in nats, of its whole attention row (ln(length) if it attended evenly to
-    every token); first_digit (trials,), whether the model's top prediction there is the key's
-    first digit."""
-    keys, depths = trial_settings(seed, length, trials)
-    prompts = [prompt_to_first_digit(enc, length, depth, key) for key, depth in zip(keys, depths)]
-    distance, weight, entropy, first_digit = [], [], [], []
-    for start in range(0, trials, batch_size):
-        batch = prompts[start:start + batch_size]
-        rows, predicted = last_position_attention(model, torch.tensor(batch, device=device))  # (B, n_layer, H, length)
-        for prompt, key, row, top in zip(batch, keys[start:start + batch_size], rows.cpu(), predicted.tolist()):
-            digits = enc.encode_ordinary(str(key))
-            mentions = key_mentions(prompt, digits)
-            on_key = [m + i for m in mentions for i in range(len(digits))]
-            distance.append(length - 1 - mentions[0])
-            weight.append(row[..., on_key].sum(-1).numpy())
-            entropy.append(-torch.special.xlogy(row, row).sum(-1).numpy())
-            first_digit.append(top == digits[0])
-    return np.array(distance), np.array(weight), np.array(entropy), np.array(first_digit)
-
-
-def retrieval_attention(model, enc, lengths, trials, seed, device):
-    """Why retrieval declines past train_len: because the needle lies further back than any
-    distance seen in training (phases never trained), or because the answer's attention is spread
-    over more tokens (dilution)? Finds the retrieval head, the (layer, head) whose answer position
-    puts the most attention on the key in prompts of train_len tokens (or the longest that is no
-    longer), then follows that head's weight on the key and its entropy over `lengths`, trial by
-    trial with the needle's distance, and at each length how often the model's top prediction at
-    the answer position is the key's first digit (the needle found, whatever comes after). A
-    JSON-ready dict; lengths too short for a prompt are skipped.
-
-    Reading it: if the weight on a needle within train_len of the answer falls as the prompt
-    grows, the decline is dilution; if it holds there but falls for needles further back, it is
-    distance."""
-    train_len = model.config.train_len
-    feasible = feasible_lengths(enc, lengths, seed, trials)
-    within = [n for n in feasible if n <= train_len]
-    if not within:
-        return {"skipped": f"no length up to train_len {train_len} holds a passkey prompt"}
-    measured = {n: attention_on_key(model, enc, n, trials, seed, device) for n in feasible}
-    head_weight = measured[max(within)][1].mean(0)  # (n_layer, H)
-    layer, head = (int(i) for i in np.unravel_index(head_weight.argmax(), head_weight.shape))
-    per_length = {}
-    for n, (distance, weight, entropy, first_digit) in measured.items():
-        weight, entropy = weight[:, layer, head], entropy[:, layer, head]
-        near = distance < train_len
-        per_length[str(n)] = {
-            "distance": distance.tolist(), "weight": weight.tolist(), "entropy": entropy.tolist(),
-            "first_digit": first_digit.tolist(), "first_digit_accuracy": float(first_digit.mean()),
-            "mean_weight": float(weight.mean()), "mean_entropy": float(entropy.mean()),
-            # None where no trial falls on that side of train_len
-            "mean_weight_near": float(weight[near].mean()) if near.any() else None,
-            "mean_weight_far": float(weight[~near].mean()) if (~near).any() else None,
-        }
-    return {"layer": layer, "head": head, "reference_length": max(within), "trials": trials, "seed": seed,
-            "head_weight": head_weight.tolist(), "lengths": per_length}

@@ -4,8 +4,9 @@ pair carries, how much the model uses each pair, the spectrum of a rotated query
 its q.k score, the attention logit against relative distance, and FoPE's coefficients.
 
 q and k come from real text, run through the model in windows of train_len tokens (the
-positions it was trained on), captured before the rotation; the rotation to other positions
-is then done with each layer's own position module. Every function returns plain arrays.
+positions it was trained on), captured before the rotation; the rotation to other positions,
+and the logits, are then the layer's own (its position embedding's rotate, its attention's
+logits). Every function returns plain arrays.
 """
 
 import math
@@ -13,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from fope_gpt import FoPE, apply_rotary, kept_frequencies
+from fope_gpt import FoPE, Rotary, kept_frequencies
 
 NUM_SPECTRUM_VECTORS = 16   # real q (and k) vectors averaged in each spectrum
 NUM_LOGIT_SAMPLES = 256     # real (q, k) pairs per distance in the logit analysis
@@ -24,8 +25,8 @@ NUM_LOGIT_SAMPLES = 256     # real (q, k) pairs per distance in the logit analys
 
 
 def rope_frequencies(config):
-    """RoPE's omega_j = theta^(-2j/d) for every pair j, (d/2,): the reference for all four pe
-    types (for ALiBi and NoPE it is what RoPE would have used)."""
+    """RoPE's omega_j = theta^(-2j/d) for every pair j, (d/2,): the reference for every position
+    embedding (for ALiBi and NoPE it is what RoPE would have used)."""
     return kept_frequencies(config.head_dim, config.train_len, config.rope_theta, clip=False)
 
 
@@ -46,10 +47,10 @@ def intended_index(pos, pair):
 def pair_frequency(model, layer, pair):
     """omega of `pair` in `layer` as its position module intends it, or None."""
     pos = model.blocks[layer].attn.pos
-    if model.config.pe == "fope":
+    if isinstance(pos, FoPE):
         index = intended_index(pos, pair)
         return None if index is None else float(pos.freqs[index])
-    return float(rope_frequencies(model.config)[pair])
+    return float((pos.freqs if isinstance(pos, Rotary) else rope_frequencies(model.config))[pair])
 
 
 def default_pair(model, layer):
@@ -80,22 +81,21 @@ def text_windows(tokens, train_len, num_tokens):
 def capture_qk(model, windows):
     """Queries and keys of every layer before rotation, on token windows (B, T).
 
-    Returns q, k, each (n_layer, H, B*T, d). A hook on each layer's qkv projection sees
-    attn_norm(x) @ W_qkv, i.e. exactly what the attention rotates next.
+    Returns q, k, each (n_layer, H, B*T, d): each layer's input, captured on the way through,
+    projected by the layer itself (CausalSelfAttention.project), i.e. exactly what its position
+    embedding acts on next.
     """
-    outputs = []
-    hooks = [block.attn.qkv.register_forward_hook(lambda module, inputs, out: outputs.append(out))
+    inputs = []
+    hooks = [block.attn.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
              for block in model.blocks]
     try:
         model(windows.to(next(model.parameters()).device))
     finally:
         for hook in hooks:
             hook.remove()
-    H, C = model.config.n_head, model.config.n_embd
-    qkv = torch.stack(outputs).float()                    # (n_layer, B, T, 3C)
-    n_layer, B, T, _ = qkv.shape
-    q, k = qkv[..., :C], qkv[..., C:2 * C]                # (n_layer, B, T, C) each
-    return tuple(x.reshape(n_layer, B * T, H, C // H).transpose(1, 2) for x in (q, k))
+    projected = [block.attn.project(x)[:2] for block, x in zip(model.blocks, inputs)]  # (B, H, T, d) each
+    return tuple(torch.stack([pair[i].float().transpose(0, 1).flatten(1, 2) for pair in projected])
+                 for i in (0, 1))
 
 
 # -----------------------------------------------------------------------------
@@ -133,18 +133,12 @@ def under_trained_analysis(model, q, k):
 # 2. spectrum of one pair
 
 
-def tables_at(pos, positions):
-    """The module's cos and sin at integer positions (P,): (P, d/2) for RoPE, (H, P, d/2) for FoPE."""
-    cos, sin = pos.cos_sin(int(positions.max()) + 1)
-    return cos[..., positions, :], sin[..., positions, :]
-
-
-def rotate_to(pos, x, head, positions):
-    """Rotate vectors x (S, d) of one head to every position: (S, P, d)."""
-    cos, sin = tables_at(pos, positions)
-    if cos.dim() == 3:                                     # FoPE: per-head tables
-        cos, sin = cos[head], sin[head]
-    return apply_rotary(x[:, None, :].float(), cos, sin)
+def rotate_to(attn, x, head, positions):
+    """Vectors x (S, d) of one head, rotated by the layer's position embedding to every position
+    (P,): (S, P, d). (FoPE's rotation differs by head, so x stands in every head and one is kept.)"""
+    S, d = x.shape
+    every_head = x.float()[:, None, None, :].expand(S, attn.n_head, len(positions), d)  # (S, H, P, d)
+    return attn.pos.rotate(every_head, positions)[:, head]
 
 
 def magnitude_spectrum(signal, onesided):
@@ -162,7 +156,7 @@ def magnitude_spectrum(signal, onesided):
     return freqs.numpy(), (spectrum.mean(0) / window.sum()).numpy()
 
 
-def query_spectrum(pos, q, head, pair, length):
+def query_spectrum(attn, q, head, pair, length):
     """DFT over positions 0..length-1 of a rotated query pair, read as a + ib.
 
     q (S, d): real (pre-rotation) queries of `head`. Under RoPE the pair is (a + ib) e^{i w t},
@@ -170,13 +164,13 @@ def query_spectrum(pos, q, head, pair, length):
     other kept frequencies, and unequal sin/cos weights add mirror lines at negative ones.
     Returns (frequencies (length,), mean magnitude (length,)), two-sided.
     """
-    rotated = rotate_to(pos, q, head, torch.arange(length, device=q.device))          # (S, N, d)
+    rotated = rotate_to(attn, q, head, torch.arange(length, device=q.device))         # (S, N, d)
     half = q.shape[-1] // 2
     signal = torch.complex(rotated[..., pair], rotated[..., pair + half])  # (S, N)
     return magnitude_spectrum(signal, onesided=False)
 
 
-def score_spectrum(pos, q, k, head, pair, length):
+def score_spectrum(attn, q, k, head, pair, length):
     """DFT over relative distance of the pair's share of the q.k score.
 
     The query sits at position length-1, the key at length-1-delta for delta = 0..length-1;
@@ -187,8 +181,8 @@ def score_spectrum(pos, q, k, head, pair, length):
     last = length - 1
     half = q.shape[-1] // 2
     positions = last - torch.arange(length, device=q.device)        # delta = 0..N-1
-    q_rot = rotate_to(pos, q, head, positions[:1])[:, 0]            # (S, d)
-    k_rot = rotate_to(pos, k, head, positions)                      # (S, N, d)
+    q_rot = rotate_to(attn, q, head, positions[:1])[:, 0]           # (S, d)
+    k_rot = rotate_to(attn, k, head, positions)                     # (S, N, d)
     channels = [pair, pair + half]
     score = (q_rot[:, None, channels] * k_rot[..., channels]).sum(-1)  # (S, N)
     return magnitude_spectrum(score, onesided=True)
@@ -197,13 +191,13 @@ def score_spectrum(pos, q, k, head, pair, length):
 def spectrum_analysis(model, q, k, layer, head, pair, rng):
     """Both spectra for one layer/head/pair over 8 x train_len positions; None without rotation."""
     attn = model.blocks[layer].attn
-    if attn.pe not in ("rope", "fope"):
+    if not isinstance(attn.pos, Rotary):
         return None
     length = 8 * model.config.train_len
     picks = torch.from_numpy(rng.choice(q.shape[2], size=min(NUM_SPECTRUM_VECTORS, q.shape[2]), replace=False))
     q_h, k_h = q[layer, head, picks], k[layer, head, picks]         # (S, d)
-    freqs, query = query_spectrum(attn.pos, q_h, head, pair, length)
-    score_freqs, score = score_spectrum(attn.pos, q_h, k_h, head, pair, length)
+    freqs, query = query_spectrum(attn, q_h, head, pair, length)
+    score_freqs, score = score_spectrum(attn, q_h, k_h, head, pair, length)
     index = intended_index(attn.pos, pair)
     kept = attn.pos.freqs / (2 * math.pi)                           # cycles per token
     neighbours = [] if index is None else [float(kept[i]) for i in (index - 1, index + 1) if 0 <= i < len(kept)]
@@ -235,25 +229,17 @@ def logit_vs_distance(attn, q, k, distances, train_len, rng, samples=NUM_LOGIT_S
 
     q, k (H, N, d): one layer's pre-rotation vectors. Each sample joins a random query and a
     random key; the key sits at a random position n < train_len and the query at n + delta,
-    as when a late query looks back at early text. Rotation uses the layer's own tables, so
-    RoPE and FoPE behave exactly as in the model; ALiBi adds its bias -slope_h * delta; NoPE
-    has no position, so its logits cannot depend on delta.
+    as when a late query looks back at early text. The logits are the layer's own
+    (CausalSelfAttention.logits): a rotary model's rotation, ALiBi's bias -slope_h * delta, and
+    for NoPE nothing, so its logits cannot depend on delta.
     Returns logits (len(distances), H, samples), scaled by 1/sqrt(d) as in the attention.
     """
-    H, N, d = q.shape
+    N = q.shape[1]
     qs = q[:, torch.from_numpy(rng.integers(N, size=samples))]        # (H, S, d)
     ks = k[:, torch.from_numpy(rng.integers(N, size=samples))]
     key_pos = torch.from_numpy(rng.integers(train_len, size=samples)).to(q.device)  # (S,)
-    rotary = attn.pe in ("rope", "fope")
-    if rotary:
-        ks = apply_rotary(ks, *tables_at(attn.pos, key_pos))
-    logits = []
-    for delta in distances:
-        q_rot = apply_rotary(qs, *tables_at(attn.pos, key_pos + int(delta))) if rotary else qs
-        logit = (q_rot * ks).sum(-1) / math.sqrt(d)        # (H, S)
-        if attn.pe == "alibi":
-            logit = logit - attn.pos.slopes[:, None] * float(delta)
-        logits.append(logit)
+    # the layer's logits of every query against every key; sample i's pair is the diagonal
+    logits = [attn.logits(qs, ks, key_pos + int(delta), key_pos).diagonal(dim1=-2, dim2=-1) for delta in distances]
     return torch.stack(logits).cpu().numpy()
 
 
@@ -276,7 +262,7 @@ def logit_analysis(model, q, k, layer, max_distance, rng):
 
 def coefficient_analysis(model, head=0):
     """sin_coef and cos_coef of one head in every layer, (n_layer, K, M) each; None if not FoPE."""
-    if model.config.pe != "fope":
+    if not isinstance(model.blocks[0].attn.pos, FoPE):
         return None
     return {name: [getattr(block.attn.pos, name)[head].detach().cpu().tolist() for block in model.blocks]
             for name in ("sin_coef", "cos_coef")}

@@ -15,10 +15,10 @@ from lib import data
 from lib import spectra
 from lib import tokenizer
 from conftest import png_size, run_script
-from fope_gpt import GPT, GPTConfig, RoPE
+from fope_gpt import GPT, POSITION_EMBEDDINGS, GPTConfig
 
 
-PES = ("rope", "fope", "alibi", "nope")
+PES = POSITION_EMBEDDINGS
 
 
 def tiny_model(pe, seed=0, **overrides):
@@ -97,14 +97,14 @@ def test_every_analysis_gives_finite_arrays_of_the_expected_shapes(pe):
 
 @pytest.mark.parametrize("pair", range(16))
 def test_a_pure_rope_pair_peaks_at_its_own_frequency(pair):
-    pos = RoPE(GPTConfig(n_head=2, n_embd=64, train_len=32))      # head_dim 32
+    attn = tiny_model("rope").blocks[0].attn                    # head_dim 32
     q = torch.randn(4, 32, generator=torch.Generator().manual_seed(pair))
     N = 256
-    target = float(pos.freqs[pair]) / (2 * math.pi)            # cycles per token
-    freqs, spectrum = spectra.query_spectrum(pos, q, 0, pair, N)
+    target = float(attn.pos.freqs[pair]) / (2 * math.pi)       # cycles per token
+    freqs, spectrum = spectra.query_spectrum(attn, q, 0, pair, N)
     assert freqs[spectrum.argmax()] == freqs[np.abs(freqs - target).argmin()]
     if target * N >= 3:  # a real signal's +f and -f lobes overlap near frequency zero
-        freqs, spectrum = spectra.score_spectrum(pos, q, q.flip(0), 0, pair, N)
+        freqs, spectrum = spectra.score_spectrum(attn, q, q.flip(0), 0, pair, N)
         assert freqs[spectrum.argmax()] == freqs[np.abs(freqs - target).argmin()]
 
 
@@ -112,11 +112,11 @@ def test_fope_leaks_into_the_other_kept_frequencies_and_rope_does_not():
     q = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
     leak = {}
     for pe in ("rope", "fope"):
-        pos = tiny_model(pe, fope_sigma=1.0).blocks[0].attn.pos
-        freqs, spectrum = spectra.query_spectrum(pos, q, 0, 0, 256)
-        other = float(pos.freqs[2]) / (2 * math.pi)            # pair 0's own frequency is freqs[0]
+        attn = tiny_model(pe, fope_sigma=1.0).blocks[0].attn
+        freqs, spectrum = spectra.query_spectrum(attn, q, 0, 0, 256)
+        other = float(attn.pos.freqs[2]) / (2 * math.pi)       # pair 0's own frequency is freqs[0]
         leak[pe] = spectrum[np.abs(freqs - other).argmin()] / spectrum.max()
-    assert leak["rope"] < 1e-4 < 1e-2 < leak["fope"]
+    assert leak["rope"] < 1e-4 and leak["fope"] > 1e-2
 
 
 def test_logits_vs_distance_for_each_position_embedding():

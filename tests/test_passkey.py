@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import eval_passkey
-from lib import passkey
+from lib import passkey, retrieval
 from lib import tokenizer
 from conftest import byte_encoding, png_size, run_script
-from fope_gpt import GPT, GPTConfig
+from fope_gpt import GPT, POSITION_EMBEDDINGS, GPTConfig
 
 
 def word_encoding():
@@ -226,7 +226,7 @@ def save_tiny_checkpoint(path, pe="fope"):
     torch.save(state, path)
 
 
-@pytest.mark.parametrize("pe", ["rope", "fope", "alibi", "nope"])
+@pytest.mark.parametrize("pe", POSITION_EMBEDDINGS)
 def test_the_answer_attention_reproduces_each_layers_output(pe):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, train_len=16, pe=pe)).eval()
@@ -235,7 +235,7 @@ def test_the_answer_attention_reproduces_each_layers_output(pe):
     hooks = [hook for block in model.blocks for hook in (
         block.attn.register_forward_pre_hook(lambda module, args: inputs.append(args[0])),
         block.attn.register_forward_hook(lambda module, args, out: outputs.append(out)))]
-    weights, predicted = passkey.last_position_attention(model, idx)  # (B, n_layer, H, T), (B,)
+    weights, predicted = retrieval.last_position_attention(model, idx)  # (B, n_layer, H, T), (B,)
     for hook in hooks:
         hook.remove()
     assert weights.shape == (2, 2, 2, 40) and torch.allclose(weights.sum(-1), torch.ones(2, 2, 2))
@@ -251,7 +251,7 @@ def test_the_answer_attention_reproduces_each_layers_output(pe):
 def test_the_answer_position_is_the_one_that_predicts_the_keys_first_digit():
     enc = byte_encoding()
     for key, depth in zip(*passkey.trial_settings(0, 300, 4)):
-        tokens = passkey.prompt_to_first_digit(enc, 300, depth, key)
+        tokens = retrieval.prompt_to_first_digit(enc, 300, depth, key)
         assert len(tokens) == 300 and enc.decode(tokens).endswith(passkey.QUESTION + " ")  # the answer's space
         assert enc.decode(tokens + enc.encode_ordinary(str(key))).endswith(passkey.ANSWER.format(key=key)[:-1])
 
@@ -261,10 +261,10 @@ def test_attention_spread_evenly_puts_on_the_key_its_share_of_the_tokens():
     model = GPT(GPTConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=32, train_len=300, pe="nope")).eval()
     with torch.no_grad():
         model.blocks[0].attn.qkv.weight[:32] = 0  # q = 0: every logit equal, attention even
-    distance, weight, entropy, _ = passkey.attention_on_key(model, enc, 300, 4, seed=0, device="cpu")
+    distance, weight, entropy, _ = retrieval.attention_on_key(model, enc, 300, 4, seed=0, device="cpu")
     keys, depths = passkey.trial_settings(0, 300, 4)
     for i, (key, depth) in enumerate(zip(keys, depths)):
-        prompt = passkey.prompt_to_first_digit(enc, 300, depth, key)
+        prompt = retrieval.prompt_to_first_digit(enc, 300, depth, key)
         digits = enc.encode_ordinary(str(key))
         assert distance[i] == 299 - passkey.key_mentions(prompt, digits)[0]
         assert np.allclose(weight[i], 2 * len(digits) / 300)  # both mentions of the key
@@ -276,18 +276,18 @@ def test_the_retrieval_head_is_the_one_that_looks_at_the_key_at_train_len():
     enc = byte_encoding()
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=257, n_layer=2, n_head=2, n_embd=32, train_len=300, pe="alibi")).eval()
-    found = passkey.retrieval_attention(model, enc, [150, 300, 600], trials=4, seed=0, device="cpu")
+    found = retrieval.retrieval_attention(model, enc, [150, 300, 600], trials=4, seed=0, device="cpu")
     assert list(found["lengths"]) == ["300", "600"] and found["reference_length"] == 300  # 150 holds no prompt
     head_weight = np.array(found["head_weight"])
     assert head_weight[found["layer"], found["head"]] == head_weight.max()
-    _, weight, _, first_digit = passkey.attention_on_key(model, enc, 300, 4, seed=0, device="cpu")
+    _, weight, _, first_digit = retrieval.attention_on_key(model, enc, 300, 4, seed=0, device="cpu")
     assert np.allclose(found["lengths"]["300"]["weight"], weight[:, found["layer"], found["head"]])
     assert found["lengths"]["300"]["first_digit_accuracy"] == first_digit.mean()
     at_600 = found["lengths"]["600"]
     near = [w for d, w in zip(at_600["distance"], at_600["weight"]) if d < 300]
     assert np.isclose(at_600["mean_weight_near"], np.mean(near))
     assert found["lengths"]["300"]["mean_weight_far"] is None  # within train_len every needle is near
-    assert "skipped" in passkey.retrieval_attention(model, enc, [150, 600], trials=4, seed=0, device="cpu")
+    assert "skipped" in retrieval.retrieval_attention(model, enc, [150, 600], trials=4, seed=0, device="cpu")
 
 
 def test_eval_passkey_end_to_end(tmp_path):
