@@ -13,13 +13,10 @@ no biases, untied embeddings) with five ways to tell tokens where they are:
     alibi  a linear distance penalty added to the attention logits
     nope   no position signal; causal masking alone
 
-A position embedding gives attention two things and nothing else: q and k rotated to their
-positions (`rotate`), and an additive bias on the logits (`bias`). Adding one is one class
-here, one function in reference_numpy.py and one specification test.
-
-The file reads in the order the data flows: config -> position embeddings -> attention ->
-block -> model -> generation. FoPE follows the authors' released code; every deviation is
-marked "Deviation:" in a comment.
+A position embedding gives attention q and k rotated to their positions (`rotate`) and an
+additive bias on the logits (`bias`), nothing else; adding one is one class here. The file reads
+as the data flows: config -> position embeddings -> attention -> block -> model -> generation.
+FoPE follows the authors' released code; every deviation is marked "Deviation:" in a comment.
 """
 
 import math
@@ -66,26 +63,21 @@ class GPTConfig:
     init: str = "olmo"            # weights: "olmo" truncated N(0, 0.02) as the authors; "pytorch" its defaults
 
     def __post_init__(self):
+        def require(ok, field, what):
+            if not ok:
+                raise ValueError(f"GPTConfig.{field} must be {what}, got {getattr(self, field)!r}")
         for name, allowed in (("pe", POSITION_EMBEDDINGS), ("rope_scaling", ROPE_SCALINGS),
                               ("cope_taper", COPE_TAPERS), ("init", ("olmo", "pytorch"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"GPTConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+            require(getattr(self, name) in allowed, name, "one of " + ", ".join(allowed))
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "train_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.head_dim % 2:
-            raise ValueError(f"GPTConfig.n_embd / n_head (head_dim {self.head_dim}) must be even for rotary pairs")
-        if not self.rope_theta > 1:
-            raise ValueError(f"GPTConfig.rope_theta must be greater than 1, got {self.rope_theta!r}")
-        if not self.fope_sigma >= 0:
-            raise ValueError(f"GPTConfig.fope_sigma must be non-negative, got {self.fope_sigma!r}")
-        if not self.rope_scale >= 1:
-            raise ValueError(f"GPTConfig.rope_scale must be at least 1, got {self.rope_scale!r}")
-        if not isinstance(self.rope_original_len, int) or self.rope_original_len < 0:
-            raise ValueError(f"GPTConfig.rope_original_len must be a non-negative integer, got {self.rope_original_len!r}")
+            require(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "a positive integer")
+        require(self.n_embd % self.n_head == 0, "n_embd", f"divisible by n_head ({self.n_head})")
+        require(self.head_dim % 2 == 0, "n_head", f"such that head_dim = n_embd / n_head ({self.head_dim}) is even")
+        require(self.rope_theta > 1, "rope_theta", "greater than 1")
+        require(self.fope_sigma >= 0, "fope_sigma", "non-negative")
+        require(self.rope_scale >= 1, "rope_scale", "at least 1")
+        require(isinstance(self.rope_original_len, int) and self.rope_original_len >= 0, "rope_original_len",
+                "a non-negative integer")
 
     @property
     def head_dim(self):
@@ -216,8 +208,9 @@ class Rotary(PositionEmbedding):
     @torch.no_grad()
     def cos_sin(self, T):
         """The cached tables for positions 0..T-1 (..., T, d/2), grown (doubling) when T exceeds them."""
-        if self.cos_table is None or T > self.cos_table.shape[-2]:
-            self.cos_table, self.sin_table = self.tables(max(T, 2 * (0 if self.cos_table is None else self.cos_table.shape[-2])))
+        cached = 0 if self.cos_table is None else self.cos_table.shape[-2]
+        if T > cached:
+            self.cos_table, self.sin_table = self.tables(max(T, 2 * cached))
         return self.cos_table[..., :T, :], self.sin_table[..., :T, :]
 
     def rotate(self, x, positions):
@@ -356,11 +349,8 @@ BIAS_ELEMENTS = 2 ** 24
 
 
 class KVCache:
-    """Keys (already rotated) and values of one layer, for generation one token at a time.
-
-    Caching rotated keys equals the authors' caching of raw keys plus re-rotation, because a
-    key's rotation depends only on its own absolute position.
-    """
+    """Keys (already rotated: a key's rotation depends only on its own position, so this equals the
+    authors' caching of raw keys) and values of one layer, for generation one token at a time."""
 
     def __init__(self):
         self.k = self.v = None

@@ -12,7 +12,7 @@ import math
 import os
 
 from lib import passkey
-from fope_gpt import POSITION_EMBEDDINGS, ROPE_SCALINGS, GPTConfig, kept_frequencies
+from fope_gpt import COPE_TAPERS, POSITION_EMBEDDINGS, ROPE_SCALINGS, GPTConfig, kept_frequencies
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
 
@@ -35,6 +35,10 @@ MODEL = {
     "fope_cf": "FoPE's clip: frequencies below 2 pi / L become zero",
     "fope_sin_pad": "sin value of FoPE's padded pairs: 1 as released, 0 for an exact identity",
     "fope_learnable": "train FoPE's coefficients (the authors freeze them)",
+    "fope_cap": "at most head_dim/4 of FoPE's pairs carry position, as released (false: all K kept, as deployed)",
+    "fope_shared": "one FoPE coefficient set for every layer, as deployed (false: one per layer, as released)",
+    "cope_taper": "CoPE's band (the frequencies FoPE clips): cosine tapers it to zero, step zeroes it (HardClip)",
+    "qk_norm": "RMS-normalise each head's q and k (one weight over head_dim) before the position embedding",
     "rope_scaling": "context extension of rope/fope frequencies",
     "rope_scale": "s, the factor by which the context is meant to grow",
     "rope_original_len": "YaRN's L0, the length the frequencies were trained at (0: train_len)",
@@ -128,7 +132,7 @@ ALLOWED = {
     "fope_grow": (lambda v: v in ("fresh", "zeros"), "fresh or zeros"),
     "tokenizer": (lambda v: v in ("bpe", "gpt2"), "bpe or gpt2"),
 }
-CHOICES = {"pe": POSITION_EMBEDDINGS, "rope_scaling": ROPE_SCALINGS, "init": ("olmo", "pytorch")}
+CHOICES = {"pe": POSITION_EMBEDDINGS, "rope_scaling": ROPE_SCALINGS, "init": ("olmo", "pytorch"), "cope_taper": COPE_TAPERS}
 # What --help adds to a setting's meaning.
 NOTES = {
     "max_steps": "with --resume it may grow or shrink, and the learning-rate schedule keeps its length "
