@@ -174,7 +174,8 @@ class PositionEmbedding(nn.Module):
         return x
 
     def bias(self, q_positions, k_positions):
-        """Added to the logits of queries at q_positions over keys at k_positions: (H, Tq, Tk), or None."""
+        """Added to the logits of queries at q_positions over keys at k_positions: (H, Tq, Tk), or None.
+        The model is causal: a key after its query must get -inf (attention adds no mask to a bias)."""
         return None
 
 
@@ -330,9 +331,10 @@ class ALiBi(PositionEmbedding):
         reusable = isinstance(q_positions, slice) and not torch.compiler.is_compiling()
         asked = (q_positions, k_positions, self.slopes.device) if reusable else None
         if asked is None or asked != self.last[0]:
-            q, k = as_positions(q_positions, self.slopes.device), as_positions(k_positions, self.slopes.device)
-            distance = (q[:, None] - k[None, :]).float()                                  # (Tq, Tk)
-            self.last = (asked, -self.slopes[:, None, None] * distance)                   # (H, Tq, Tk)
+            q, k = (as_positions(p, self.slopes.device) for p in (q_positions, k_positions))
+            distance = (q[:, None] - k[None, :]).float()                                       # (Tq, Tk)
+            distance = distance.masked_fill(distance < 0, float("inf"))                        # a later key: -inf
+            self.last = (asked, -self.slopes[:, None, None] * distance)                         # (H, Tq, Tk)
         return self.last[1]
 
 
@@ -345,7 +347,7 @@ def position_embedding(config):
 
 # The most bias entries (heads x queries x keys) one attention call forms: past it the queries go in
 # blocks, so a bias at 16x train_len never exists whole (ALiBi at 6144 tokens would take 600 MB).
-BIAS_ELEMENTS = 2 ** 24
+BIAS_ELEMENTS = 2 ** 22
 
 
 class KVCache:
@@ -415,8 +417,7 @@ class CausalSelfAttention(nn.Module):
             hi = min(T, lo + rows)
             end = start + hi  # the keys this block's queries may see
             block_bias = bias[:, lo:hi, :end] if fits or lo == 0 else self.pos.bias(slice(start + lo, end), slice(0, end))
-            causal = torch.ones(hi - lo, end, dtype=torch.bool, device=q.device).tril(diagonal=start + lo)
-            mask = block_bias.masked_fill(~causal, float("-inf")).to(q.dtype)  # (H, hi - lo, end)
+            mask = block_bias.to(q.dtype).contiguous()[None]  # (1, H, hi - lo, end): 4-D and contiguous, SDPA's fast path
             blocks.append(F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, :end], v[:, :, :end], attn_mask=mask))
         return torch.cat(blocks, dim=2)
 
@@ -430,7 +431,7 @@ class CausalSelfAttention(nn.Module):
         if bias is not None:
             logits = logits + bias
         q_at, k_at = as_positions(q_positions, q.device), as_positions(k_positions, q.device)
-        return logits.masked_fill(k_at[None, :] > q_at[:, None], float("-inf"))
+        return logits.masked_fill(k_at[None, :] > q_at[:, None], float("-inf"))  # a bias masks already; NoPE's cannot
 
     def weights(self, x, queries):
         """The attention weights (B, H, len(queries), T) of the tokens of x (B, T, C) at `queries`
