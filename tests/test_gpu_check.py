@@ -112,3 +112,38 @@ def test_bad_input_is_one_line(capsys, argv, words):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("usage:") is False and words in error, error
+
+
+def test_on_a_gpu_a_process_starts_only_when_its_memory_cap_is_free_and_runs_under_that_cap(tmp_path, monkeypatch):
+    card = 100 * 2**30
+    free = {"bytes": 80 * 2**30}
+    monkeypatch.setattr(gpu_check.torch.cuda, "mem_get_info", lambda: (free["bytes"], card))
+    args, run_list = gpu_check.parse_args(["--ladder", "--ladder_widths", "512", "--ladder_seeds", "0",
+                                           "--work_dir", str(tmp_path / "work")])
+    paths = {"work": str(tmp_path / "work"), "results": str(tmp_path / "results"), "runs": str(tmp_path / "runs"),
+             "logs": str(tmp_path / "logs")}
+    steps = gpu_check.build_steps(args, run_list, paths)
+    scheduler = gpu_check.Scheduler(args, steps, paths, t0=0)
+    train, wide = steps[0], next(s for s in steps if s.title == "train fope-w512-s0")
+    assert (scheduler.cap_gib(train), scheduler.cap_gib(wide)) == (4, 8)  # GiB, with the width
+    assert scheduler.memory_allows(train)
+    free["bytes"] = 3 * 2**30  # less than a training's cap is free: it waits
+    assert not scheduler.memory_allows(train)
+    free["bytes"] = 80 * 2**30
+    launched = {}
+
+    class Started:  # stands in for a process: records what it was started with
+        def __init__(self, command, env, **kwargs):
+            launched.update(command=command, env=env, kwargs=kwargs)
+            self.pid = 0
+
+    monkeypatch.setattr(gpu_check.subprocess, "Popen", Started)
+    scheduler.launch(train, now=0)
+    assert float(launched["env"]["GPU_CHECK_MEMORY_FRACTION"]) == pytest.approx(0.04, abs=1e-4)
+    assert launched["env"]["OMP_NUM_THREADS"] == str(max(1, (gpu_check.os.cpu_count() or 1) // args.jobs))
+    assert launched["command"][3:5] == ["train.py", "--preset"] and "--device" in launched["command"]
+    # the caps of the processes running at once stay within 90% of the card
+    for step in steps[1:20]:
+        step.status = "running"
+    assert sum(scheduler.cap_gib(s) for s in scheduler.running()) + scheduler.cap_gib(wide) > 90
+    assert not scheduler.memory_allows(wide)
