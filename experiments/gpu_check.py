@@ -430,7 +430,7 @@ class Scheduler:
     def close(self, why=None):
         """Name every step that never started, and why (`why` for them all, if given)."""
         now = time.time()
-        for step in self.steps:
+        for step in sorted(self.steps, key=lambda step: step.index):  # a training before its evaluations
             if step.status == "pending":
                 step.status, step.why = "not started", why or self.why_not(step, now)
                 self.say(f"not started: {step.title} ({step.why})")
@@ -442,8 +442,13 @@ class Scheduler:
         if step.kind == "bench" and not self.check_done():
             return "the check's own steps did not all finish"
         if not self.fits(step, now):
-            return (f"its estimate ({self.estimate(step):.0f} s) did not fit in the budget left "
-                    f"({max(0.0, self.deadline - now):.0f} s)")
+            evaluations = max((self.estimate(s) for s in self.steps if s.needs is step), default=0)
+            needed = f"{self.estimate(step) + evaluations:.0f} s with its evaluations" if evaluations \
+                else f"{self.estimate(step):.0f} s"
+            bench = self.bench_step()
+            reserved = step.group != "check" and bench is not None and bench.status == "pending"
+            return (f"its estimate ({needed}) did not fit in the budget left ({max(0.0, self.deadline - now):.0f} s"
+                    + (f", less {self.estimate(bench):.0f} s kept for bench.py" if reserved else "") + ")")
         if self.cuda and self.cap_gib(step) > MEMORY_SHARE * self.card_gib:
             return f"its memory cap ({self.cap_gib(step):.0f} GiB) does not fit on the card"
         return "the budget ran out before its turn"
