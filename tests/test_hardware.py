@@ -132,16 +132,18 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(tmp_pa
 # the GPU check and the benchmark
 
 
-def test_the_gpu_check_parses_and_stops_with_one_line_where_there_is_no_gpu(tmp_path):
-    assert subprocess.run(["bash", "-n", str(HERE / "experiments" / "gpu_check.sh")]).returncode == 0
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is here: run gpu_check.sh itself")
-    before = (HERE / "results").stat().st_mtime_ns
-    result = subprocess.run(["bash", str(HERE / "experiments" / "gpu_check.sh")], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: run python -m experiments.gpu_check itself")
+def test_the_gpu_check_stops_with_one_line_where_there_is_no_gpu_having_written_nothing():
+    watched = [HERE / "results", HERE / "results" / "gpu_check.json", HERE / "results" / "gpu", HERE / "out",
+               HERE / "out" / "gpu_check"]
+    before = {path: path.stat().st_mtime_ns for path in watched if path.exists()}
+    result = subprocess.run([sys.executable, "-m", "experiments.gpu_check"], cwd=HERE, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [
-        "gpu_check.sh: error: PyTorch sees no CUDA GPU here (torch.cuda.is_available() is False); nothing was run"]
-    assert (HERE / "results").stat().st_mtime_ns == before and not (HERE / "results" / "gpu_check.json").exists()
+        "gpu_check.py: error: PyTorch sees no CUDA GPU here (torch.cuda.is_available() is False); nothing was run "
+        "(--device cpu runs the same steps on the CPU)"]
+    assert {path: path.stat().st_mtime_ns for path in watched if path.exists()} == before
 
 
 def test_bench_times_the_reference_beside_the_model_and_derives_its_ratios_from_its_own_times(tmp_path):
