@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib import data
+from lib import files
 from lib import hardware
 from lib import passkey
 from lib import runs
@@ -288,7 +288,7 @@ def write_outputs(results, out_dir):
         text = json.dumps({"checkpoints": results}, allow_nan=False)
     except ValueError:  # a bare NaN is not JSON
         fail("an analysis gave a number that is not finite, so nothing is written")
-    data.write_atomically(Path(out_dir) / "analysis.json", text.encode())
+    files.write_atomically(Path(out_dir) / "analysis.json", text.encode())
     plot_pair_norms(results, labels, os.path.join(out_dir, "pair_norms.png"))
     plot_spectra(results, labels, os.path.join(out_dir, "spectrum.png"))
     plot_logits(results, labels, os.path.join(out_dir, "logit_vs_distance.png"))
@@ -320,7 +320,7 @@ def analyze_all(args):
             fail(f"{path}: {message}")
         enc = runs.load_tokenizer(path, state, model)
         loaded.append((path, state, model, enc, runs.load_validation(path, state, args.data_dir)))
-    data.check_writable_folder(args.out_dir)
+    files.check_writable_folder(args.out_dir)
 
     results = []
     for path, state, model, enc, tokens in loaded:

@@ -30,7 +30,7 @@ import torch
 
 from lib import hardware
 from lib.checkpoint import CheckpointError
-from lib.data import check_writable_folder, write_atomically
+from lib.files import check_writable_folder, write_atomically
 from fope_gpt import GPTConfig
 from lib.passkey import (MAX_KEY, NEEDLE, NEEDLE_FURTHER, build_prompt, completion_text, feasible_lengths,
                      needle_repeat_digits, score, shortest_prompt_len, teacher_forced_digits, TRIAL_SEED,

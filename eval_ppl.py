@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from lib import data
+from lib import files
 from lib import hardware
 from lib import runs
 from fope_gpt import GPTConfig
@@ -164,7 +165,7 @@ def evaluate_all(args):
         if max(lengths) > len(tokens):
             what = f"the text {args.text}" if args.text else "the validation split"
             fail(f"{path}: length {max(lengths)} is larger than {what} ({len(tokens)} tokens)")
-    data.check_writable_folder(os.path.dirname(os.path.abspath(args.out)))
+    files.check_writable_folder(os.path.dirname(os.path.abspath(args.out)))
 
     results = []
     for path, state, model, tokens in loaded:
@@ -189,7 +190,7 @@ def evaluate_all(args):
         results.append(result)
 
     report = {"mode": args.mode, "lengths": lengths, "dtype": args.dtype, "max_tokens": args.max_tokens, "checkpoints": results}
-    data.write_atomically(Path(args.out), (json.dumps(report, indent=2) + "\n").encode())
+    files.write_atomically(Path(args.out), (json.dumps(report, indent=2) + "\n").encode())
     png = Path(args.out).with_suffix(".png")
     what = f"perplexity on {Path(args.text).name}" if args.text else "validation perplexity"
     plot(results, png, f"{what} ({args.mode})", "ppl")

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from lib import data
+from lib import files
 from lib import hardware
 from lib import passkey
 from lib import runs
@@ -141,7 +142,7 @@ def main(argv=None):
         try:
             run(argv, held)
         except (CheckpointError, LockError, data.DataError, OSError) as error:
-            fail(data.error_line(error))
+            fail(files.error_line(error))
 
 
 def run(argv, held):
@@ -194,7 +195,7 @@ def run(argv, held):
     if leader:
         os.makedirs(run_dir, exist_ok=True)
         runs.truncate_log(log_path, step)
-        data.write_atomically(os.path.join(run_dir, runs.CONFIG_NAME), json.dumps(settings, indent=2).encode())
+        files.write_atomically(os.path.join(run_dir, runs.CONFIG_NAME), json.dumps(settings, indent=2).encode())
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {len(prepared.train) / 1e6:.2f}M training tokens"
               + (f", resuming at step {step}" if step else ""), flush=True)
 
@@ -380,7 +381,7 @@ def restore(resumed, model, optimizer, batches, ckpt_path):
         batches.load_state(resumed["rng"]["batches"])
         torch.set_rng_state(resumed["rng"]["torch"])
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"cannot resume: the saved state in {ckpt_path} is damaged: {data.error_line(e)}") from None
+        raise CheckpointError(f"cannot resume: the saved state in {ckpt_path} is damaged: {files.error_line(e)}") from None
     return resumed["step"], resumed.get("val_loss")
 
 

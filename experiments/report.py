@@ -24,7 +24,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lib import data  # noqa: E402
+from lib import files  # noqa: E402
 from experiments import grids  # noqa: E402
 from lib import runs  # noqa: E402
 from fope_gpt import kept_frequencies  # noqa: E402
@@ -503,7 +503,7 @@ def update_readme(path, block, name="results"):
     if begin < 0 or end < begin:
         return f"{path} has no {begin_marker} ... {end_marker} markers: left unchanged"
     text = text[:begin + len(begin_marker)] + "\n" + block.strip() + "\n" + text[end:]
-    data.write_atomically(path, text.encode())
+    files.write_atomically(path, text.encode())
     return f"updated the {name} block of {path}"
 
 
@@ -520,7 +520,7 @@ def write_report(grid_name, results_grid, readme=README):
                 plot_figure(os.path.join(results_grid, name), section, metrics, results, grid.lengths)
     measured = measured_markdown(grid, results_grid)
     markdown_path = os.path.join(results_grid, "results.md")
-    data.write_atomically(markdown_path, (f"### Results of the {grid_name} grid\n\n"
+    files.write_atomically(markdown_path, (f"### Results of the {grid_name} grid\n\n"
                                           + report_markdown(grid_name, grid, sections, results, "", measured,
                                                             retrieval_markdown(results_grid, ""))
                                           + "\n").encode())
@@ -542,7 +542,7 @@ def main(argv=None):
     try:
         write_report(args.grid, os.path.abspath(os.path.join(args.results_dir, args.grid)))
     except (ReportError, OSError) as error:
-        sys.exit(f"report.py: error: {data.error_line(error)}")
+        sys.exit(f"report.py: error: {files.error_line(error)}")
 
 
 if __name__ == "__main__":

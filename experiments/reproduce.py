@@ -40,7 +40,7 @@ import time
 import numpy
 import torch
 
-from lib import data
+from lib import files
 from experiments import grids
 from lib import hardware
 from lib import runs
@@ -193,7 +193,7 @@ def write_environment(path, argv):
         "platform": platform.platform(), "cpu": hardware.machine_name("cpu"), "cores": os.cpu_count(),
         "command": shlex.join([sys.executable, "-m", "experiments.reproduce", *argv]),
     }
-    data.write_atomically(path, json.dumps(environment, indent=2).encode())
+    files.write_atomically(path, json.dumps(environment, indent=2).encode())
 
 
 def parse_args(argv):
@@ -223,7 +223,7 @@ def main(argv=None):
     try:
         run_grid(argv)
     except (GridError, OSError) as error:
-        sys.exit(f"reproduce.py: error: {data.error_line(error)}")
+        sys.exit(f"reproduce.py: error: {files.error_line(error)}")
 
 
 def run_grid(argv):

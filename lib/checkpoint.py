@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from lib.data import write_atomically
+from lib.files import write_atomically
 from fope_gpt import GPT, GPTConfig
 
 LOCK_NAME = "train.lock"
@@ -40,7 +40,7 @@ class LockError(Exception):
 
 
 def save_checkpoint(path, state):
-    """Write the checkpoint atomically (data.write_atomically): a partly written file never
+    """Write the checkpoint atomically (files.write_atomically): a partly written file never
     replaces a good one. A failed write (a full disk) raises CheckpointError."""
     try:
         write_atomically(path, lambda f: torch.save(state, f))

@@ -10,14 +10,11 @@ Read top to bottom:
      uint16/uint32 token files that training reads through np.memmap.
 """
 
-import errno
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
+from lib.files import write_atomically
 from lib.tokenizer import EOT, build_encoding, encoding_from_ranks_file, ranks_to_text, train_bpe
 
 FORMAT_VERSION = 1  # bump when the cache layout or the text cleaning changes
@@ -37,27 +35,6 @@ HELD_OUT_PLAYS = ["much-ado-about-nothing", "henry-v", "othello"]
 
 class DataError(Exception):
     """A problem the user can fix; the message is one line, printed without a traceback."""
-
-
-def error_line(error):
-    """One line for an error that a script reports without a traceback: an OSError as its
-    reason and file ("No space left on device: out/run/ckpt.pt.tmp"), anything else as the
-    first line of its message."""
-    if isinstance(error, OSError) and error.strerror:
-        files = [str(name) for name in (error.filename, error.filename2) if name is not None]
-        return f"{error.strerror}: {' -> '.join(files)}" if files else error.strerror
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def check_writable_folder(folder):
-    """Create `folder` if needed and write (then remove) a file in it, so that a script finds
-    an output folder it cannot use before its work, not after it. Raises OSError."""
-    if Path(folder).exists() and not Path(folder).is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder):
-        pass
 
 
 # ---------------------------------------------------------------------------
@@ -281,27 +258,6 @@ def fingerprint(settings, train_texts=(), val_texts=()):
         for text in texts:
             digest.update(hashlib.sha256(text.encode("utf-8")).digest())
     return digest.hexdigest()
-
-
-def write_atomically(path, content):
-    """Write `content` (bytes, or a function that writes into a binary file) to path via a
-    temporary file beside it, so that path is either complete or absent (or keeps its old
-    content): os.replace is atomic within a file system. A failed write (a full disk) removes
-    the temporary file and raises; the project's one way of writing a file that matters."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        with open(temporary, "wb") as f:  # through a Python file, a failed write is an OSError with its reason
-            if callable(content):
-                content(f)
-            else:
-                f.write(content)
-        os.replace(temporary, path)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.filename is None:  # a failed flush names no file
-            raise OSError(error.errno, error.strerror, str(path)) from None
-        raise
 
 
 def encode_documents(enc, documents, eot):

@@ -20,6 +20,7 @@ import os
 import sys
 
 from lib import data
+from lib import files
 from lib.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from fope_gpt import ROPE_SCALINGS
 from lib.tokenizer import encoding_from_state, tokenizer_state
@@ -48,7 +49,7 @@ def in_one_line(script, work, *args):
     try:
         return work(*args)
     except USER_ERRORS as error:
-        sys.exit(f"{script}: error: {data.error_line(error)}")
+        sys.exit(f"{script}: error: {files.error_line(error)}")
 
 
 def clock(seconds):
@@ -185,7 +186,7 @@ def truncate_log(path, step):
         except (ValueError, KeyError, TypeError):
             raise CheckpointError(f"{path} line {number} is not a log record: repair or delete that line, "
                                   f"then resume again") from None
-    data.write_atomically(path, "".join(kept).encode())
+    files.write_atomically(path, "".join(kept).encode())
 
 
 # -----------------------------------------------------------------------------
