@@ -30,20 +30,16 @@ its data and the output folder are checked before the first analysis.
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from lib import files
+from lib import cli
 from lib import hardware
 from lib import passkey
 from lib import runs
 from lib import spectra
-
-
-def fail(message):
-    sys.exit(f"analyze.py: error: {message}")
+from lib.files import UserError, check_writable_folder, write_atomically
 
 
 # -----------------------------------------------------------------------------
@@ -257,27 +253,28 @@ def plot_retrieval_attention(results, labels, path):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command line, checked; argparse reports unknown options, UserError bad values."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--ckpt", nargs="+", required=True, help="one or more checkpoints")
     parser.add_argument("--layer", type=int, default=0, help="layer for the spectrum and logit analyses")
     parser.add_argument("--head", type=int, default=0, help="head for the spectrum analysis")
     parser.add_argument("--pair", type=int, help="rotary pair (default: intended period closest to train_len/4)")
-    parser.add_argument("--text_tokens", type=int, help="validation tokens for q/k statistics (default 4 x train_len)")
-    parser.add_argument("--max_distance", type=int, help="largest distance for the logits (default 16 x train_len)")
+    parser.add_argument("--text_tokens", type=int, help="validation tokens for q/k statistics (default: 4 x train_len)")
+    parser.add_argument("--max_distance", type=int, help="largest distance for the logits (default: 16 x train_len)")
     parser.add_argument("--passkey_trials", type=int, default=20,
-                        help="passkey prompts per length for the retrieval attention (0: skip it; default 20)")
-    parser.add_argument("--passkey_lengths", type=runs.parse_lengths,
-                        help="prompt lengths for the retrieval attention (default 1, 2, 4, 8, 16 x train_len)")
-    parser.add_argument("--data_dir", default="data")
-    parser.add_argument("--device", default="auto", help="auto: cuda if PyTorch sees a GPU, else cpu")
-    parser.add_argument("--out_dir", default="out/analysis")
+                        help="passkey prompts per length for the retrieval attention (0: skip it)")
+    cli.add_lengths_option(parser, "prompt lengths of the retrieval attention", of_train_len="each checkpoint's train_len")
+    parser.add_argument("--data_dir", default="data", help="where the token caches of the validation splits are")
+    cli.add_device_option(parser)
+    parser.add_argument("--out_dir", default="out/analysis", help="where the JSON and the figures go")
     args = parser.parse_args(argv)
     for name in ("text_tokens", "max_distance"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            fail(f"--{name} must be a positive integer, got {value}")
+            raise UserError(f"--{name} must be a positive integer, got {value}")
     if args.passkey_trials < 0:
-        fail(f"--passkey_trials must be 0 or more, got {args.passkey_trials}")
+        raise UserError(f"--passkey_trials must be 0 or more, got {args.passkey_trials}")
+    args.device = hardware.resolve_device(args.device)
     return args
 
 
@@ -287,8 +284,8 @@ def write_outputs(results, out_dir):
     try:
         text = json.dumps({"checkpoints": results}, allow_nan=False)
     except ValueError:  # a bare NaN is not JSON
-        fail("an analysis gave a number that is not finite, so nothing is written")
-    files.write_atomically(Path(out_dir) / "analysis.json", text.encode())
+        raise UserError("an analysis gave a number that is not finite, so nothing is written") from None
+    write_atomically(Path(out_dir) / "analysis.json", text.encode())
     plot_pair_norms(results, labels, os.path.join(out_dir, "pair_norms.png"))
     plot_spectra(results, labels, os.path.join(out_dir, "spectrum.png"))
     plot_logits(results, labels, os.path.join(out_dir, "logit_vs_distance.png"))
@@ -301,26 +298,22 @@ def write_outputs(results, out_dir):
 
 
 def main(argv=None):
-    """Analyse every checkpoint; the errors a user can fix end in one line (runs.USER_ERRORS)."""
-    runs.in_one_line("analyze.py", analyze_all, parse_args(argv))
+    """Analyse every checkpoint; the errors a user can fix end in one line (cli.run)."""
+    cli.run("analyze.py", lambda: analyze_all(parse_args(argv)))
 
 
 def analyze_all(args):
     """Check every checkpoint, its data and the output folder, then analyse and write."""
     # every check first, so that bad input never overwrites earlier results nor costs the work
-    try:
-        args.device = hardware.resolve_device(args.device)
-    except hardware.HardwareError as e:
-        fail(str(e))
     loaded = []
     for path in args.ckpt:
         state, model = runs.load_model(path, args.device)
         message = spectra.check_indices(model, args.layer, args.head, args.pair)
         if message:
-            fail(f"{path}: {message}")
+            raise UserError(f"{path}: {message}")
         enc = runs.load_tokenizer(path, state, model)
         loaded.append((path, state, model, enc, runs.load_validation(path, state, args.data_dir)))
-    files.check_writable_folder(args.out_dir)
+    check_writable_folder(args.out_dir)
 
     results = []
     for path, state, model, enc, tokens in loaded:
@@ -334,7 +327,7 @@ def analyze_all(args):
         result["max_distance"] = args.max_distance or 16 * train_len
         result.update(spectra.analyze(model, tokens, args.layer, args.head, pair,
                               result["text_tokens"], result["max_distance"]))
-        lengths = args.passkey_lengths or [m * train_len for m in (1, 2, 4, 8, 16)]
+        lengths = args.lengths or cli.evaluation_lengths(train_len)
         result["retrieval_attention"] = passkey.retrieval_attention(
             model, enc, lengths, args.passkey_trials, passkey.TRIAL_SEED, args.device) if args.passkey_trials else None
         results.append(result)

@@ -25,7 +25,6 @@ import inspect
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -33,19 +32,16 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from lib import cli
 from lib import data
-from lib import files
 from lib import hardware
 from lib import passkey
 from lib import runs
 from lib import settings as run_settings
-from lib.checkpoint import CheckpointError, LockError, load_checkpoint, run_lock, save_checkpoint
+from lib.checkpoint import CheckpointError, load_checkpoint, run_lock, save_checkpoint
+from lib.files import UserError, error_line, write_atomically
 from fope_gpt import GPT, GPTConfig
 from lib.tokenizer import tokenizer_state
-
-
-def fail(message):
-    sys.exit(f"train.py: error: {message}")
 
 
 # -----------------------------------------------------------------------------
@@ -135,27 +131,21 @@ def evaluate(model, batches, settings, device):
 
 
 def main(argv=None):
-    """Train one run. The project's own errors and I/O errors (a full disk, a folder that cannot
-    be written) end in one line on stderr and a non-zero exit; the run folder's lock is released
-    however the run ends (after a kill -9, the next run finds it stale)."""
+    """Train one run. The errors a user can fix end in one line on stderr and a non-zero exit
+    (cli.run); the run folder's lock is released however the run ends (after a kill -9, the
+    next run finds it stale)."""
     with contextlib.ExitStack() as held:
-        try:
-            run(argv, held)
-        except (CheckpointError, LockError, data.DataError, OSError) as error:
-            fail(files.error_line(error))
+        cli.run("train.py", lambda: train(argv, held))
 
 
-def run(argv, held):
+def train(argv, held):
     """The run itself; `held` keeps the run folder's lock until main() ends."""
     settings, run_dir, ckpt_path, resumed = settings_of_run(argv)
-    try:
-        rank, world, device = start_processes(settings["device"])
-        asked = settings["dtype"]
-        settings["dtype"] = hardware.resolve_dtype(asked, device)  # the run keeps what "auto" chose
-    except hardware.HardwareError as e:
-        fail(str(e))
+    rank, world, device = start_processes(settings["device"])
+    asked = settings["dtype"]
+    settings["dtype"] = hardware.resolve_dtype(asked, device)  # the run keeps what "auto" chose
     if settings["batch_size"] % world:
-        fail(f"--batch_size {settings['batch_size']} must be divisible by the {world} processes")
+        raise UserError(f"--batch_size {settings['batch_size']} must be divisible by the {world} processes")
     rows = slice(rank * settings["batch_size"] // world, (rank + 1) * settings["batch_size"] // world)
     leader = rank == 0  # the one process that prints, logs and writes checkpoints
     if leader:
@@ -173,7 +163,7 @@ def run(argv, held):
     try:  # the tokenizer decides the vocabulary (a tiny corpus may give fewer tokens than asked)
         config = GPTConfig(**{**{k: settings[k] for k in run_settings.MODEL_FIELDS}, "vocab_size": prepared.vocab_size})
     except ValueError as e:
-        fail(str(e))
+        raise UserError(str(e)) from None
     model = GPT(config).to(device)
     optimizer = make_optimizer(model, settings)
     batches = Batches(prepared.train, settings, prepared.enc, prepared.eot)
@@ -195,7 +185,7 @@ def run(argv, held):
     if leader:
         os.makedirs(run_dir, exist_ok=True)
         runs.truncate_log(log_path, step)
-        files.write_atomically(os.path.join(run_dir, runs.CONFIG_NAME), json.dumps(settings, indent=2).encode())
+        write_atomically(os.path.join(run_dir, runs.CONFIG_NAME), json.dumps(settings, indent=2).encode())
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {len(prepared.train) / 1e6:.2f}M training tokens"
               + (f", resuming at step {step}" if step else ""), flush=True)
 
@@ -253,7 +243,7 @@ def run(argv, held):
                     dist.all_reduce(loss)  # the shares add up to the whole batch's mean loss
                 loss_value = loss.item()  # the only host sync of a step, once per log interval
                 if not math.isfinite(loss_value):
-                    fail(f"loss became {loss_value} at step {step}; {what_is_kept(ckpt_path)}")
+                    raise UserError(f"loss became {loss_value} at step {step}; {what_is_kept(ckpt_path)}")
                 now = time.time()
                 tok_s = steps_timed * tokens_per_step / (now - t_last)
                 eta = (settings["max_steps"] - step) * tokens_per_step / tok_s
@@ -268,7 +258,7 @@ def run(argv, held):
                 # every process measures the same fixed windows, so no process waits for another's number
                 val_loss = evaluate(model, val_batches, settings, device)
                 if not math.isfinite(val_loss):
-                    fail(f"validation loss became {val_loss} at step {step}; {what_is_kept(ckpt_path)}")
+                    raise UserError(f"validation loss became {val_loss} at step {step}; {what_is_kept(ckpt_path)}")
                 if leader:
                     print(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f})", flush=True)
                     log.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
@@ -292,10 +282,7 @@ def settings_of_run(argv):
     """The run's settings, its folder and checkpoint path, and the checkpoint to resume (None
     for a new run); every setting checked before anything is read or written."""
     args, settings, given = run_settings.parse_args(argv, description=__doc__)
-    try:
-        run_settings.validate_settings(settings)
-    except ValueError as e:
-        fail(str(e))
+    run_settings.validate_settings(settings)
     name = settings["run_name"] or run_settings.run_name(settings, args.preset)
     run_dir = os.path.join(settings["out_dir"], name)
     ckpt_path = runs.checkpoint_path(settings["out_dir"], name)
@@ -303,12 +290,9 @@ def settings_of_run(argv):
     resumed = None
     if args.resume:
         resumed = runs.checkpoint_to_resume(ckpt_path)
-        try:
-            settings = run_settings.resumed_settings(resumed["train_config"], given, ckpt_path)
-        except ValueError as e:
-            fail(str(e))
+        settings = run_settings.resumed_settings(resumed["train_config"], given, ckpt_path)
     elif os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} exists: pass --resume to continue it, or --run_name to start another run")
+        raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or --run_name to start another run")
     settings = {**settings, "decay_steps": run_settings.schedule_steps(settings)}
     return settings, run_dir, ckpt_path, resumed
 
@@ -381,7 +365,7 @@ def restore(resumed, model, optimizer, batches, ckpt_path):
         batches.load_state(resumed["rng"]["batches"])
         torch.set_rng_state(resumed["rng"]["torch"])
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"cannot resume: the saved state in {ckpt_path} is damaged: {files.error_line(e)}") from None
+        raise CheckpointError(f"cannot resume: the saved state in {ckpt_path} is damaged: {error_line(e)}") from None
     return resumed["step"], resumed.get("val_loss")
 
 

@@ -18,6 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from lib import cli
 from lib import runs
 from lib import settings
 
@@ -45,7 +46,7 @@ class Grid:
     training: list       # train.py arguments shared by every run
     runs: list           # in order; a fine-tune comes after the run it starts from
     extensions: list
-    lengths: list        # evaluation lengths in tokens, for perplexity and passkey alike
+    lengths: list        # evaluation lengths in tokens, for perplexity and passkey alike (cli.evaluation_lengths)
     ppl_args: list       # further eval_ppl.py arguments
     passkey_args: list   # further eval_passkey.py arguments
     threads: int = 0     # torch threads per step (OMP_NUM_THREADS); 0: torch's default, every core
@@ -80,13 +81,14 @@ def yarn_after(train_len):
     return ["--rope_scaling", "yarn", "--rope_scale", "16", "--rope_original_len", str(train_len)]
 
 
-def shakespeare_grid(about, training, lengths, ppl_args, full):
+def shakespeare_grid(about, training, ppl_args, full, extra_lengths=()):
     """The CPU experiment on train.py's CPU model: RoPE, FoPE, ALiBi and NoPE, the extension
     experiment, FoPE's ablations, RoPE's training-free extensions. RoPE and FoPE run on 3 seeds; with
     full, ALiBi, NoPE and FoPE's two parts alone (nocf, nofs) do too, and RoPE and FoPE also run at
     head_dim 32 and 128. Ordered so that a partly finished grid is already informative: seed 0 of
     every method (FoPE's two parts alone among them), the fine-tunes that start from two of them,
-    the other seeds, then the one-seed ablations and the head_dim sweep."""
+    the other seeds, then the one-seed ablations and the head_dim sweep. Evaluated at
+    cli.evaluation_lengths of train_len and extra_lengths."""
     shared = settings.parse_args(training)[1]  # the settings every run starts from
     ft, yarn = finetune(shared["train_len"]), yarn_after(shared["train_len"])
     seeded = ["rope", "fope", "alibi", "nope"] if full else ["rope", "fope"]
@@ -122,7 +124,7 @@ def shakespeare_grid(about, training, lengths, ppl_args, full):
         # RoPE extended without training; s = 16 covers the 16x range (the authors' YaRN also uses 16)
         extensions=[Extension(f"rope-s{seed}+{method}16", f"rope-s{seed}", ["--rope_scaling", method, "--rope_scale", "16"])
                     for seed in range(3) for method in ("pi", "ntk", "yarn")],
-        lengths=lengths,
+        lengths=sorted({*cli.evaluation_lengths(shared["train_len"]), *extra_lengths}),
         ppl_args=ppl_args,
         passkey_args=["--trials", "100"],
         # the second corpus, prose of another genre than the plays: the first 131 072 tokens of the
@@ -147,10 +149,10 @@ DEFAULT = shakespeare_grid(
           "(1-5 min perplexity + 2-13 min passkey, ALiBi's the slowest); about 27 hours in all (about 35 at 4.4k tokens/s, over 60 "
           "on an AVX2-only CPU).",
     training=["--preset", "retrieval", *CPU_PRECISION],
-    lengths=[192, 288, 384, 768, 1536, 3072, 6144],
     # the authors' chunked protocol on the first 131 072 validation bytes (about 35k BPE-4096 tokens of text)
     ppl_args=["--max_tokens", "131072", *CPU_PRECISION],
     full=True,
+    extra_lengths=[288],
 )
 
 # The default grid before the retrieval preset: BPE-4096 tokens at train_len 256, OLMo's
@@ -163,7 +165,6 @@ BPE256 = shakespeare_grid(
           "2 CPU cores at about 5k tokens/s: 13 runs x 16 min of training, 4 fine-tunes x 2-3 min, 26 "
           "evaluations x (1-2 min perplexity + 3 min passkey); about 6 hours in all.",
     training=["--passkey_frac", "0.5", "--max_steps", "1200", *CPU_PRECISION],
-    lengths=[128, 256, 512, 1024, 2048, 4096],
     # the authors' chunked protocol on the first 65 536 validation tokens (16 chunks at 4096):
     # half the evaluation time of all 142k tokens
     ppl_args=["--max_tokens", "65536", *CPU_PRECISION],
@@ -191,7 +192,7 @@ QUICK = Grid(
                                           "--lr", "5e-4"], init_from="rope-s0"),
     ],
     extensions=[Extension("rope-s0+yarn4", "rope-s0", ["--rope_scaling", "yarn", "--rope_scale", "4"])],
-    lengths=[128, 256, 512],
+    lengths=cli.evaluation_lengths(128),
     ppl_args=["--max_tokens", "4096", *CPU_PRECISION],
     passkey_args=["--trials", "4"],
     # Matrices this small gain nothing from a second thread, and on a machine whose cores are busy
@@ -220,7 +221,7 @@ GPU60M = Grid(
         Run("alibi-s0", "main", ["--pe", "alibi", *SEEDS[0]]),
     ],
     extensions=[],
-    lengths=[128, 256, 512, 1024, 2048, 4096, 8192],
+    lengths=cli.evaluation_lengths(512),
     ppl_args=["--dtype", "bf16"],
     passkey_args=["--trials", "100"],
 )

@@ -16,7 +16,6 @@ import os
 import re
 import shlex
 import statistics
-import sys
 from dataclasses import dataclass
 
 import matplotlib
@@ -24,9 +23,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lib import files  # noqa: E402
 from experiments import grids  # noqa: E402
+from lib import cli  # noqa: E402
 from lib import runs  # noqa: E402
+from lib.files import UserError, write_atomically  # noqa: E402
 from fope_gpt import kept_frequencies  # noqa: E402
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
@@ -36,10 +36,6 @@ HEADLINE_GRID = "default"  # the grid whose headline table README.md shows
 HEADLINE_ROWS = {"RoPE": "rope", "FoPE": "fope", "ALiBi": "alibi", "NoPE": "nope",
                  "CF only": "fope-nofs", "FS only": "fope-nocf"}
 HEADLINE_MULTIPLES = (1, 2, 4, 16)
-
-
-class ReportError(Exception):
-    """Results that cannot make a report; the message is one line for the user."""
 
 
 # metric -> (evaluation, key in its JSON record, axis label)
@@ -159,7 +155,7 @@ def load_results(grid, results_grid):
         except FileNotFoundError:
             results[entry][kind] = None
         except (ValueError, KeyError, IndexError):
-            raise ReportError(f"{path} is not an evaluation result of {script}: delete it to evaluate again") from None
+            raise UserError(f"{path} is not an evaluation result of {script}: delete it to evaluate again") from None
     return results
 
 
@@ -503,7 +499,7 @@ def update_readme(path, block, name="results"):
     if begin < 0 or end < begin:
         return f"{path} has no {begin_marker} ... {end_marker} markers: left unchanged"
     text = text[:begin + len(begin_marker)] + "\n" + block.strip() + "\n" + text[end:]
-    files.write_atomically(path, text.encode())
+    write_atomically(path, text.encode())
     return f"updated the {name} block of {path}"
 
 
@@ -512,7 +508,7 @@ def write_report(grid_name, results_grid, readme=README):
     grid = grids.GRIDS[grid_name]
     results = load_results(grid, results_grid)
     if not any(record for kinds in results.values() for record in kinds.values()):
-        raise ReportError(f"no evaluation results in {results_grid}: run the grid first")
+        raise UserError(f"no evaluation results in {results_grid}: run the grid first")
     sections = report_sections(grid)
     for section in sections:
         if has_results(section, results):
@@ -520,7 +516,7 @@ def write_report(grid_name, results_grid, readme=README):
                 plot_figure(os.path.join(results_grid, name), section, metrics, results, grid.lengths)
     measured = measured_markdown(grid, results_grid)
     markdown_path = os.path.join(results_grid, "results.md")
-    files.write_atomically(markdown_path, (f"### Results of the {grid_name} grid\n\n"
+    write_atomically(markdown_path, (f"### Results of the {grid_name} grid\n\n"
                                           + report_markdown(grid_name, grid, sections, results, "", measured,
                                                             retrieval_markdown(results_grid, ""))
                                           + "\n").encode())
@@ -530,19 +526,16 @@ def write_report(grid_name, results_grid, readme=README):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", choices=sorted(grids.GRIDS), default="default", help="which grid (default: default)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("--grid", choices=sorted(grids.GRIDS), default="default", help="which grid")
     parser.add_argument("--results_dir", default="results", help="the grid's results are in RESULTS_DIR/<grid>/")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
-    """Write the report; missing or damaged results and I/O errors end in one line."""
+    """Write the report; missing or damaged results and I/O errors end in one line (cli.run)."""
     args = parse_args(argv)
-    try:
-        write_report(args.grid, os.path.abspath(os.path.join(args.results_dir, args.grid)))
-    except (ReportError, OSError) as error:
-        sys.exit(f"report.py: error: {files.error_line(error)}")
+    cli.run("report.py", lambda: write_report(args.grid, os.path.abspath(os.path.join(args.results_dir, args.grid))))
 
 
 if __name__ == "__main__":

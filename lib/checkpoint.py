@@ -25,18 +25,18 @@ import os
 
 import torch
 
-from lib.files import write_atomically
+from lib.files import UserError, write_atomically
 from fope_gpt import GPT, GPTConfig
 
 LOCK_NAME = "train.lock"
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used or written; the message is one line for the user."""
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used or written."""
 
 
-class LockError(Exception):
-    """A run folder that another process is writing; the message is one line for the user."""
+class LockError(UserError):
+    """A run folder that another process is writing."""
 
 
 def save_checkpoint(path, state):

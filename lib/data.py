@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-from lib.files import write_atomically
+from lib.files import UserError, write_atomically
 from lib.tokenizer import EOT, build_encoding, encoding_from_ranks_file, ranks_to_text, train_bpe
 
 FORMAT_VERSION = 1  # bump when the cache layout or the text cleaning changes
@@ -33,8 +33,8 @@ VAL_FRACTION = 0.1
 HELD_OUT_PLAYS = ["much-ado-about-nothing", "henry-v", "othello"]
 
 
-class DataError(Exception):
-    """A problem the user can fix; the message is one line, printed without a traceback."""
+class DataError(UserError):
+    """Missing, changed or unusable text or token data."""
 
 
 # ---------------------------------------------------------------------------

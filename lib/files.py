@@ -3,13 +3,19 @@ files.py: writing the files that matter, and the errors a script reports in one 
 
     write_atomically(path, content)   a file is either complete or absent, never half-written
     check_writable_folder(folder)     an output folder that cannot be used is found before the work
-    error_line(error)                 the one line a script prints for an error, without a traceback
+    UserError                         a problem the user can fix; the project's error classes are ones
+    error_line(error)                 the one line a script prints for an error, without a traceback (cli.run)
 """
 
 import errno
 import os
 import tempfile
 from pathlib import Path
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad input, a damaged or foreign file, a diverged run): the
+    script stops with its message, one line, and no traceback (cli.run)."""
 
 
 def error_line(error):

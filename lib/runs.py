@@ -1,7 +1,6 @@
 """
 runs.py: what the scripts share about a run: where its files are, how its checkpoint is loaded
-with its tokenizer and validation split, how it is labelled in figures, and the options that
-every evaluation takes (lengths, context extension).
+with its tokenizer and validation split, and how it is labelled in figures.
 
 A run folder, out/<run name>/, holds
     ckpt.pt       the checkpoint (checkpoint.py), written atomically
@@ -9,11 +8,10 @@ A run folder, out/<run name>/, holds
     config.json   every setting of the run
     train.lock    while a train.py writes it
 
-Everything here raises (CheckpointError, data.DataError, ValueError); the scripts' main turns
-an error into one line.
+Everything here raises a files.UserError (CheckpointError, data.DataError), which a script's
+main (cli.run) turns into one line.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -22,7 +20,6 @@ import sys
 from lib import data
 from lib import files
 from lib.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from fope_gpt import ROPE_SCALINGS
 from lib.tokenizer import encoding_from_state, tokenizer_state
 
 CKPT_NAME, LOG_NAME, CONFIG_NAME = "ckpt.pt", "log.jsonl", "config.json"
@@ -36,20 +33,6 @@ def checkpoint_path(out_dir, name):
 def run_of(path):
     """The run a checkpoint belongs to: the name of its folder."""
     return os.path.basename(os.path.dirname(os.path.abspath(path)))
-
-
-# The errors a user can fix, which an evaluation script reports in one line, not a traceback:
-# a bad checkpoint, missing or changed data, and I/O errors (a full disk, a folder that cannot
-# be written).
-USER_ERRORS = (CheckpointError, data.DataError, OSError)
-
-
-def in_one_line(script, work, *args):
-    """work(*args), with USER_ERRORS ending the script in one line on stderr, exit status 1."""
-    try:
-        return work(*args)
-    except USER_ERRORS as error:
-        sys.exit(f"{script}: error: {files.error_line(error)}")
 
 
 def clock(seconds):
@@ -190,42 +173,7 @@ def truncate_log(path, step):
 
 
 # -----------------------------------------------------------------------------
-# what every evaluation takes
-
-
-def parse_lengths(text):
-    """argparse type: '128,256,512' -> [128, 256, 512] (sorted, without repeats, each >= 2)."""
-    try:
-        lengths = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        lengths = []
-    if not lengths or lengths[0] < 2:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers of at least 2, got {text!r}")
-    return lengths
-
-
-def default_lengths(train_len):
-    """128, 256, ... up to 16x the training length, with train_len itself included."""
-    lengths, length = {train_len}, 128
-    while length <= 16 * train_len:
-        lengths.add(length)
-        length *= 2
-    return sorted(lengths)
-
-
-EXTENSION_OPTIONS = ("rope_scaling", "rope_scale", "rope_original_len")
-
-
-def add_extension_options(parser):
-    """Context extension without training, applied to every rope/fope checkpoint given."""
-    parser.add_argument("--rope_scaling", choices=ROPE_SCALINGS)
-    parser.add_argument("--rope_scale", type=float, help="s, the factor by which the context grows")
-    parser.add_argument("--rope_original_len", type=int, help="YaRN's L0 (default: train_len)")
-
-
-def extension_overrides(args):
-    """The extension options given, as GPTConfig overrides."""
-    return {k: getattr(args, k) for k in EXTENSION_OPTIONS if getattr(args, k) is not None}
+# how a run is labelled in figures
 
 
 def curve_label(config):

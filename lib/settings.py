@@ -11,7 +11,9 @@ import dataclasses
 import math
 import os
 
+from lib import cli
 from lib import passkey
+from lib.files import UserError
 from fope_gpt import POSITION_EMBEDDINGS, ROPE_SCALINGS, GPTConfig, kept_frequencies
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
@@ -35,9 +37,7 @@ MODEL = {
     "fope_cf": "FoPE's clip: frequencies below 2 pi / L become zero",
     "fope_sin_pad": "sin value of FoPE's padded pairs: 1 as released, 0 for an exact identity",
     "fope_learnable": "train FoPE's coefficients (the authors freeze them)",
-    "rope_scaling": "context extension of rope/fope frequencies",
-    "rope_scale": "s, the factor by which the context is meant to grow",
-    "rope_original_len": "YaRN's L0, the length the frequencies were trained at (0: train_len)",
+    **cli.EXTENSION_OPTIONS,
     "init": "olmo: weights N(0, 0.02) truncated, as the authors; pytorch: PyTorch's defaults",
 }
 # everything else: name -> (default, what it means)
@@ -71,9 +71,9 @@ TRAINING = {
     "eval_batches": (20, "validation batches per evaluation"),
     "log_interval": (25, "steps between log lines"),
     # hardware and files
-    "dtype": ("auto", "bf16 autocast or fp32; auto: bf16 where the hardware has it natively"),
+    "dtype": ("auto", cli.DTYPE_HELP),
     "compile": (False, "torch.compile the model"),
-    "device": ("auto", "auto: cuda if PyTorch sees a GPU, else cpu"),
+    "device": ("auto", cli.DEVICE_HELP),
     "out_dir": ("out", "runs go to out_dir/<run name>/"),
     "run_name": ("", "the run's folder (empty: named by the settings that differ from the defaults)"),
 }
@@ -142,13 +142,19 @@ NOTES = {
 def parse_args(argv=None, description=None):
     """(args, settings, given): the parsed command line, every setting (defaults, then the preset,
     then the flags given) and the settings given as flags."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=cli.HelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="; ".join(
         f"{name}: " + (", ".join(f"{k}={v}" for k, v in preset.items()) or "the defaults below")
         for name, preset in PRESETS.items()) + " (flags given override a preset's values; default: cpu)")
     parser.add_argument("--resume", action="store_true",
                         help="continue out/<run-name>/ckpt.pt, on the same data and tokenizer")
     for key, default in DEFAULTS.items():
+        if key == "device":  # declared once for every script
+            cli.add_device_option(parser)
+            continue
+        if key == "dtype":
+            cli.add_dtype_option(parser)
+            continue
         words = "; ".join(part for part in (MEANING[key], NOTES.get(key), key in ALLOWED and
                                             f"allowed: {ALLOWED[key][1]}", f"default: {str(default).lower() if isinstance(default, bool) else repr(default)}") if part)
         words = words.replace("%", "%%")  # argparse formats help with %
@@ -174,29 +180,29 @@ def parse_bool(text):
 
 
 def validate_settings(settings):
-    """Raise ValueError, naming the flag and what it allows, for a setting out of range. The
+    """Raise UserError, naming the flag and what it allows, for a setting out of range. The
     range checks are all here, made before anything is read or written."""
     for key, value in settings.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"--{key} must be a finite number, got {value}")
+            raise UserError(f"--{key} must be a finite number, got {value}")
     for key, (allowed, words) in ALLOWED.items():
         if not allowed(settings[key]):
-            raise ValueError(f"--{key} must be {words}, got {settings[key]!r}")
+            raise UserError(f"--{key} must be {words}, got {settings[key]!r}")
     if settings["tokenizer"] == "bpe" and settings["vocab_size"] < 257:
-        raise ValueError(f"--vocab_size must be >= 257 with --tokenizer bpe (256 bytes and end of text), "
+        raise UserError(f"--vocab_size must be >= 257 with --tokenizer bpe (256 bytes and end of text), "
                          f"got {settings['vocab_size']}")
     if settings["run_name"] in (".", "..") or os.path.basename(settings["run_name"]) != settings["run_name"]:
-        raise ValueError(f"--run_name must be a folder name, not a path, got {settings['run_name']!r}")
+        raise UserError(f"--run_name must be a folder name, not a path, got {settings['run_name']!r}")
     try:
         config = GPTConfig(**{k: settings[k] for k in MODEL_FIELDS})
     except ValueError as e:
-        raise ValueError(str(e).replace("GPTConfig.", "--")) from None  # each GPTConfig field is a flag
+        raise UserError(str(e).replace("GPTConfig.", "--")) from None  # each GPTConfig field is a flag
     if config.pe == "fope":
         if not len(kept_frequencies(config.head_dim, config.train_len, config.rope_theta, clip=config.fope_cf)):
-            raise ValueError(f"--pe fope keeps no frequency at --train_len {config.train_len} (K = 0: even the "
+            raise UserError(f"--pe fope keeps no frequency at --train_len {config.train_len} (K = 0: even the "
                              f"fastest period, 2 pi, is longer); use --train_len 7 or more")
         if config.fope_fs and config.fope_cf and config.head_dim < 4:
-            raise ValueError(f"--pe fope mixes frequencies into head_dim / 4 pairs: it needs n_embd / n_head >= 4, "
+            raise UserError(f"--pe fope mixes frequencies into head_dim / 4 pairs: it needs n_embd / n_head >= 4, "
                              f"got {config.head_dim}")
 
 
@@ -223,13 +229,13 @@ def schedule_steps(config):
 
 def resumed_settings(saved, given, ckpt_path):
     """The checkpoint's settings, with the given ones that may change on resume (RESUMABLE); any
-    other given setting must equal the checkpoint's. Raises ValueError."""
+    other given setting must equal the checkpoint's. Raises UserError."""
     if not isinstance(saved, dict) or "max_steps" not in saved:
-        raise ValueError(f"cannot resume: the train_config of {ckpt_path} is not the settings of a run")
+        raise UserError(f"cannot resume: the train_config of {ckpt_path} is not the settings of a run")
     # Settings added since the checkpoint was written take their defaults, except decay_steps:
     # before it existed, max_steps set the schedule.
     saved = {**DEFAULTS, "decay_steps": saved["max_steps"], **saved}
     for key, value in given.items():
         if key not in RESUMABLE and saved[key] != value:
-            raise ValueError(f"{ckpt_path} was trained with {key}={saved[key]!r} but --{key} {value!r} was given")
+            raise UserError(f"{ckpt_path} was trained with {key}={saved[key]!r} but --{key} {value!r} was given")
     return {**saved, **{k: v for k, v in given.items() if k in RESUMABLE}}

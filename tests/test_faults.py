@@ -74,13 +74,6 @@ def test_a_bad_setting_is_refused_in_one_line_before_anything_is_written(tmp_pat
     assert os.listdir(tmp_path) == ["corpus.txt"]  # the input alone: no run folder, no token cache
 
 
-def test_the_help_says_what_max_steps_does_to_the_schedule_on_resume(capsys):
-    with pytest.raises(SystemExit):
-        train.main(["--help"])
-    text = re.sub(r"\s+", "", capsys.readouterr().out)  # however argparse wraps the lines
-    assert "schedulekeepsitslength(see--decay_steps)" in text and "re-stretchestheschedule" in text
-
-
 @pytest.mark.parametrize("content, reason", [(b"PK\x03\x04\x00\x00binary" * 500, "NUL bytes"),
                                              ("Ça, déjà vu.\n".encode("latin-1") * 500, "not UTF-8")])
 def test_a_binary_dataset_is_refused(tmp_path, content, reason):

@@ -14,7 +14,10 @@ import pytest
 import torch
 
 from lib import checkpoint
+import analyze
+import eval_passkey
 import eval_ppl
+from experiments import report
 from lib import hardware
 from lib import runs
 from lib import settings as run_settings
@@ -30,15 +33,36 @@ def test_a_run_is_named_by_every_setting_that_changes_what_is_trained():
     assert run_settings.run_name({**run_settings.DEFAULTS, "pe": "rope"}, "cpu") == "rope"
 
 
-def test_the_help_gives_every_setting_its_meaning_and_default(capsys):
-    with pytest.raises(SystemExit):
-        train.main(["--help"])
-    text = re.sub(r"\s+", "", capsys.readouterr().out)  # however argparse wraps the lines
-    for key, default in run_settings.DEFAULTS.items():
-        shown = str(default).lower() if isinstance(default, bool) else repr(default)
-        assert re.sub(r"\s+", "", f"{run_settings.MEANING[key]}") in text and f"--{key}" in text
-        assert re.sub(r"\s+", "", f"default: {shown}") in text
-    assert "--pe{rope,fope,alibi,nope}" in text
+def help_entries(main, capsys):
+    """{flag: its help, whitespace folded} of a script's --help, and the flags it requires."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    usage, options = text.split("\n\n", 1)[0], text.split("\noptions:\n", 1)[1]
+    optional = set(re.findall(r"\[(--\w+)", usage))
+    entries = {}
+    for entry in re.split(r"\n(?=  -)", options.strip("\n")):  # an option's lines, up to the next option
+        flag = entry.split()[0]
+        entries[flag] = " ".join(entry.split())
+    return entries, set(entries) - optional - {"-h,"}
+
+
+@pytest.mark.parametrize("main", [train.main, eval_ppl.main, eval_passkey.main, analyze.main, report.main],
+                         ids=["train", "eval_ppl", "eval_passkey", "analyze", "report"])
+def test_every_option_of_every_script_shows_its_default_and_its_choices(main, capsys):
+    entries, required = help_entries(main, capsys)
+    assert required == ({"--ckpt"} if main in (eval_ppl.main, eval_passkey.main, analyze.main) else set())
+    for flag, entry in entries.items():
+        if flag in required or flag == "-h,":
+            continue
+        assert re.search(r"default: (?!None\b)\S", entry), entry  # a value or words, never a bare None
+        choices = re.match(r"--\w+ \{([^}]*)\}", entry)
+        assert choices is None or len(choices.group(1).split(",")) >= 2, entry
+    if main is train.main:  # every setting is a flag, whatever declares it
+        assert {f"--{key}" for key in run_settings.DEFAULTS} <= set(entries)
+        assert entries["--pe"].startswith("--pe {rope,fope,alibi,nope}")
+        assert entries["--dtype"].startswith("--dtype {auto,bf16,fp32}")
 
 
 def test_a_short_training_run_lowers_the_loss_and_leaves_a_checkpoint(trained_run):
@@ -232,15 +256,6 @@ def test_an_unknown_text_name_is_refused_naming_the_known_one(trained_run, tmp_p
                                        "--out", str(tmp_path / "ppl.json")])
     assert "text not found: austen" in message and "'sotu'" in message
     assert not (tmp_path / "ppl.json").exists()
-
-
-def test_eval_ppl_help_gives_the_text_its_meaning_and_default(capsys):
-    with pytest.raises(SystemExit):
-        eval_ppl.main(["--help"])
-    text = re.sub(r"\s+", " ", capsys.readouterr().out)  # however argparse wraps the lines
-    assert "--text TEXT evaluate on this text, in each checkpoint's own tokenizer, instead of its validation" in text
-    assert "'sotu' (the presidents' annual messages to Congress of 1790-1899" in text
-    assert "(default: the validation split)" in text
 
 
 @pytest.mark.parametrize("eval_interval", [1, 100])
