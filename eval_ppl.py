@@ -36,6 +36,7 @@ from lib import cli
 from lib import data
 from lib import hardware
 from lib import runs
+from lib import token_cache
 from lib.files import UserError, check_writable_folder, write_atomically
 
 
@@ -137,7 +138,7 @@ def load_all(args, documents):
         state, model = runs.load_model(path, args.device, **args.overrides)
         if documents is not None:
             enc = runs.load_tokenizer(path, state, model)
-            tokens = np.array(data.encode_documents(enc, documents, enc.eot_token), dtype=np.int64)
+            tokens = np.array(token_cache.encode_documents(enc, documents, enc.eot_token), dtype=np.int64)
         else:
             tokens = runs.load_validation(path, state, args.data_dir)
         loaded.append((path, state, model, tokens[:args.max_tokens] if args.max_tokens else tokens))

@@ -19,6 +19,7 @@ import sys
 
 from lib import data
 from lib import files
+from lib import token_cache
 from lib.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from lib.tokenizer import encoding_from_state, tokenizer_state
 
@@ -47,7 +48,7 @@ def clock(seconds):
 
 def prepare(settings, log=print):
     """The run's tokenized data, from the cache in data_dir (built on first use)."""
-    return data.prepare_data(settings["dataset"], settings["tokenizer"], settings["vocab_size"], settings["data_dir"],
+    return token_cache.prepare_data(settings["dataset"], settings["tokenizer"], settings["vocab_size"], settings["data_dir"],
                              log=log, hf_tokens=settings.get("hf_tokens") or 0)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import analyze
-from lib import data
+from lib import token_cache
 from lib import spectra
 from lib import tokenizer
 from conftest import png_size, run_script
@@ -41,7 +41,7 @@ def checkpoints(tmp_path_factory):
     words = "to be or not that is the question whether tis nobler in mind suffer slings arrows".split()
     corpus = tmp / "corpus.txt"
     corpus.write_text("".join(" ".join(rng.choice(words, size=10)) + f" {rng.integers(100)}.\n" for _ in range(400)))
-    prepared = data.prepare_data(str(corpus), "bpe", 300, cache_dir=tmp / "data", log=lambda line: None)
+    prepared = token_cache.prepare_data(str(corpus), "bpe", 300, cache_dir=tmp / "data", log=lambda line: None)
     paths = {}
     for pe in ("rope", "fope"):
         model = tiny_model(pe)
