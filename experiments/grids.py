@@ -1,8 +1,8 @@
 """
 grids.py: the experiments as data. A grid is the runs it trains (train.py arguments on top of
 the grid's shared ones), the context extensions it evaluates without training, and the lengths
-and arguments of its evaluations. `python reproduce.py --grid NAME` runs one;
-`python report.py --grid NAME` turns its saved results into figures and tables.
+and arguments of its evaluations. `python -m experiments.reproduce --grid NAME` runs one;
+`python -m experiments.report --grid NAME` turns its saved results into figures and tables.
 
     default   RoPE, FoPE, ALiBi, NoPE (3 seeds each), FoPE ablations, head_dim, context extension, at byte
               level with the retrieval preset (CPU, ~30 h)
