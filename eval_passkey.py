@@ -33,7 +33,7 @@ from lib.files import UserError, check_writable_folder, write_atomically
 from lib.passkey import (MAX_KEY, NEEDLE, NEEDLE_FURTHER, build_prompt, completion_text, feasible_lengths,
                      needle_repeat_digits, score, shortest_prompt_len, teacher_forced_digits, TRIAL_SEED,
                      trial_settings)
-from lib.runs import label_runs, load_model, load_tokenizer
+from lib.runs import label_runs, load_model, load_tokenizer, run_of
 
 MAX_NEW_TOKENS = 10  # as in the authors' script
 # Default prompts per forward pass: about this many tokens, so that the activations of a batch
@@ -97,8 +97,7 @@ def load_run(path, device, overrides):
         "pe": model.config.pe,
         "model_config": dataclasses.asdict(model.config),
         "train_len": model.config.train_len,
-        # train.py saves a run as <out_dir>/<run name>/ckpt.pt and stores --run_name only if given
-        "run_name": state.get("train_config", {}).get("run_name") or Path(path).resolve().parent.name,
+        "run": run_of(path),
         "step": state["step"],
         "train_config": state.get("train_config", {}),
     }
@@ -144,7 +143,7 @@ def diagnostics(run, trials, seed, device):
 
 def evaluate_run(run, args, lengths, label):
     """Evaluate one checkpoint at every length; returns its JSON record."""
-    record = {key: run[key] for key in ("path", "pe", "train_len", "run_name", "step", "model_config", "train_config")}
+    record = {key: run[key] for key in ("path", "pe", "train_len", "run", "step", "model_config", "train_config")}
     record.update(trials=args.trials, accuracy={}, accuracy_by_depth={}, skipped_lengths=[])
     for length in lengths:
         keys, depths = trial_settings(args.seed, length, args.trials)
@@ -230,7 +229,7 @@ def evaluate_all(args):
                      f"of {run['path']}'s prompts ({shortest_prompt_len(run['enc'], MAX_KEY)} tokens with a "
                      f"{len(str(MAX_KEY))}-digit key): give longer --lengths")
     check_writable_folder(args.out.parent)  # fail now rather than after the evaluation
-    labels = label_runs(runs, name_key="run_name")
+    labels = label_runs(runs)
     records = [evaluate_run(run, args, lengths, label) for run, label in zip(runs, labels)]
 
     results = {

@@ -283,7 +283,7 @@ def settings_of_run(argv):
     for a new run); every setting checked before anything is read or written."""
     args, settings, given = run_settings.parse_args(argv, description=__doc__)
     run_settings.validate_settings(settings)
-    name = settings["run_name"] or run_settings.run_name(settings, args.preset)
+    name = run_settings.run_name(settings, args.preset)
     run_dir = os.path.join(settings["out_dir"], name)
     ckpt_path = runs.checkpoint_path(settings["out_dir"], name)
 
@@ -293,7 +293,8 @@ def settings_of_run(argv):
         settings = run_settings.resumed_settings(resumed["train_config"], given, ckpt_path)
     elif os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or --run_name to start another run")
-    settings = {**settings, "decay_steps": run_settings.schedule_steps(settings)}
+    # config.json and the checkpoint record the run's name, and the schedule's length, as resolved
+    settings = {**settings, "run": name, "decay_steps": run_settings.schedule_steps(settings)}
     return settings, run_dir, ckpt_path, resumed
 
 

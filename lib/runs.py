@@ -32,7 +32,8 @@ def checkpoint_path(out_dir, name):
 
 
 def run_of(path):
-    """The run a checkpoint belongs to: the name of its folder."""
+    """The run a checkpoint belongs to: the name of its folder, out_dir/<run>/ckpt.pt (train.py
+    names a run with settings.run_name)."""
     return os.path.basename(os.path.dirname(os.path.abspath(path)))
 
 
@@ -183,8 +184,8 @@ def curve_label(config):
     return config["pe"] if scaling == "none" else f"{config['pe']}+{scaling}{config['rope_scale']:g}"
 
 
-def label_runs(results, name_key="run"):
-    """Label curves by pe (and extension), e.g. 'rope+yarn16', adding the run name (the record's
-    `name_key` field) where two labels coincide."""
+def label_runs(results):
+    """Label curves by pe (and extension), e.g. 'rope+yarn16', adding the run (the record's "run")
+    where two labels coincide."""
     labels = [curve_label(r["model_config"]) for r in results]
-    return [label if labels.count(label) == 1 else f"{label} ({r[name_key]})" for label, r in zip(labels, results)]
+    return [label if labels.count(label) == 1 else f"{label} ({r['run']})" for label, r in zip(labels, results)]

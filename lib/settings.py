@@ -2,8 +2,9 @@
 settings.py: every setting of a training run, its default, what it allows, and the name of
 the run it makes. train.py reads its command line here, and grids.py its grids' runs.
 
-Every GPTConfig field and every training setting below is a --flag of train.py. A run's
-folder, out/<run-name>/, is named by the settings that differ from the defaults.
+Every GPTConfig field and every training setting below is a --flag of train.py (flag(): the
+setting `run` is --run_name). A run's folder, out_dir/<run>/, is named by --run_name or by the
+settings that differ from the defaults.
 """
 
 import argparse
@@ -13,6 +14,7 @@ import os
 
 from lib import cli
 from lib import passkey
+from lib import runs
 from lib.files import UserError
 from fope_gpt import POSITION_EMBEDDINGS, ROPE_SCALINGS, GPTConfig, kept_frequencies
 
@@ -75,7 +77,8 @@ TRAINING = {
     "compile": (False, "torch.compile the model"),
     "device": ("auto", cli.DEVICE_HELP),
     "out_dir": ("out", "runs go to out_dir/<run name>/"),
-    "run_name": ("", "the run's folder (empty: named by the settings that differ from the defaults)"),
+    "run": ("", "the run's name, its folder out_dir/<run>/ (empty: named by the settings that differ from the "
+                "defaults)"),
 }
 DEFAULTS = {**{f.name: f.default for f in dataclasses.fields(GPTConfig)},
             **{key: default for key, (default, _) in TRAINING.items()}}
@@ -101,7 +104,7 @@ PRESETS = {
 # precision it started with unless --dtype is given again). decay_steps re-stretches the
 # schedule from the resumed step on, which is why it is only changed when given.
 RESUMABLE = {"max_steps", "decay_steps", "eval_interval", "log_interval", "compile", "device", "dtype", "resume",
-             "out_dir", "preset", "run_name", "data_dir"}
+             "out_dir", "preset", "run", "data_dir"}
 # Settings that do not name a run.
 UNNAMED = RESUMABLE | {"eval_batches"}
 # The allowed values of the training settings (GPTConfig checks its own fields), in words for
@@ -139,6 +142,12 @@ NOTES = {
 }
 
 
+def flag(key):
+    """The command-line flag of a setting: --<key>, except for the run's name, --run_name: torchrun
+    would read --run as an abbreviation of its own --run-path."""
+    return "--run_name" if key == "run" else f"--{key}"
+
+
 def parse_args(argv=None, description=None):
     """(args, settings, given): the parsed command line, every setting (defaults, then the preset,
     then the flags given) and the settings given as flags."""
@@ -159,11 +168,11 @@ def parse_args(argv=None, description=None):
                                             f"allowed: {ALLOWED[key][1]}", f"default: {str(default).lower() if isinstance(default, bool) else repr(default)}") if part)
         words = words.replace("%", "%%")  # argparse formats help with %
         if isinstance(default, bool):
-            parser.add_argument(f"--{key}", type=parse_bool, metavar="true|false", help=words)
+            parser.add_argument(flag(key), dest=key, type=parse_bool, metavar="true|false", help=words)
         elif key in CHOICES:
-            parser.add_argument(f"--{key}", choices=CHOICES[key], help=words)
+            parser.add_argument(flag(key), dest=key, choices=CHOICES[key], help=words)
         else:
-            parser.add_argument(f"--{key}", type=type(default), metavar=type(default).__name__.upper(),
+            parser.add_argument(flag(key), dest=key, type=type(default), metavar=type(default).__name__.upper(),
                                 help=words)
     parser.set_defaults(**{k: None for k in DEFAULTS})
     args = parser.parse_args(argv)
@@ -184,15 +193,15 @@ def validate_settings(settings):
     range checks are all here, made before anything is read or written."""
     for key, value in settings.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"--{key} must be a finite number, got {value}")
+            raise UserError(f"{flag(key)} must be a finite number, got {value}")
     for key, (allowed, words) in ALLOWED.items():
         if not allowed(settings[key]):
-            raise UserError(f"--{key} must be {words}, got {settings[key]!r}")
+            raise UserError(f"{flag(key)} must be {words}, got {settings[key]!r}")
     if settings["tokenizer"] == "bpe" and settings["vocab_size"] < 257:
         raise UserError(f"--vocab_size must be >= 257 with --tokenizer bpe (256 bytes and end of text), "
                          f"got {settings['vocab_size']}")
-    if settings["run_name"] in (".", "..") or os.path.basename(settings["run_name"]) != settings["run_name"]:
-        raise UserError(f"--run_name must be a folder name, not a path, got {settings['run_name']!r}")
+    if settings["run"] in (".", "..") or os.path.basename(settings["run"]) != settings["run"]:
+        raise UserError(f"--run_name must be a folder name, not a path, got {settings['run']!r}")
     try:
         config = GPTConfig(**{k: settings[k] for k in MODEL_FIELDS})
     except ValueError as e:
@@ -207,7 +216,11 @@ def validate_settings(settings):
 
 
 def run_name(settings, preset):
-    """pe plus every naming setting that differs from the defaults, e.g. 'fope-seed1'."""
+    """The name of the run these settings train: --run_name if given, else pe plus every naming
+    setting that differs from the defaults, e.g. 'fope-seed1'. (runs.run_of reads it back from a
+    checkpoint's path.)"""
+    if settings["run"]:
+        return settings["run"]
     baseline = {**DEFAULTS, **PRESETS[preset]}
     parts = [settings["pe"]] + ([preset] if preset != "cpu" else [])
     for key in sorted(k for k in DEFAULTS if k not in UNNAMED and k != "pe"):
@@ -215,8 +228,8 @@ def run_name(settings, preset):
             value = settings[key]
             if key == "dataset":  # a path names the run by its file or folder name
                 value = os.path.splitext(os.path.basename(value.rstrip("/")))[0].replace(":", "_")
-            if key == "init_from":  # a checkpoint names the run by its run folder
-                value = os.path.basename(os.path.dirname(os.path.abspath(value)))
+            if key == "init_from":  # a checkpoint names the run by the run it continues
+                value = runs.run_of(value)
             parts.append(f"{key}{value}")
     return "-".join(parts)
 
@@ -237,5 +250,5 @@ def resumed_settings(saved, given, ckpt_path):
     saved = {**DEFAULTS, "decay_steps": saved["max_steps"], **saved}
     for key, value in given.items():
         if key not in RESUMABLE and saved[key] != value:
-            raise UserError(f"{ckpt_path} was trained with {key}={saved[key]!r} but --{key} {value!r} was given")
+            raise UserError(f"{ckpt_path} was trained with {key}={saved[key]!r} but {flag(key)} {value!r} was given")
     return {**saved, **{k: v for k, v in given.items() if k in RESUMABLE}}

@@ -25,7 +25,7 @@ def test_every_run_of_every_grid_is_a_valid_train_py_command(grid_name, tmp_path
     titles = [title for title, _, _ in steps]
     assert titles == [title for title, _ in report.grid_steps(grid, str(tmp_path / "results"))]
     main = sum(run.section == "main" for run in grid.runs)
-    assert len(titles) == len(set(titles)) == (len(grid.runs) + 2 * len(grids.entries(grid)) + bool(grid.prose_args) * main
+    assert len(titles) == len(set(titles)) == (len(grid.runs) + 2 * len(grids.entries(grid)) + bool(grid.sotu_args) * main
                                                + bool(grid.analysed))
     assert all(command for _, command, _ in steps)  # nothing is done yet
     # the fine-tunes halve batch_size as they double train_len: every step has as many tokens
@@ -51,12 +51,12 @@ def test_the_default_grid_trains_every_method_alike_with_the_retrieval_preset(tm
     groups = report.group_by_method(run.name for run in grid.runs)
     assert all(len(groups[method]) == 3 for method in ("rope", "fope", "alibi", "nope", "fope-nocf", "fope-nofs"))
     assert {288, 384} <= {n for n in grid.lengths if n <= recipe["train_len"]}
-    # an evaluation of a run trained without the preset (the former grid's rope-s0) is not this grid's
-    former = grids.GRIDS["bpe256"]
+    # an evaluation of a run trained without the preset (bpe256's rope-s0) is not this grid's
+    bpe256 = grids.GRIDS["bpe256"]
     path = tmp_path / "rope-s0.json"
-    path.write_text(json.dumps({"checkpoints": [{"step": 1200, "train_config": grids.run_settings(former, former.runs[0])[0]}]}))
-    assert former.runs[0].name == grid.runs[0].name == "rope-s0"
-    assert grids.is_current(str(path), *grids.run_settings(former, former.runs[0]))
+    path.write_text(json.dumps({"checkpoints": [{"step": 1200, "train_config": grids.run_settings(bpe256, bpe256.runs[0])[0]}]}))
+    assert bpe256.runs[0].name == grid.runs[0].name == "rope-s0"
+    assert grids.is_current(str(path), *grids.run_settings(bpe256, bpe256.runs[0]))
     assert not grids.is_current(str(path), *grids.run_settings(grid, grid.runs[0]))
 
 
@@ -64,9 +64,9 @@ def test_the_head_dim_sweep_compares_rope_and_fope_at_three_head_dims_of_one_wid
     section = next(s for s in report.report_sections(grids.GRIDS["default"]) if s.title == "Head dimension")
     # at train_len 384 FoPE keeps the frequencies whose period fits: 8 of 16, 15 of 32, 29 of 64
     assert section.groups == {
-        "fope, head_dim 32 (K = 8)": ["fope-hd32"], "fope, head_dim 64 (K = 15)": ["fope-s0"],
-        "fope, head_dim 128 (K = 29)": ["fope-hd128"], "rope, head_dim 32": ["rope-hd32"],
-        "rope, head_dim 64": ["rope-s0"], "rope, head_dim 128": ["rope-hd128"]}
+        "fope, head_dim 32 (K = 8)": ["fope-hd32-s0"], "fope, head_dim 64 (K = 15)": ["fope-s0"],
+        "fope, head_dim 128 (K = 29)": ["fope-hd128-s0"], "rope, head_dim 32": ["rope-hd32-s0"],
+        "rope, head_dim 64": ["rope-s0"], "rope, head_dim 128": ["rope-hd128-s0"]}
 
 
 def test_the_retrieval_reading_tells_dilution_from_distance():
@@ -89,23 +89,24 @@ def test_the_retrieval_reading_tells_dilution_from_distance():
 def test_the_report_groups_seeds_of_a_method_and_only_seeds():
     assert report.method_of("rope-s2") == "rope"
     assert report.method_of("rope-s0+yarn16") == "rope+yarn16"
-    assert report.method_of("fope-sigma3") == "fope-sigma3"
-    assert report.method_of("ext-fope-yarn") == "ext-fope-yarn"
+    assert report.method_of("fope-sigma3-s0") == "fope-sigma3"
+    assert report.method_of("ext-fope-yarn-s0") == "ext-fope-yarn"
+    assert report.method_of("fope-hd32-s0") == "fope-hd32"
     assert report.group_by_method(["rope-s0", "fope-s0", "rope-s1", "rope-s0+pi16"]) == {
         "rope": ["rope-s0", "rope-s1"], "fope": ["fope-s0"], "rope+pi16": ["rope-s0+pi16"]}
 
 
 def test_only_also_selects_the_runs_a_fine_tune_starts_from():
     grid = grids.GRIDS["default"]
-    assert [run.name for run in reproduce.select_runs(grid, ["ext-fope-yarn", "rope-s1"])] == [
-        "fope-s0", "ext-fope-yarn", "rope-s1"]
+    assert [run.name for run in reproduce.select_runs(grid, ["ext-fope-yarn-s0", "rope-s1"])] == [
+        "fope-s0", "ext-fope-yarn-s0", "rope-s1"]
 
 
 def test_a_fresh_clone_retrains_a_run_only_when_something_still_needs_its_checkpoint(tmp_path):
     grid = grids.GRIDS["quick"]
     results = str(tmp_path / "results")
     for kind, run, entry, _ in grids.steps(grid, grid.runs):  # every evaluation saved, no checkpoint kept
-        if kind in ("train", "analysis") or run.name == "ext-rope-fope":
+        if kind in ("train", "analysis") or run.name == "ext-rope-fope-s0":
             continue
         values, _ = grids.run_settings(grid, run)
         path = grids.result_path(results, kind, entry)
@@ -121,8 +122,8 @@ def test_a_fresh_clone_retrains_a_run_only_when_something_still_needs_its_checkp
                                     "train_config": grids.run_settings(grid, runs[name])[0]}
                                    for name in grid.analysed]}, f)
     assert not grids.needs_checkpoint(grid, runs["fope-s0"], grid.runs, results)
-    assert grids.needs_checkpoint(grid, runs["rope-s0"], grid.runs, results)  # ext-rope-fope still starts from it
-    assert grids.needs_checkpoint(grid, runs["ext-rope-fope"], grid.runs, results)
+    assert grids.needs_checkpoint(grid, runs["rope-s0"], grid.runs, results)  # ext-rope-fope-s0 still starts from it
+    assert grids.needs_checkpoint(grid, runs["ext-rope-fope-s0"], grid.runs, results)
     stale = grids.result_path(results, "ppl", "fope-s1")  # made with other settings: trained again
     with open(stale, "w") as f:
         json.dump({"checkpoints": [{"step": 10, "train_config": grids.run_settings(grid, runs["fope-s1"])[0]}]}, f)
@@ -214,13 +215,13 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
         # a passkey prompt needs about 100 BPE tokens: the one length shorter than that is skipped
         assert accuracy["skipped_lengths"] == [64] and list(accuracy["accuracy"]) == [str(n) for n in grid.lengths[1:]]
         assert ppl["model_config"] == accuracy["model_config"]  # the same model, extension included
-    for run in grid.runs:  # the main runs, and only they, are measured on the second corpus too
-        assert (results / "prose" / f"{run.name}.json").is_file() == (run.section == "main")
-    prose = json.loads((results / "prose" / "rope-s0.json").read_text())["checkpoints"][0]
+    for run in grid.runs:  # the main runs, and only they, are measured on sotu too
+        assert (results / "sotu" / f"{run.name}.json").is_file() == (run.section == "main")
+    sotu = json.loads((results / "sotu" / "rope-s0.json").read_text())["checkpoints"][0]
     shakespeare = json.loads((results / "ppl" / "rope-s0.json").read_text())["checkpoints"][0]
-    assert prose["text"] == "sotu" and list(prose["ppl"]) == [str(n) for n in grid.lengths]
-    assert prose["model_config"] == shakespeare["model_config"] and prose["ppl"] != shakespeare["ppl"]
-    finetuned = json.loads((results / "ppl" / "ext-rope-fope.json").read_text())["checkpoints"][0]
+    assert sotu["text"] == "sotu" and list(sotu["ppl"]) == [str(n) for n in grid.lengths]
+    assert sotu["model_config"] == shakespeare["model_config"] and sotu["ppl"] != shakespeare["ppl"]
+    finetuned = json.loads((results / "ppl" / "ext-rope-fope-s0.json").read_text())["checkpoints"][0]
     assert finetuned["pe"] == "fope" and finetuned["train_len"] == 2 * 128  # RoPE continued as FoPE at 2x
     extended = json.loads((results / "passkey" / "rope-s0+yarn4.json").read_text())["checkpoints"][0]
     assert (extended["model_config"]["rope_scaling"], extended["model_config"]["rope_scale"]) == ("yarn", 4)
@@ -261,22 +262,22 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
         assert row[-1] == report.retrieval_reading(found, record["train_len"])
         longest = found["lengths"][str(max(int(n) for n in found["lengths"]))]
         assert row[-2] == f"{longest['first_digit_accuracy']:.0%}"  # the needle found at the longest prompt
-    prose_ratio = table_rows(markdown, "Perplexity ratio to train_len on the second corpus")
-    assert re.fullmatch(r"\d\.\d\d \(\d\.\d\d–\d\.\d\d\)", prose_ratio["fope (2 seeds)"][0])  # as on Shakespeare
-    for name, panels in (("ppl", 1), ("ppl_ratio", 1), ("passkey", 1), ("prose_ratio", 2), ("ablations", 2),
+    sotu_ratio = table_rows(markdown, "Perplexity ratio to train_len on sotu")
+    assert re.fullmatch(r"\d\.\d\d \(\d\.\d\d–\d\.\d\d\)", sotu_ratio["fope (2 seeds)"][0])  # as on Shakespeare
+    for name, panels in (("ppl", 1), ("ppl_ratio", 1), ("passkey", 1), ("sotu_ratio", 2), ("ablations", 2),
                          ("extension_inference", 2), ("extension_finetune", 2)):
         assert png_size(results / f"{name}.png") == (780 * panels, 516) and f"]({name}.png)" in markdown
     assert (HERE / "README.md").read_bytes() == readme  # the README shows the headline grid only
     # the headline table counts the seeds behind each row and names the runs it still lacks
     headline = report.headline_markdown(grid, report.load_results(grid, str(results)))
     assert "| FoPE (1 of 2 seeds) | 1.00 |" in headline and "| RoPE (2 seeds) | 1.00 (1.00–1.00) |" in headline
-    assert "Runs: RoPE: rope-s0, rope-s1; FoPE: fope-s0; CF only: fope-nofs. Not yet evaluated: fope-s1." in headline
+    assert "Runs: RoPE: rope-s0, rope-s1; FoPE: fope-s0; CF only: fope-nofs-s0. Not yet evaluated: fope-s1." in headline
 
     # a partial invocation runs only what it names
     result = run_script("experiments.reproduce", "--quick", "--only", "fope-s1", "--out_dir", tmp_path, "--results_dir", tmp_path,
                         timeout=600)
     assert result.returncode == 0, result.stderr
-    assert "[1/4] train fope-s1: done (25 steps), skipped" in result.stdout  # then ppl, passkey, prose
+    assert "[1/4] train fope-s1: done (25 steps), skipped" in result.stdout  # then ppl, passkey, sotu
     assert (results / "passkey" / "fope-s1.json").is_file()
     assert json.loads((results / "steps.jsonl").read_text().splitlines()[-1])["step"] == "passkey fope-s1"
 

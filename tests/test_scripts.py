@@ -60,7 +60,7 @@ def test_every_option_of_every_script_shows_its_default_and_its_choices(main, ca
         choices = re.match(r"--\w+ \{([^}]*)\}", entry)
         assert choices is None or len(choices.group(1).split(",")) >= 2, entry
     if main is train.main:  # every setting is a flag, whatever declares it
-        assert {f"--{key}" for key in run_settings.DEFAULTS} <= set(entries)
+        assert {run_settings.flag(key) for key in run_settings.DEFAULTS} <= set(entries)
         assert entries["--pe"].startswith("--pe {rope,fope,alibi,nope}")
         assert entries["--dtype"].startswith("--dtype {auto,bf16,fp32}")
 
