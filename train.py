@@ -169,10 +169,10 @@ def train(argv, held):
     batches = Batches(prepared.train, settings, prepared.enc, prepared.eot)
     val_batches = validation_batches(prepared.val, settings["train_len"], settings["batch_size"], settings["eval_batches"])
     step, val_loss = 0, None
-    earlier_parts = []  # the stretches of this run that earlier processes trained, with their time and machine
+    earlier = {"seconds": 0.0, "machines": []}  # what processes before this one spent training the run, and where
     if resumed is not None:
         step, val_loss = restore(resumed, model, optimizer, batches, ckpt_path)
-        earlier_parts = resumed.get("trained") or [{"steps": [0, step], "seconds": None}]  # an older checkpoint
+        earlier = resumed["trained"]
     elif settings["init_from"]:
         start_from_checkpoint(model, settings["init_from"], settings["fope_grow"], prepared)
     first_step = step
@@ -189,11 +189,13 @@ def train(argv, held):
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {len(prepared.train) / 1e6:.2f}M training tokens"
               + (f", resuming at step {step}" if step else ""), flush=True)
 
-    this_machine = {"machine": hardware.machine_name(device), "cores": os.cpu_count(), "processes": world}
+    this_machine = f"{hardware.machine_name(device)} ({os.cpu_count()} cores)" + (f" x {world} processes" if world > 1 else "")
 
-    def parts_trained():
-        """earlier_parts and this process's part up to now: what a run resumed across machines cost."""
-        return earlier_parts + [{"steps": [first_step, step], "seconds": round(time.time() - t_start, 3), **this_machine}]
+    def trained():
+        """The run's training time up to now, over every process that trained it, and the machines
+        they ran on: what the run cost, resumed or not (a grid's report sums it)."""
+        return {"seconds": round(earlier["seconds"] + time.time() - t_start, 3),
+                "machines": list(dict.fromkeys([*earlier["machines"], this_machine]))}
 
     def checkpoint():
         save_checkpoint(ckpt_path, {
@@ -201,7 +203,7 @@ def train(argv, held):
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
             "rng": {"torch": torch.get_rng_state(), "batches": batches.state()},
             "tokenizer": tokenizer_state(prepared.enc), "data": prepared.meta, "val_loss": val_loss,
-            "trained": parts_trained(),
+            "trained": trained(),
         })
 
     train_step = torch.compile(model) if settings["compile"] else model
@@ -266,10 +268,9 @@ def train(argv, held):
                     checkpoint()
                 t_last, steps_timed = time.time(), 0  # evaluation time is not training time
     if leader:
-        seconds = [part["seconds"] for part in parts_trained()]
-        since_start = f", {runs.clock(sum(seconds))} since step 0" if None not in seconds else ""
-        resumed_at = f" (from step {first_step}{since_start})" if first_step else ""
-        print(f"done: {step} steps in {runs.clock(seconds[-1])}{resumed_at}, val loss {val_loss:.4f}; checkpoint {ckpt_path}")
+        resumed_at = f" (from step {first_step}, {runs.clock(trained()['seconds'])} since step 0)" if first_step else ""
+        print(f"done: {step} steps in {runs.clock(time.time() - t_start)}{resumed_at}, val loss {val_loss:.4f}; "
+              f"checkpoint {ckpt_path}")
     stop_processes(world)
 
 

@@ -381,17 +381,16 @@ def measured_markdown(grid, results_grid):
             environment = json.load(f)
     except FileNotFoundError:
         return []
-    seconds = {title: step_seconds(record) or record["seconds"] for title, record in records.items()}
     steps = grid_steps(grid, results_grid)
-    timed = [title for title, _ in steps if title in seconds]
-    in_part = [title.split(maxsplit=1)[1] for title in timed if step_seconds(records[title]) is None]
+    timed = [title for title, _ in steps if title in records]
+    in_part = [title.split(maxsplit=1)[1] for title in timed
+               if title.startswith("train ") and records[title]["earlier_seconds"] is None]
     by_kind = {}
     for title in timed:
         kind = title.split()[0]
-        by_kind[kind] = by_kind.get(kind, 0.0) + seconds[title]
+        by_kind[kind] = by_kind.get(kind, 0.0) + step_seconds(title, records[title])
     kinds = ", ".join(f"{kind} {runs.clock(total)}" for kind, total in by_kind.items())
-    # a step that is done but has no time (it ran before steps.jsonl existed); steps still to run are not counted
-    untimed = [title for title, done in steps if title not in seconds and done]
+    untimed = [title for title, done in steps if title not in records and done]  # done, but not in steps.jsonl
     return [f"Measured: {len(timed)} of the grid's {len(steps)} steps took "
             f"{runs.clock(sum(by_kind.values()))} of wall time ({kinds})"
             + (f"; not timed: {', '.join(untimed)}" if untimed else "")
@@ -402,33 +401,21 @@ def measured_markdown(grid, results_grid):
             f"in `environment.json`, beside the results.", ""]
 
 
-def step_seconds(record):
-    """A step's wall time in all: its own, and for a training resumed from a checkpoint of an
-    earlier process, the earlier parts' that the checkpoint records. None when an earlier part
-    is not recorded (checkpoints of older versions)."""
-    earlier = (record.get("trained") or [])[:-1]
-    if any(part["seconds"] is None for part in earlier) or ("--resume" in record["command"] and not earlier):
-        return None
-    return record["seconds"] + sum(part["seconds"] for part in earlier)
+def step_seconds(title, record):
+    """A step's wall time: its own, and for a training the training time that the processes
+    before it spent on the run (earlier_seconds; null where that was not measured)."""
+    earlier = record["earlier_seconds"] if title.startswith("train ") else 0.0
+    return record["seconds"] + (earlier or 0.0)
 
 
 def where_trained(timed, records):
-    """The CPU each timed run was trained on, with the steps of each part where a resumed run
-    changed machines (runs made on different CPUs are compared in the same precision, but
-    their times are not comparable)."""
+    """The machines each timed run was trained on (runs made on different CPUs are compared in
+    the same precision, but their times are not comparable)."""
     by_machine = {}
     for title in timed:
-        if not title.startswith("train "):
-            continue
-        name, record = title.split(maxsplit=1)[1], records[title]
-        parts = [part for part in record.get("trained") or [] if part["seconds"] is not None] \
-            or [{"machine": record["cpu"], "cores": record["cores"]}]  # a record without parts: the step's CPU
-        several = len({(part["machine"], part["cores"]) for part in parts}) > 1
-        for part in parts:
-            label = f"{name} (steps {part['steps'][0]}–{part['steps'][1]})" if several else name
-            names = by_machine.setdefault(f"{part['machine']} ({part['cores']} cores)", [])
-            if label not in names:
-                names.append(label)
+        if title.startswith("train "):
+            for machine in records[title]["machines"]:
+                by_machine.setdefault(machine, []).append(title.split(maxsplit=1)[1])
     return " ".join(f"Trained on {machine}: {', '.join(names)}." for machine, names in by_machine.items())
 
 

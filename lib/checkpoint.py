@@ -11,9 +11,8 @@ A checkpoint is one torch file holding everything needed to continue a run or to
     tokenizer      the tokenizer itself (see tokenizer.tokenizer_state), so evaluation needs no cache
     data           the token cache's metadata (dataset, token counts, source hash)
     val_loss       the last validation loss
-    trained        the run's parts, one per training process: steps [from, to], seconds up to its
-                   last checkpoint, machine, cores, processes (seconds None: a part trained by a
-                   version that did not record it)
+    trained        {"seconds": training time up to this checkpoint, summed over every process that
+                   trained the run, "machines": where they ran, e.g. ["AMD EPYC (2 cores)"]}
 
 While train.py writes a run folder it holds the folder's lock file (run_lock), so that a second
 process never writes the same run.

@@ -146,11 +146,20 @@ def checkpoint_to_resume(path):
         state = load_checkpoint(path)
     except CheckpointError as e:
         raise CheckpointError(f"cannot resume: {e}") from None
-    missing = [key for key in ("train_config", "optimizer", "rng", "tokenizer", "data") if not state.get(key)]
+    missing = [key for key in ("train_config", "optimizer", "rng", "tokenizer", "data", "trained") if not state.get(key)]
     if missing:
-        raise CheckpointError(f"cannot resume: {path} has no {', '.join(missing)}; "
-                              f"it can be evaluated but not continued")
+        raise CheckpointError(f"cannot resume: {path} has no {', '.join(missing)} (checkpoint.py lists what train.py "
+                              f"writes); it can be evaluated but not continued")
     return state
+
+
+def training_time(path):
+    """{"seconds", "machines"}: what a run's checkpoint records it cost (checkpoint.py, "trained");
+    raises CheckpointError for a checkpoint that does not record it."""
+    state = load_checkpoint(path)
+    if not isinstance(state.get("trained"), dict):
+        raise CheckpointError(f"{path} does not record its training time (checkpoint.py lists what train.py writes)")
+    return state["trained"]
 
 
 def truncate_log(path, step):

@@ -292,15 +292,13 @@ def test_a_result_of_a_copy_taken_midway_through_a_longer_schedule_is_not_curren
         assert grids.is_current(str(path), values, given) == current
 
 
-def test_the_report_times_a_resumed_run_in_all_its_parts_and_names_each_parts_cpu(tmp_path):
+def test_the_report_adds_a_resumed_runs_earlier_training_time_and_names_every_machine(tmp_path):
     grid = grids.GRIDS["quick"]
-    part = {"cores": 2, "processes": 1}
-    records = [  # rope-s0 trained in two sessions on two CPUs; fope-s0 resumed from a checkpoint without parts
+    records = [  # rope-s0 resumed on CPU B what 50 s on CPU A began; fope-s0 resumed what an unmeasured process began
         {"step": "train rope-s0", "command": "python train.py --resume", "seconds": 100.0, "cpu": "CPU B", "cores": 2,
-         "trained": [{"steps": [0, 10], "seconds": 50.0, "machine": "CPU A", **part},
-                     {"steps": [10, 25], "seconds": 90.0, "machine": "CPU B", **part}]},
+         "earlier_seconds": 50.0, "machines": ["CPU A (2 cores)", "CPU B (2 cores)"]},
         {"step": "train fope-s0", "command": "python train.py --resume", "seconds": 30.0, "cpu": "CPU B", "cores": 2,
-         "trained": [{"steps": [0, 20], "seconds": None}, {"steps": [20, 25], "seconds": 25.0, "machine": "CPU B", **part}]},
+         "earlier_seconds": None, "machines": ["CPU B (2 cores)"]},
         {"step": "ppl rope-s0", "command": "python eval_ppl.py", "seconds": 10.0, "cpu": "CPU B", "cores": 2},
     ]
     (tmp_path / "steps.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
@@ -309,5 +307,4 @@ def test_the_report_times_a_resumed_run_in_all_its_parts_and_names_each_parts_cp
     assert line.startswith("Measured: 3 of the grid's") and "took 0:03:10 of wall time (train 0:03:00, ppl 0:00:10)" in line
     assert "; timed in part (resumed from a checkpoint that recorded neither the time nor the CPU of the earlier part): " \
            "fope-s0." in line
-    assert "Trained on CPU A (2 cores): rope-s0 (steps 0–10). Trained on CPU B (2 cores): rope-s0 (steps 10–25), fope-s0." \
-           in line
+    assert "Trained on CPU A (2 cores): rope-s0. Trained on CPU B (2 cores): rope-s0, fope-s0." in line

@@ -88,7 +88,8 @@ def test_a_stopped_and_resumed_run_repeats_the_uninterrupted_losses(trained_run,
         train.main(tiny_run_args(tmp_path, "--pe", "fope"))
     monkeypatch.setattr(train, "save_checkpoint", save)
     run_dir = tmp_path / "out" / "tiny"
-    assert checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))["step"] == 10
+    stopped_at = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))
+    assert stopped_at["step"] == 10
     # what a kill -9 a little later leaves: its lock, a log line cut short, a half-written checkpoint
     (run_dir / "train.lock").write_text(f"{dead_pid()}\n")
     with open(run_dir / "log.jsonl", "a") as log:
@@ -97,24 +98,24 @@ def test_a_stopped_and_resumed_run_repeats_the_uninterrupted_losses(trained_run,
     train.main(tiny_run_args(tmp_path, "--pe", "fope", "--resume"))
     assert logged_losses(run_dir) == uninterrupted
     assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "config.json", "log.jsonl"]  # the lock is released
-    # the checkpoint keeps each process's part of the run: its steps, time and machine
-    parts = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))["trained"]
-    assert [part["steps"] for part in parts] == [[0, 10], [10, 30]] and all(part["seconds"] > 0 for part in parts)
-    assert all((part["machine"], part["cores"], part["processes"]) == (hardware.machine_name("cpu"), os.cpu_count(), 1)
-               for part in parts)
+    # the checkpoint adds the second process's training time to the first's, and names the machine
+    assert stopped_at["trained"]["machines"] == [f"{hardware.machine_name('cpu')} ({os.cpu_count()} cores)"]
+    trained = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))["trained"]
+    assert trained["machines"] == stopped_at["trained"]["machines"]
+    assert trained["seconds"] > stopped_at["trained"]["seconds"] > 0
 
 
-def test_a_run_resumed_from_a_checkpoint_without_parts_records_the_earlier_part_as_untimed(trained_run, tmp_path, capsys):
+def test_a_run_resumed_from_a_checkpoint_that_does_not_record_its_training_time_is_refused(trained_run, tmp_path):
     run_dir = tmp_path / "out" / "tiny"
     shutil.copytree(trained_run[1], run_dir)
     state = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))
-    del state["trained"]  # as a checkpoint of a version that did not record them
+    del state["trained"]
     torch.save(state, run_dir / "ckpt.pt")
-    train.main(tiny_run_args(trained_run[0], "--out_dir", str(tmp_path / "out"), "--max_steps", "32", "--resume"))
-    parts = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))["trained"]
-    assert parts[0] == {"steps": [0, 30], "seconds": None} and parts[1]["steps"] == [30, 32]
-    done = capsys.readouterr().out.splitlines()[-1]
-    assert done.startswith("done: 32 steps in 0:00:") and "(from step 30), val loss" in done  # no total: one part untimed
+    before = snapshot(run_dir)
+    message = error_of(train.main, tiny_run_args(trained_run[0], "--out_dir", str(tmp_path / "out"), "--max_steps", "32",
+                                                 "--resume"))
+    assert message.startswith("train.py: error: cannot resume:") and "has no trained" in message
+    assert snapshot(run_dir) == before
 
 
 def test_eval_ppl_writes_numbers_and_a_figure(trained_run, tmp_path):
