@@ -209,7 +209,7 @@ def train(argv, held):
     train_step = torch.compile(model) if settings["compile"] else model
     if world > 1:
         # The rotary tables are buffers that every process builds alike: nothing to sync per step
-        # (torch 2.13 renamed the switch; older versions know only the first name).
+        # (the switch is forward_sync_buffers from torch 2.13 on, broadcast_buffers below it).
         no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
             else "broadcast_buffers"
         train_step = DistributedDataParallel(train_step, device_ids=[device] if device.startswith("cuda") else None,
@@ -368,7 +368,7 @@ def restore(resumed, model, optimizer, batches, ckpt_path):
         torch.set_rng_state(resumed["rng"]["torch"])
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
         raise CheckpointError(f"cannot resume: the saved state in {ckpt_path} is damaged: {error_line(e)}") from None
-    return resumed["step"], resumed.get("val_loss")
+    return resumed["step"], resumed["val_loss"]
 
 
 def start_from_checkpoint(model, path, grow, prepared):

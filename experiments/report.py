@@ -421,11 +421,11 @@ def where_trained(timed, records):
 
 def saved_precision(results):
     """What the saved results were computed in, from their own records (a grid's pinned precision
-    may be newer than its results)."""
+    need not be the one its saved results were made with)."""
     def used(kind, read):
         return "/".join(sorted({read(kinds[kind]) for kinds in results.values() if kinds.get(kind)}))
-    trained = used("ppl", lambda record: record.get("train_config", {}).get("dtype", "?"))
-    evaluated = used("ppl", lambda record: record.get("eval_dtype", "fp32"))  # eval_ppl.py's only default before "auto"
+    trained = used("ppl", lambda record: record["train_config"]["dtype"])
+    evaluated = used("ppl", lambda record: record["eval_dtype"])
     return f"The saved runs were trained in {trained} and their perplexity computed in {evaluated}; passkey in fp32."
 
 

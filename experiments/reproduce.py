@@ -47,6 +47,7 @@ from lib import hardware
 from lib import runs
 from lib import settings
 from lib.checkpoint import CheckpointError, load_checkpoint
+from lib.files import UserError
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
@@ -225,7 +226,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         run_grid(argv)
-    except (GridError, CheckpointError, OSError) as error:
+    except (GridError, UserError, OSError) as error:
         sys.exit(f"reproduce.py: error: {files.error_line(error)}")
 
 

@@ -69,11 +69,15 @@ def model_from_checkpoint(state, device="cpu", **overrides):
     """Rebuild the GPT of a checkpoint, in eval mode. `overrides` change config fields that
     need no new weights, e.g. rope_scaling for context extension without training; a bad
     override raises ValueError (the user's mistake), a bad checkpoint CheckpointError."""
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    saved = state["model_config"]
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    if not isinstance(saved, dict) or set(saved) != fields:
+        differ = sorted(fields ^ set(saved)) if isinstance(saved, dict) else ["all"]
+        raise CheckpointError(f"checkpoint model_config is invalid: its fields are not GPTConfig's "
+                              f"(they differ in {', '.join(differ)})")
     try:
-        saved = {k: v for k, v in state["model_config"].items() if k in known}
         GPT(GPTConfig(**saved))  # FoPE's coefficient shapes can fail too (train_len too short)
-    except (AttributeError, TypeError, ValueError, ZeroDivisionError) as error:
+    except (TypeError, ValueError, ZeroDivisionError) as error:
         raise CheckpointError(f"checkpoint model_config is invalid: {error}") from None
     model = GPT(GPTConfig(**{**saved, **overrides}))
     try:

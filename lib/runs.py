@@ -72,8 +72,8 @@ def describe_data(meta):
     """A token cache in a few words: its source, size and hash."""
     if not meta.get("hash"):
         return "data it does not record"
-    size = meta.get("train_chars", 0) + meta.get("val_chars", 0)
-    return f"{meta.get('source', meta.get('dataset'))} ({size:,} characters, hash {meta['hash'][:12]})"
+    size = meta["train_chars"] + meta["val_chars"]
+    return f"{meta['source']} ({size:,} characters, hash {meta['hash'][:12]})"
 
 
 def describe_tokenizer(state):
@@ -189,7 +189,7 @@ def truncate_log(path, step):
 
 def curve_label(config):
     """'fope', or 'rope+yarn16' for a checkpoint evaluated with context extension."""
-    scaling = config.get("rope_scaling", "none")
+    scaling = config["rope_scaling"]
     return config["pe"] if scaling == "none" else f"{config['pe']}+{scaling}{config['rope_scale']:g}"
 
 

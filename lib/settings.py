@@ -85,11 +85,10 @@ DEFAULTS = {**{f.name: f.default for f in dataclasses.fields(GPTConfig)},
 MEANING = {**MODEL, **{key: words for key, (_, words) in TRAINING.items()}}
 PRESETS = {
     "cpu": {},
-    # The CPU model as the default grid trains it: the settings that taught RoPE, FoPE and ALiBi
-    # passkey retrieval (EXPERIMENTS.md, the passkey-recipe probes and the confirmation runs;
-    # FAITHFULNESS.md). 3200 steps, not the former 1200, 1600 or 2400: each seed learns the copy in a
-    # burst that starts anywhere from about step 1000 to 1800, and a schedule whose learning rate has
-    # decayed by then leaves it half-learned (at 2400 FoPE's grid seed 1 retrieved 57-62%, at 3200 100%).
+    # The CPU model as the default grid trains it: the settings that teach RoPE, FoPE and ALiBi
+    # passkey retrieval (EXPERIMENTS.md; FAITHFULNESS.md). 3200 steps because each seed learns the
+    # copy in a burst that starts anywhere from about step 1000 to 1800, and a schedule whose
+    # learning rate has decayed by then leaves it half-learned.
     # Byte-level tokens (vocab_size 257: the 256 bytes and end of text), so perplexities are per byte;
     # train_len 384 so that a prompt holds the benchmark's 247 bytes of fixed text and some filler;
     # PyTorch's default initialisation; loss on the answer alone; half the sequences passkey prompts.
@@ -235,19 +234,20 @@ def run_name(settings, preset):
 
 
 def schedule_steps(config):
-    """The length of a run's learning-rate schedule: decay_steps, or max_steps where that is 0 or
-    absent (checkpoints written before decay_steps existed)."""
-    return config.get("decay_steps") or config.get("max_steps")
+    """The length of a run's learning-rate schedule: decay_steps, or max_steps where that is 0.
+    Raises UserError for settings that are not a run's."""
+    try:
+        return config["decay_steps"] or config["max_steps"]
+    except (KeyError, TypeError):
+        raise UserError("these are not the settings of a train.py run: they have no decay_steps and max_steps") from None
 
 
 def resumed_settings(saved, given, ckpt_path):
     """The checkpoint's settings, with the given ones that may change on resume (RESUMABLE); any
     other given setting must equal the checkpoint's. Raises UserError."""
-    if not isinstance(saved, dict) or "max_steps" not in saved:
-        raise UserError(f"cannot resume: the train_config of {ckpt_path} is not the settings of a run")
-    # Settings added since the checkpoint was written take their defaults, except decay_steps:
-    # before it existed, max_steps set the schedule.
-    saved = {**DEFAULTS, "decay_steps": saved["max_steps"], **saved}
+    if not isinstance(saved, dict) or set(saved) != set(DEFAULTS):
+        raise UserError(f"cannot resume: the train_config of {ckpt_path} does not hold this train.py's settings "
+                        f"(checkpoint.py lists what train.py writes)")
     for key, value in given.items():
         if key not in RESUMABLE and saved[key] != value:
             raise UserError(f"{ckpt_path} was trained with {key}={saved[key]!r} but {flag(key)} {value!r} was given")

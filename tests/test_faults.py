@@ -151,7 +151,10 @@ def break_shape(state):
     (lambda state: state.pop("train_config"), "has no train_config"),
     (lambda state: state["optimizer"].update(param_groups=[]), "damaged"),
     (lambda state: state.update(model_config="nonsense", model={}), "lacks"),
-], ids=["wrong-shape", "extra-key", "no-optimizer", "no-train_config", "bad-optimizer", "no-weights"])
+    (lambda state: state["train_config"].pop("decay_steps"), "does not hold this train.py's settings"),
+    (lambda state: state.pop("trained"), "has no trained"),
+], ids=["wrong-shape", "extra-key", "no-optimizer", "no-train_config", "bad-optimizer", "no-weights",
+        "settings-of-another-train.py", "no-training-time"])
 def test_resume_from_a_damaged_checkpoint_is_one_line_and_changes_nothing(trained_run, tmp_path, damage, named):
     run_dir = copy_run(trained_run, tmp_path)
     rewrite_checkpoint(run_dir / "ckpt.pt", damage)
@@ -258,6 +261,7 @@ def make_nan(state):
 DAMAGES = {
     "nan-weights": (make_nan, "not finite"),
     "invalid-model_config": (lambda state: state["model_config"].update(n_head=3), "model_config is invalid"),
+    "foreign-model_config": (lambda state: state["model_config"].update(xpos_scale=512), "differ in xpos_scale"),
     "other-data": (lambda state: state["data"].update(hash="0" * 64),
                    "differs from the one the checkpoint was trained on"),
 }

@@ -7,7 +7,6 @@ import json
 import os
 import random
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -103,19 +102,6 @@ def test_a_stopped_and_resumed_run_repeats_the_uninterrupted_losses(trained_run,
     trained = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))["trained"]
     assert trained["machines"] == stopped_at["trained"]["machines"]
     assert trained["seconds"] > stopped_at["trained"]["seconds"] > 0
-
-
-def test_a_run_resumed_from_a_checkpoint_that_does_not_record_its_training_time_is_refused(trained_run, tmp_path):
-    run_dir = tmp_path / "out" / "tiny"
-    shutil.copytree(trained_run[1], run_dir)
-    state = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))
-    del state["trained"]
-    torch.save(state, run_dir / "ckpt.pt")
-    before = snapshot(run_dir)
-    message = error_of(train.main, tiny_run_args(trained_run[0], "--out_dir", str(tmp_path / "out"), "--max_steps", "32",
-                                                 "--resume"))
-    assert message.startswith("train.py: error: cannot resume:") and "has no trained" in message
-    assert snapshot(run_dir) == before
 
 
 def test_eval_ppl_writes_numbers_and_a_figure(trained_run, tmp_path):
