@@ -13,197 +13,29 @@ Run on a fresh clone, it rewrites README.md and results/ byte for byte as they a
 import argparse
 import json
 import os
-import re
 import shlex
 import statistics
-from dataclasses import dataclass
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from experiments import grids  # noqa: E402
-from lib import cli  # noqa: E402
-from lib import runs  # noqa: E402
-from lib.files import UserError, write_atomically  # noqa: E402
-from fope_gpt import kept_frequencies  # noqa: E402
+from experiments import figures
+from experiments import grids
+from experiments.grid_results import (METRICS, group_by_method, has_results, load_results, report_sections,
+                                      section_entries, train_lens, values_at)
+from lib import cli
+from lib import runs
+from lib.files import UserError, write_atomically
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 README = os.path.join(HERE, "README.md")
 HEADLINE_GRID = "default"  # the grid whose headline table README.md shows
-# The README's one table: the main methods and FoPE's two parts alone, at 1x, 2x, 4x and 16x train_len.
-HEADLINE_ROWS = {"RoPE": "rope", "FoPE": "fope", "ALiBi": "alibi", "NoPE": "nope",
-                 "CF only": "fope-nofs", "FS only": "fope-nocf"}
+# The README's one table: the main methods and FoPE's two parts alone (row label -> method, and what
+# the caption says a label means where it is not a method's name), at four of the grid's lengths
+# (multiples of train_len: 8x is left out for a table that fits a screen).
+HEADLINE_ROWS = {"RoPE": ("rope", ""), "FoPE": ("fope", ""), "ALiBi": ("alibi", ""), "NoPE": ("nope", ""),
+                 "CF only": ("fope-nofs", "FoPE without its Fourier series (clipped RoPE)"),
+                 "FS only": ("fope-nocf", "FoPE without its clip floor")}
 HEADLINE_MULTIPLES = (1, 2, 4, 16)
-
-
-# metric -> (evaluation, key in its JSON record, axis label)
-METRICS = {
-    "ppl": ("ppl", "ppl", "perplexity"),
-    "ppl_ratio": ("ppl", "ppl_ratio", "perplexity / perplexity at train_len"),
-    "accuracy": ("passkey", "accuracy", "passkey accuracy"),
-    "sotu_ppl": ("sotu", "ppl", "perplexity on sotu"),
-    "sotu_ratio": ("sotu", "ppl_ratio", "perplexity / perplexity at train_len (sotu)"),
-}
 TABLE_TITLES = {"ppl": "Perplexity", "ppl_ratio": "Perplexity ratio to train_len", "accuracy": "Passkey accuracy",
                 "sotu_ppl": "Perplexity on sotu", "sotu_ratio": "Perplexity ratio to train_len on sotu"}
-KINDS = tuple(kind for kind in grids.EVALUATIONS if kind != "analysis")  # an entry's evaluations the report reads
-
-
-@dataclass
-class Section:
-    """A part of the report: curves (table rows) of one or more entries each, and its figures."""
-    title: str
-    text: str
-    groups: dict         # curve label -> entries (the seeds it averages)
-    figures: list        # (PNG file name, metrics drawn, one panel each)
-
-
-def method_of(entry):
-    """'rope-s1' -> 'rope', 'rope-s1+yarn16' -> 'rope+yarn16': the entry without its seed."""
-    return re.sub(r"-s\d+(?=\+|$)", "", entry)
-
-
-def group_by_method(entries):
-    """{'rope': ['rope-s0', 'rope-s1'], ...}, in the order the entries come."""
-    groups = {}
-    for entry in entries:
-        groups.setdefault(method_of(entry), []).append(entry)
-    return groups
-
-
-def report_sections(grid):
-    """The sections the grid has runs for, in reading order."""
-    main = [run.name for run in grid.runs if run.section == "main"]
-    ablations = [run.name for run in grid.runs if run.section == "ablation"]
-    finetunes = [run for run in grid.runs if run.section == "finetune"]
-    on_sotu = (" Left and right of `sotu_ratio.png`: the perplexity ratio on Shakespeare's held-out plays and "
-               "on sotu, the presidents' annual messages of 1790-1899: prose of another genre that no run trained on "
-               f"(eval_ppl.py `{shlex.join(grid.sotu_args)}`)." if grid.sotu_args else "")
-    sections = [Section(
-        "Main comparison",
-        "Trained at train_len (dashed line) and evaluated far beyond it. Lines: mean over seeds; "
-        "bands and brackets: the lowest and highest seed." + on_sotu,
-        group_by_method(main),
-        [("ppl.png", ["ppl"]), ("ppl_ratio.png", ["ppl_ratio"]), ("passkey.png", ["accuracy"])]
-        + [("sotu_ratio.png", ["ppl_ratio", "sotu_ratio"])] * bool(grid.sotu_args))]
-    if ablations:
-        sections.append(Section(
-            "FoPE ablations",
-            "FoPE variants next to fope's seeds, each row with its own seeds: `nocf` without the clip floor, "
-            "`nofs` without the Fourier series (clipped RoPE), `sinpad0` with padded pairs an exact identity, "
-            "`sigmaX` with coefficient gain X instead of 0.3.",
-            group_by_method([name for name in main if method_of(name) == "fope"] + ablations),
-            [("ablations.png", ["ppl_ratio", "accuracy"])]))
-    headdim = [run for run in grid.runs if run.section == "headdim"]
-    if headdim:
-        sections.append(Section(
-            "Head dimension",
-            "RoPE and FoPE at seed 0 with the same width split into more or fewer heads (the paper's Fig. 5c); "
-            "K is the number of frequencies FoPE keeps at train_len.",
-            head_dim_groups(grid, [run for run in grid.runs if run.name in ("rope-s0", "fope-s0")] + headdim),
-            [("headdim.png", ["ppl_ratio", "accuracy"])]))
-    if grid.extensions:
-        sections.append(Section(
-            "Context extension without training",
-            "RoPE checkpoints evaluated with rescaled frequencies (the number is the scale s): position "
-            "interpolation (`pi`), NTK-aware scaling (`ntk`), and YaRN as the authors' code applies it (`yarn`, "
-            "no attention temperature).",
-            group_by_method([name for name in main if method_of(name) in ("rope", "fope")]
-                            + [extension.name for extension in grid.extensions]),
-            [("extension_inference.png", ["ppl", "accuracy"])]))
-    if finetunes:
-        sources = list(dict.fromkeys(run.init_from for run in finetunes))
-        sections.append(Section(
-            "Context extension by fine-tuning",
-            "`ext-A-B`: run A continued for a short fine-tune at a longer train_len with method B: `yarn` "
-            "(YaRN around the original length; FoPE's new coefficients start at zero) or `fope` (new "
-            "coefficients freshly initialised; from RoPE this converts the model to FoPE), evaluated at the "
-            "same lengths as the runs they start from.",
-            {name: [name] for name in sources + [run.name for run in finetunes]},
-            [("extension_finetune.png", ["ppl", "accuracy"])]))
-    return sections
-
-
-def head_dim_groups(grid, compared):
-    """{'fope, head_dim 32 (K = 8)': ['fope-hd32'], ...}: the runs by position embedding, then head_dim."""
-    labelled = []
-    for run in compared:
-        values = grids.run_settings(grid, run)[0]
-        head_dim = values["n_embd"] // values["n_head"]
-        kept = len(kept_frequencies(head_dim, values["train_len"], values["rope_theta"]))
-        labelled.append(((values["pe"], head_dim), f"{values['pe']}, head_dim {head_dim}"
-                         + (f" (K = {kept})" if values["pe"] == "fope" else ""), run.name))
-    return {label: [name] for _, label, name in sorted(labelled)}
-
-
-def load_results(grid, results_grid):
-    """{entry: {kind: record or None}} from the evaluation JSON files, for each of KINDS that the
-    grid evaluates the entry with."""
-    results = {entry: {} for entry in grids.entries(grid)}
-    for kind, _, entry, _ in grids.steps(grid, grid.runs):
-        if kind not in KINDS:
-            continue
-        path = grids.result_path(results_grid, kind, entry)
-        script = "eval_passkey.py" if kind == "passkey" else "eval_ppl.py"
-        try:
-            with open(path) as f:
-                results[entry][kind] = json.load(f)["checkpoints"][0]
-        except FileNotFoundError:
-            results[entry][kind] = None
-        except (ValueError, KeyError, IndexError):
-            raise UserError(f"{path} is not an evaluation result of {script}: delete it to evaluate again") from None
-    return results
-
-
-def values_at(results, entries, metric, length):
-    """The metric at one length, one value for each entry that has it."""
-    kind, key, _ = METRICS[metric]
-    records = [results[entry][kind] for entry in entries if results[entry].get(kind)]
-    return [record[key][str(length)] for record in records if str(length) in record[key]]
-
-
-def train_lens(results, entries):
-    """The training lengths of the entries with results (the dashed lines of a figure)."""
-    return sorted({record["train_len"] for entry in entries for record in results[entry].values() if record})
-
-
-def plot_figure(path, section, metrics, results, lengths):
-    """One panel per metric: mean over each group's entries, the min-max band where there are several."""
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.3), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for label, entries in section.groups.items():
-            points = [(n, values_at(results, entries, metric, n)) for n in lengths]
-            points = [(n, values) for n, values in points if values]
-            if not points:
-                continue
-            xs = [n for n, _ in points]
-            count = max(len(values) for _, values in points)
-            line, = ax.plot(xs, [statistics.mean(v) for _, v in points], marker="o",
-                            label=f"{label} ({count} seeds)" if count > 1 else label)
-            if count > 1:
-                ax.fill_between(xs, [min(v) for _, v in points], [max(v) for _, v in points],
-                                color=line.get_color(), alpha=0.2)
-        for train_len in train_lens(results, section_entries(section)):
-            ax.axvline(train_len, color="gray", linestyle="--", linewidth=1)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [str(n) for n in lengths])
-        if metric == "accuracy":
-            ax.set_ylim(-0.03, 1.03)
-        else:
-            ax.set_yscale("log")
-            for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-                axis_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))  # 200, not 2x10^2
-        ax.set_xlabel("evaluation length (tokens); dashed: train_len")
-        ax.set_ylabel(METRICS[metric][2])
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:  # a curve, not only the train_len line
-            ax.legend(fontsize=8)
-    fig.suptitle(section.title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def format_value(metric, value):
@@ -238,16 +70,6 @@ def row_label(label, done, total):
     if total == 1:
         return label
     return f"{label} ({done} seeds)" if done == total else f"{label} ({done} of {total} seeds)"
-
-
-def section_entries(section):
-    """Every entry of a section, group by group."""
-    return [entry for group in section.groups.values() for entry in group]
-
-
-def has_results(section, results):
-    """Whether any entry of the section has been evaluated."""
-    return any(record for entry in section_entries(section) for record in results[entry].values())
 
 
 def section_markdown(section, results, lengths, figure_dir):
@@ -447,7 +269,7 @@ def headline_markdown(grid, results):
     """Perplexity ratio to train_len and passkey accuracy, 'mean (lowest–highest)' over the seeds
     evaluated so far, for the rows of HEADLINE_ROWS that the grid has."""
     groups = group_by_method(run.name for run in grid.runs)
-    planned = {label: groups[method] for label, method in HEADLINE_ROWS.items() if method in groups}
+    planned = {label: groups[method] for label, (method, _) in HEADLINE_ROWS.items() if method in groups}
     # a row stands on the runs with both evaluations; a partly finished grid says how many it has
     rows = {label: [entry for entry in entries if results[entry].get("ppl") and results[entry].get("passkey")]
             for label, entries in planned.items()}
@@ -466,12 +288,21 @@ def headline_markdown(grid, results):
     missing = [entry for label, entries in planned.items() for entry in entries if entry not in rows[label]]
     if missing:
         runs_behind += f". Not yet evaluated: {', '.join(missing)}"
+    trials = sorted({results[entry]["passkey"]["trials"] for entry in evaluated})
+    meanings = "; ".join(f"{label}: {meaning}" for label, (_, meaning) in HEADLINE_ROWS.items()
+                         if meaning and label in rows)
     return "\n".join(lines + [
-        "", f"Perplexity at T over perplexity at train_len = {train_len}, and passkey accuracy (100 prompts a "
-        f"length), at T = 1, 2, 4 and 16 × train_len; mean (lowest–highest) over seeds. CF only: FoPE "
-        f"without its Fourier series (clipped RoPE); FS only: FoPE without its clip floor. "
+        "", f"Perplexity at T over perplexity at train_len = {train_len}, and passkey accuracy "
+        f"({in_words(map(str, trials), 'or')} prompts a length), at T = {in_words(map(str, HEADLINE_MULTIPLES))} "
+        f"× train_len; mean (lowest–highest) over seeds. {meanings + '. ' if meanings else ''}"
         f"{saved_precision(results)} Runs: {runs_behind}. Generated by `python -m experiments.report` from the JSON in "
         f"results/{HEADLINE_GRID}/; the full tables are in results/{HEADLINE_GRID}/results.md."])
+
+
+def in_words(items, last="and"):
+    """'1, 2, 4 and 16'."""
+    items = list(items)
+    return f"{', '.join(items[:-1])} {last} {items[-1]}" if len(items) > 1 else "".join(items)
 
 
 def update_readme(path, block, name="results"):
@@ -498,7 +329,7 @@ def write_report(grid_name, results_grid, readme=README):
     for section in sections:
         if has_results(section, results):
             for name, metrics in section.figures:
-                plot_figure(os.path.join(results_grid, name), section, metrics, results, grid.lengths)
+                figures.save(figures.draw(section, metrics, results, grid.lengths), os.path.join(results_grid, name))
     measured = measured_markdown(grid, results_grid)
     markdown_path = os.path.join(results_grid, "results.md")
     write_atomically(markdown_path, (f"### Results of the {grid_name} grid\n\n"

@@ -11,6 +11,7 @@ import statistics
 import pytest
 import torch
 
+from experiments import grid_results
 from experiments import grids
 from experiments import report
 from experiments import reproduce
@@ -48,7 +49,7 @@ def test_the_default_grid_trains_every_method_alike_with_the_retrieval_preset(tm
         assert all(values[key] == value and given[key] == value for key, value in recipe.items() if key not in changed)
         assert values["dtype"] == "fp32"
     # every method and FoPE's two parts alone on 3 seeds, the passkey lengths within train_len hold a prompt
-    groups = report.group_by_method(run.name for run in grid.runs)
+    groups = grid_results.group_by_method(run.name for run in grid.runs)
     assert all(len(groups[method]) == 3 for method in ("rope", "fope", "alibi", "nope", "fope-nocf", "fope-nofs"))
     assert {288, 384} <= {n for n in grid.lengths if n <= recipe["train_len"]}
     # an evaluation of a run trained without the preset (bpe256's rope-s0) is not this grid's
@@ -61,7 +62,7 @@ def test_the_default_grid_trains_every_method_alike_with_the_retrieval_preset(tm
 
 
 def test_the_head_dim_sweep_compares_rope_and_fope_at_three_head_dims_of_one_width():
-    section = next(s for s in report.report_sections(grids.GRIDS["default"]) if s.title == "Head dimension")
+    section = next(s for s in grid_results.report_sections(grids.GRIDS["default"]) if s.title == "Head dimension")
     # at train_len 384 FoPE keeps the frequencies whose period fits: 8 of 16, 15 of 32, 29 of 64
     assert section.groups == {
         "fope, head_dim 32 (K = 8)": ["fope-hd32-s0"], "fope, head_dim 64 (K = 15)": ["fope-s0"],
@@ -87,12 +88,12 @@ def test_the_retrieval_reading_tells_dilution_from_distance():
 
 
 def test_the_report_groups_seeds_of_a_method_and_only_seeds():
-    assert report.method_of("rope-s2") == "rope"
-    assert report.method_of("rope-s0+yarn16") == "rope+yarn16"
-    assert report.method_of("fope-sigma3-s0") == "fope-sigma3"
-    assert report.method_of("ext-fope-yarn-s0") == "ext-fope-yarn"
-    assert report.method_of("fope-hd32-s0") == "fope-hd32"
-    assert report.group_by_method(["rope-s0", "fope-s0", "rope-s1", "rope-s0+pi16"]) == {
+    assert grid_results.method_of("rope-s2") == "rope"
+    assert grid_results.method_of("rope-s0+yarn16") == "rope+yarn16"
+    assert grid_results.method_of("fope-sigma3-s0") == "fope-sigma3"
+    assert grid_results.method_of("ext-fope-yarn-s0") == "ext-fope-yarn"
+    assert grid_results.method_of("fope-hd32-s0") == "fope-hd32"
+    assert grid_results.group_by_method(["rope-s0", "fope-s0", "rope-s1", "rope-s0+pi16"]) == {
         "rope": ["rope-s0", "rope-s1"], "fope": ["fope-s0"], "rope+pi16": ["rope-s0+pi16"]}
 
 
@@ -269,7 +270,7 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
         assert png_size(results / f"{name}.png") == (780 * panels, 516) and f"]({name}.png)" in markdown
     assert (HERE / "README.md").read_bytes() == readme  # the README shows the headline grid only
     # the headline table counts the seeds behind each row and names the runs it still lacks
-    headline = report.headline_markdown(grid, report.load_results(grid, str(results)))
+    headline = report.headline_markdown(grid, grid_results.load_results(grid, str(results)))
     assert "| FoPE (1 of 2 seeds) | 1.00 |" in headline and "| RoPE (2 seeds) | 1.00 (1.00–1.00) |" in headline
     assert "Runs: RoPE: rope-s0, rope-s1; FoPE: fope-s0; CF only: fope-nofs-s0. Not yet evaluated: fope-s1." in headline
 
