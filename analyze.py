@@ -46,11 +46,10 @@ from lib.files import UserError, check_writable_folder, write_atomically
 # figures
 
 
-def save_figure(fig, path, title):
-    """Title the figure, write it at 110 dpi and free it."""
+def titled(fig, title):
+    """The figure, with its title: what to look for in it."""
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
+    return fig
 
 
 def pyplot():
@@ -85,7 +84,7 @@ def run_panels(n_runs, rows_per_run, width, height):
     return fig, columns
 
 
-def plot_pair_norms(results, labels, path):
+def draw_pair_norms(results, labels):
     n_layer = max(len(r["pair_norms"]["q_norm"]) for r in results)
     fig, columns = run_panels(len(results), n_layer, 4.5, 2.4)
     for column, result, label in zip(columns, results, labels):
@@ -112,7 +111,7 @@ def plot_pair_norms(results, labels, path):
             if layer == 0:
                 ax.legend(fontsize=7)
         column[-1].set_xlabel("rotary pair j (fast -> slow)")
-    save_figure(fig, path,
+    return titled(fig,
                 "Mean |q|, |k| per rotary pair before rotation, over heads and real text.\n"
                 "Look for: low or odd norms in the gray pairs (period > train_len: never a full cycle "
                 "in training, under-trained under RoPE)")
@@ -130,7 +129,7 @@ def mark_frequencies(ax, spectrum, two_sided):
                        label="neighbouring kept w/2pi" if sign > 0 and i == 0 else None)
 
 
-def plot_spectra(results, labels, path):
+def draw_spectra(results, labels):
     fig, columns = run_panels(len(results), 2, 5, 3)
     for (top, bottom), result, label in zip(columns, results, labels):
         spectrum = result["spectrum"]
@@ -152,14 +151,14 @@ def plot_spectra(results, labels, path):
             ax.set_ylabel("mean |DFT| (Hann)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    save_figure(fig, path,
+    return titled(fig,
                 "Spectrum of one rotary pair. Look for: RoPE's single clean line at the red mark; FoPE's same "
                 "line plus small leakage\nlines at other kept frequencies (and mirrored ones); extra lines in the "
                 "score are harmonics (sums/differences of frequencies).\n"
                 "Lines about 1e-6 below the peak are float32 rounding of the phases t*w, in any model")
 
 
-def plot_logits(results, labels, path):
+def draw_logits(results, labels):
     fig, columns = run_panels(len(results), 1, 5, 3.2)
     for (ax,), result, label in zip(columns, results, labels):
         curve = result["logit_vs_distance"]
@@ -173,13 +172,13 @@ def plot_logits(results, labels, path):
         ax.set_ylabel("q.k / sqrt(d)  (+ ALiBi bias)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    save_figure(fig, path,
+    return titled(fig,
                 "Attention logit of real (q, k) vs distance. Look for: the same band past train_len (periodic "
                 "extension) or drift\nand new extremes (breakdown); ALiBi falls linearly, NoPE is flat by "
                 "construction")
 
 
-def plot_coefficients(results, labels, path):
+def draw_coefficients(results, labels):
     plt = pyplot()
     from matplotlib.colors import SymLogNorm
     fope = [(r, label) for r, label in zip(results, labels) if r["fope_coefficients"] is not None]
@@ -200,13 +199,13 @@ def plot_coefficients(results, labels, path):
                 ax.set_xlabel("output pair r (M)")
                 ax.set_ylabel("input frequency k (K)")
     fig.colorbar(image, ax=axes, shrink=0.8)
-    save_figure(fig, path,
+    return titled(fig,
                 "FoPE coefficients, head 0 (frozen). Look for: the diagonal\n(identity, or step-eye when K > M) = "
                 "each pair's own frequency;\nthe speckle = small Fourier-series weights on the other frequencies\n"
                 "(symmetric log colours: small weights look large)")
 
 
-def plot_retrieval_attention(results, labels, path):
+def draw_retrieval_attention(results, labels):
     """Per checkpoint: the retrieval head's attention on the key against the needle's distance,
     one colour per prompt length (top), and the entropy of its attention against the prompt
     length beside that of attention spread evenly (bottom)."""
@@ -242,7 +241,7 @@ def plot_retrieval_attention(results, labels, path):
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
         bottom.legend(fontsize=7)
-    save_figure(fig, path,
+    return titled(fig,
                 "Where the passkey answer looks (the head that attends most to the key at train_len). Look for:\n"
                 "weight falling with the needle's distance at every length (distance: phases never trained),\n"
                 "or falling at every distance as T grows, the entropy rising towards ln T (dilution)")
@@ -286,15 +285,17 @@ def write_outputs(results, out_dir):
     except ValueError:  # a bare NaN is not JSON
         raise UserError("an analysis gave a number that is not finite, so nothing is written") from None
     write_atomically(Path(out_dir) / "analysis.json", text.encode())
-    plot_pair_norms(results, labels, os.path.join(out_dir, "pair_norms.png"))
-    plot_spectra(results, labels, os.path.join(out_dir, "spectrum.png"))
-    plot_logits(results, labels, os.path.join(out_dir, "logit_vs_distance.png"))
-    plot_retrieval_attention(results, labels, os.path.join(out_dir, "retrieval_attention.png"))
+    drawn = {"pair_norms": draw_pair_norms, "spectrum": draw_spectra, "logit_vs_distance": draw_logits,
+             "retrieval_attention": draw_retrieval_attention}
     coefficients = os.path.join(out_dir, "fope_coefficients.png")
     if any(r["fope_coefficients"] is not None for r in results):
-        plot_coefficients(results, labels, coefficients)
+        drawn["fope_coefficients"] = draw_coefficients
     elif os.path.exists(coefficients):
-        os.remove(coefficients)  # from an earlier run: it would not match analysis.json
+        os.remove(coefficients)  # left by an analysis of other checkpoints: it would not match analysis.json
+    for name, draw in drawn.items():
+        fig = draw(results, labels)
+        fig.savefig(os.path.join(out_dir, f"{name}.png"), dpi=110)
+        pyplot().close(fig)
 
 
 def main(argv=None):

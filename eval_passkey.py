@@ -171,7 +171,7 @@ def evaluate_run(run, args, lengths, label):
     return record
 
 
-def plot_accuracy(records, labels, lengths, path):
+def draw_accuracy(records, labels, lengths):
     """Accuracy versus prompt length, one curve per checkpoint, its train_len dashed."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for record, label in zip(records, labels):
@@ -187,11 +187,10 @@ def plot_accuracy(records, labels, lengths, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def plot_heatmaps(records, labels, lengths, buckets, path):
+def draw_heatmaps(records, labels, lengths, buckets):
     """Accuracy over (needle depth bucket, prompt length), one panel per checkpoint."""
     panel_size = (0.6 * len(lengths) + 1.5, 0.4 * buckets + 2)
     fig, axes = plt.subplots(
@@ -210,8 +209,7 @@ def plot_heatmaps(records, labels, lengths, buckets, path):
     axes[0, 0].set_yticks(range(buckets), [f"{100 * b // buckets}-{100 * (b + 1) // buckets}%" for b in range(buckets)])
     axes[0, 0].set_ylabel("needle depth")
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    return fig
 
 
 def main(argv=None):
@@ -250,8 +248,10 @@ def evaluate_all(args):
     write_atomically(args.out, (text + "\n").encode())  # never half-written
     accuracy_png = args.out.with_name(args.out.stem + ".png")
     heatmap_png = args.out.with_name(args.out.stem + "_heatmap.png")
-    plot_accuracy(records, labels, lengths, accuracy_png)
-    plot_heatmaps(records, labels, lengths, args.depth_buckets, heatmap_png)
+    for fig, png in ((draw_accuracy(records, labels, lengths), accuracy_png),
+                     (draw_heatmaps(records, labels, lengths, args.depth_buckets), heatmap_png)):
+        fig.savefig(png, dpi=120, bbox_inches="tight")
+        plt.close(fig)
     print(f"wrote {args.out}, {accuracy_png}, {heatmap_png}")
 
 

@@ -74,26 +74,30 @@ def sliding_ppl(model, tokens, length, batch_size, device, dtype):
     return (first_total + total) / (first_count + count), first_count + count
 
 
-def plot(results, path, ylabel, key, log_y=True):
+def pyplot():
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    return plt
+
+
+def draw(results, ylabel, key):
+    """The figure of the JSON records `results`: `key` (e.g. "ppl") against the length, one
+    curve per checkpoint, train_len dashed."""
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
     for result, label in zip(results, runs.label_runs(results)):
         lengths = [int(k) for k in result[key]]
         ax.plot(lengths, list(result[key].values()), marker="o", label=label)
     for train_len in sorted({r["train_len"] for r in results}):
         ax.axvline(train_len, color="gray", linestyle="--", linewidth=1)
     ax.set_xscale("log", base=2)
-    if log_y:
-        ax.set_yscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("evaluation length (tokens); dashed: train_len")
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def parse_args(argv=None):
@@ -183,7 +187,9 @@ def evaluate_all(args):
     write_atomically(Path(args.out), (json.dumps(report, indent=2) + "\n").encode())
     png = Path(args.out).with_suffix(".png")
     what = f"perplexity on {Path(args.text).name}" if args.text else "validation perplexity"
-    plot(results, png, f"{what} ({args.mode})", "ppl")
+    fig = draw(results, f"{what} ({args.mode})", "ppl")
+    fig.savefig(png, dpi=120)
+    pyplot().close(fig)
     print(f"wrote {args.out} and {png}")
 
 

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -324,10 +325,10 @@ def test_a_full_disk_keeps_the_earlier_results_and_leaves_no_tmp(trained_run, tm
 
 
 def test_default_outputs_are_untracked_and_the_grids_name_theirs(tmp_path):
-    assert eval_ppl.parse_args(["--ckpt", "x.pt"]).out == "out/eval/ppl.json"
-    assert str(eval_passkey.parse_args(["--ckpt", "x.pt"]).out) == "out/eval/passkey.json"
-    assert analyze.parse_args(["--ckpt", "x.pt"]).out_dir == "out/analysis"
-    assert "out/" in (HERE / ".gitignore").read_text().split()
+    ignored = (HERE / ".gitignore").read_text().split()
+    defaults = [eval_ppl.parse_args(["--ckpt", "x.pt"]).out, eval_passkey.parse_args(["--ckpt", "x.pt"]).out,
+                analyze.parse_args(["--ckpt", "x.pt"]).out_dir]
+    assert all(f"{Path(path).parts[0]}/" in ignored for path in defaults)  # each lands in a folder git ignores
     for grid in grids.GRIDS.values():  # the grids write results/ themselves
         for title, command, _ in reproduce.plan(grid, grid.runs, str(tmp_path / "out"), str(tmp_path / "results")):
             kind, entry = title.split(maxsplit=1)

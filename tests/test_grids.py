@@ -11,12 +11,13 @@ import statistics
 import pytest
 import torch
 
+from experiments import figures
 from experiments import grid_results
 from experiments import grids
 from experiments import report
 from experiments import reproduce
 from lib import settings
-from conftest import HERE, error_of, png_size, run_script
+from conftest import HERE, error_of, is_png, plotted_lines, run_script
 
 
 @pytest.mark.parametrize("grid_name", sorted(grids.GRIDS))
@@ -254,7 +255,7 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     # the analysis of the analysed runs, side by side, with one reading per run from its own numbers
     analysis = json.loads((results / "analysis" / "analysis.json").read_text())["checkpoints"]
     assert [record["run"] for record in analysis] == grid.analysed == ["rope-s0", "fope-s0"]
-    assert png_size(results / "analysis" / "retrieval_attention.png")
+    assert is_png(results / "analysis" / "retrieval_attention.png")
     retrieval = table_rows(markdown, "run | head")
     for record in analysis:
         found = record["retrieval_attention"]
@@ -265,9 +266,21 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
         assert row[-2] == f"{longest['first_digit_accuracy']:.0%}"  # the needle found at the longest prompt
     sotu_ratio = table_rows(markdown, "Perplexity ratio to train_len on sotu")
     assert re.fullmatch(r"\d\.\d\d \(\d\.\d\d–\d\.\d\d\)", sotu_ratio["fope (2 seeds)"][0])  # as on Shakespeare
-    for name, panels in (("ppl", 1), ("ppl_ratio", 1), ("passkey", 1), ("sotu_ratio", 2), ("ablations", 2),
-                         ("extension_inference", 2), ("extension_finetune", 2)):
-        assert png_size(results / f"{name}.png") == (780 * panels, 516) and f"]({name}.png)" in markdown
+    # every figure is linked and shows, per curve, the mean over its seeds of what their JSON holds
+    loaded = grid_results.load_results(grid, str(results))
+    for section in grid_results.report_sections(grid):
+        for name, metrics in section.figures:
+            assert is_png(results / name) and f"]({name})" in markdown
+            for ax, metric in zip(figures.draw(section, metrics, loaded, grid.lengths).axes, metrics):
+                kind, key, _ = grid_results.METRICS[metric]
+                for label, (xs, ys) in plotted_lines(ax).items():
+                    saved = [json.loads(path.read_text())["checkpoints"][0][key]
+                             for path in (results / kind / f"{entry}.json"
+                                          for entry in section.groups[re.sub(r" \(\d+ seeds\)$", "", label)])
+                             if path.exists()]
+                    expected = [(n, statistics.mean(v[str(n)] for v in saved if str(n) in v))
+                                for n in grid.lengths if any(str(n) in v for v in saved)]
+                    assert xs == [n for n, _ in expected] and ys == pytest.approx([y for _, y in expected]), (name, label)
     assert (HERE / "README.md").read_bytes() == readme  # the README shows the headline grid only
     # the headline table counts the seeds behind each row and names the runs it still lacks
     headline = report.headline_markdown(grid, grid_results.load_results(grid, str(results)))
