@@ -60,10 +60,10 @@ def add_dtype_option(parser):
 # evaluation lengths
 
 
-def evaluation_lengths(train_len):
+def evaluation_lengths(train_len, longest=16):
     """The lengths an evaluation measures unless told otherwise: half of train_len, train_len, and
-    its doublings up to 16 x train_len, e.g. 128, 256, ..., 4096 for train_len 256."""
-    return sorted({max(2, train_len // 2), *(train_len * 2**k for k in range(5))})
+    its doublings up to `longest` x train_len, e.g. 128, 256, ..., 4096 for train_len 256."""
+    return sorted({max(2, train_len // 2), *(train_len * 2**k for k in range(longest.bit_length()))})
 
 
 def parse_lengths(text):

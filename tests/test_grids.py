@@ -62,6 +62,17 @@ def test_the_default_grid_trains_every_method_alike_with_the_retrieval_preset(tm
     assert not grids.is_current(str(path), *grids.run_settings(grid, grid.runs[0]))
 
 
+@pytest.mark.parametrize("grid_name", ["default", "bpe256"])
+def test_the_grids_evaluate_at_the_lengths_and_names_of_their_committed_results(grid_name):
+    grid = grids.GRIDS[grid_name]
+    saved = HERE / "results" / grid_name
+    for kind, _, entry, _ in grids.steps(grid, grid.runs):
+        if kind in ("ppl", "passkey", "sotu"):
+            report = json.loads((saved / kind / f"{entry}.json").read_text())
+            assert (report["lengths"] if kind != "passkey" else report["settings"]["lengths"]) == grid.lengths
+            assert report["checkpoints"][0]["run"] == entry.split("+")[0]
+
+
 def test_the_head_dim_sweep_compares_rope_and_fope_at_three_head_dims_of_one_width():
     section = next(s for s in grid_results.report_sections(grids.GRIDS["default"]) if s.title == "Head dimension")
     # at train_len 384 FoPE keeps the frequencies whose period fits: 8 of 16, 15 of 32, 29 of 64
