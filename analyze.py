@@ -30,32 +30,27 @@ its data and the output folder are checked before the first analysis.
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from lib import data
+from lib import cli
 from lib import hardware
 from lib import passkey
 from lib import retrieval
 from lib import runs
 from lib import spectra
-
-
-def fail(message):
-    sys.exit(f"analyze.py: error: {message}")
+from lib.files import UserError, check_writable_folder, write_atomically
 
 
 # -----------------------------------------------------------------------------
 # figures
 
 
-def save_figure(fig, path, title):
-    """Title the figure, write it at 110 dpi and free it."""
+def titled(fig, title):
+    """The figure, with its title: what to look for in it."""
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
+    return fig
 
 
 def pyplot():
@@ -90,7 +85,7 @@ def run_panels(n_runs, rows_per_run, width, height):
     return fig, columns
 
 
-def plot_pair_norms(results, labels, path):
+def draw_pair_norms(results, labels):
     n_layer = max(len(r["pair_norms"]["q_norm"]) for r in results)
     fig, columns = run_panels(len(results), n_layer, 4.5, 2.4)
     for column, result, label in zip(columns, results, labels):
@@ -117,7 +112,7 @@ def plot_pair_norms(results, labels, path):
             if layer == 0:
                 ax.legend(fontsize=7)
         column[-1].set_xlabel("rotary pair j (fast -> slow)")
-    save_figure(fig, path,
+    return titled(fig,
                 "Mean |q|, |k| per rotary pair before rotation, over heads and real text.\n"
                 "Look for: low or odd norms in the gray pairs (period > train_len: never a full cycle "
                 "in training, under-trained under RoPE)")
@@ -135,7 +130,7 @@ def mark_frequencies(ax, spectrum, two_sided):
                        label="neighbouring kept w/2pi" if sign > 0 and i == 0 else None)
 
 
-def plot_spectra(results, labels, path):
+def draw_spectra(results, labels):
     fig, columns = run_panels(len(results), 2, 5, 3)
     for (top, bottom), result, label in zip(columns, results, labels):
         spectrum = result["spectrum"]
@@ -157,14 +152,14 @@ def plot_spectra(results, labels, path):
             ax.set_ylabel("mean |DFT| (Hann)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    save_figure(fig, path,
+    return titled(fig,
                 "Spectrum of one rotary pair. Look for: RoPE's single clean line at the red mark; FoPE's same "
                 "line plus small leakage\nlines at other kept frequencies (and mirrored ones); extra lines in the "
                 "score are harmonics (sums/differences of frequencies).\n"
                 "Lines about 1e-6 below the peak are float32 rounding of the phases t*w, in any model")
 
 
-def plot_logits(results, labels, path):
+def draw_logits(results, labels):
     fig, columns = run_panels(len(results), 1, 5, 3.2)
     for (ax,), result, label in zip(columns, results, labels):
         curve = result["logit_vs_distance"]
@@ -178,13 +173,13 @@ def plot_logits(results, labels, path):
         ax.set_ylabel("q.k / sqrt(d)  (+ ALiBi bias)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    save_figure(fig, path,
+    return titled(fig,
                 "Attention logit of real (q, k) vs distance. Look for: the same band past train_len (periodic "
                 "extension) or drift\nand new extremes (breakdown); ALiBi falls linearly, NoPE is flat by "
                 "construction")
 
 
-def plot_coefficients(results, labels, path):
+def draw_coefficients(results, labels):
     plt = pyplot()
     from matplotlib.colors import SymLogNorm
     fope = [(r, label) for r, label in zip(results, labels) if r["fope_coefficients"] is not None]
@@ -205,13 +200,13 @@ def plot_coefficients(results, labels, path):
                 ax.set_xlabel("output pair r (M)")
                 ax.set_ylabel("input frequency k (K)")
     fig.colorbar(image, ax=axes, shrink=0.8)
-    save_figure(fig, path,
+    return titled(fig,
                 "FoPE coefficients, head 0 (frozen). Look for: the diagonal\n(identity, or step-eye when K > M) = "
                 "each pair's own frequency;\nthe speckle = small Fourier-series weights on the other frequencies\n"
                 "(symmetric log colours: small weights look large)")
 
 
-def plot_retrieval_attention(results, labels, path):
+def draw_retrieval_attention(results, labels):
     """Per checkpoint: the retrieval head's attention on the key against the needle's distance,
     one colour per prompt length (top), and the entropy of its attention against the prompt
     length beside that of attention spread evenly (bottom)."""
@@ -247,7 +242,7 @@ def plot_retrieval_attention(results, labels, path):
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
         bottom.legend(fontsize=7)
-    save_figure(fig, path,
+    return titled(fig,
                 "Where the passkey answer looks (the head that attends most to the key at train_len). Look for:\n"
                 "weight falling with the needle's distance at every length (distance: phases never trained),\n"
                 "or falling at every distance as T grows, the entropy rising towards ln T (dilution)")
@@ -258,27 +253,28 @@ def plot_retrieval_attention(results, labels, path):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command line, checked; argparse reports unknown options, UserError bad values."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--ckpt", nargs="+", required=True, help="one or more checkpoints")
     parser.add_argument("--layer", type=int, default=0, help="layer for the spectrum and logit analyses")
     parser.add_argument("--head", type=int, default=0, help="head for the spectrum analysis")
     parser.add_argument("--pair", type=int, help="rotary pair (default: intended period closest to train_len/4)")
-    parser.add_argument("--text_tokens", type=int, help="validation tokens for q/k statistics (default 4 x train_len)")
-    parser.add_argument("--max_distance", type=int, help="largest distance for the logits (default 16 x train_len)")
+    parser.add_argument("--text_tokens", type=int, help="validation tokens for q/k statistics (default: 4 x train_len)")
+    parser.add_argument("--max_distance", type=int, help="largest distance for the logits (default: 16 x train_len)")
     parser.add_argument("--passkey_trials", type=int, default=20,
-                        help="passkey prompts per length for the retrieval attention (0: skip it; default 20)")
-    parser.add_argument("--passkey_lengths", type=runs.parse_lengths,
-                        help="prompt lengths for the retrieval attention (default 1, 2, 4, 8, 16 x train_len)")
-    parser.add_argument("--data_dir", default="data")
-    parser.add_argument("--device", default="auto", help="auto: cuda if PyTorch sees a GPU, else cpu")
-    parser.add_argument("--out_dir", default="out/analysis")
+                        help="passkey prompts per length for the retrieval attention (0: skip it)")
+    cli.add_lengths_option(parser, "prompt lengths of the retrieval attention", of_train_len="each checkpoint's train_len")
+    parser.add_argument("--data_dir", default="data", help="where the token caches of the validation splits are")
+    cli.add_device_option(parser)
+    parser.add_argument("--out_dir", default="out/analysis", help="where the JSON and the figures go")
     args = parser.parse_args(argv)
     for name in ("text_tokens", "max_distance"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            fail(f"--{name} must be a positive integer, got {value}")
+            raise UserError(f"--{name} must be a positive integer, got {value}")
     if args.passkey_trials < 0:
-        fail(f"--passkey_trials must be 0 or more, got {args.passkey_trials}")
+        raise UserError(f"--passkey_trials must be 0 or more, got {args.passkey_trials}")
+    args.device = hardware.resolve_device(args.device)
     return args
 
 
@@ -288,40 +284,38 @@ def write_outputs(results, out_dir):
     try:
         text = json.dumps({"checkpoints": results}, allow_nan=False)
     except ValueError:  # a bare NaN is not JSON
-        fail("an analysis gave a number that is not finite, so nothing is written")
-    data.write_atomically(Path(out_dir) / "analysis.json", text.encode())
-    plot_pair_norms(results, labels, os.path.join(out_dir, "pair_norms.png"))
-    plot_spectra(results, labels, os.path.join(out_dir, "spectrum.png"))
-    plot_logits(results, labels, os.path.join(out_dir, "logit_vs_distance.png"))
-    plot_retrieval_attention(results, labels, os.path.join(out_dir, "retrieval_attention.png"))
+        raise UserError("an analysis gave a number that is not finite, so nothing is written") from None
+    write_atomically(Path(out_dir) / "analysis.json", text.encode())
+    drawn = {"pair_norms": draw_pair_norms, "spectrum": draw_spectra, "logit_vs_distance": draw_logits,
+             "retrieval_attention": draw_retrieval_attention}
     coefficients = os.path.join(out_dir, "fope_coefficients.png")
     if any(r["fope_coefficients"] is not None for r in results):
-        plot_coefficients(results, labels, coefficients)
+        drawn["fope_coefficients"] = draw_coefficients
     elif os.path.exists(coefficients):
-        os.remove(coefficients)  # from an earlier run: it would not match analysis.json
+        os.remove(coefficients)  # left by an analysis of other checkpoints: it would not match analysis.json
+    for name, draw in drawn.items():
+        fig = draw(results, labels)
+        fig.savefig(os.path.join(out_dir, f"{name}.png"), dpi=110)
+        pyplot().close(fig)
 
 
 def main(argv=None):
-    """Analyse every checkpoint; the errors a user can fix end in one line (runs.USER_ERRORS)."""
-    runs.in_one_line("analyze.py", analyze_all, parse_args(argv))
+    """Analyse every checkpoint; the errors a user can fix end in one line (cli.run)."""
+    cli.run("analyze.py", lambda: analyze_all(parse_args(argv)))
 
 
 def analyze_all(args):
     """Check every checkpoint, its data and the output folder, then analyse and write."""
     # every check first, so that bad input never overwrites earlier results nor costs the work
-    try:
-        args.device = hardware.resolve_device(args.device)
-    except hardware.HardwareError as e:
-        fail(str(e))
     loaded = []
     for path in args.ckpt:
         state, model = runs.load_model(path, args.device)
         message = spectra.check_indices(model, args.layer, args.head, args.pair)
         if message:
-            fail(f"{path}: {message}")
+            raise UserError(f"{path}: {message}")
         enc = runs.load_tokenizer(path, state, model)
         loaded.append((path, state, model, enc, runs.load_validation(path, state, args.data_dir)))
-    data.check_writable_folder(args.out_dir)
+    check_writable_folder(args.out_dir)
 
     results = []
     for path, state, model, enc, tokens in loaded:
@@ -335,7 +329,7 @@ def analyze_all(args):
         result["max_distance"] = args.max_distance or 16 * train_len
         result.update(spectra.analyze(model, tokens, args.layer, args.head, pair,
                               result["text_tokens"], result["max_distance"]))
-        lengths = args.passkey_lengths or [m * train_len for m in (1, 2, 4, 8, 16)]
+        lengths = args.lengths or cli.evaluation_lengths(train_len)
         result["retrieval_attention"] = retrieval.retrieval_attention(
             model, enc, lengths, args.passkey_trials, passkey.TRIAL_SEED, args.device) if args.passkey_trials else None
         results.append(result)

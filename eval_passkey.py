@@ -17,7 +17,6 @@ tell why retrieval fails when it does (see diagnostics()).
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -28,15 +27,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from lib import cli
 from lib import hardware
-from lib.checkpoint import CheckpointError
-from lib.data import check_writable_folder, write_atomically
-from fope_gpt import GPTConfig
+from lib.files import UserError, check_writable_folder, write_atomically
 from lib.passkey import (MAX_KEY, NEEDLE, NEEDLE_FURTHER, build_prompt, completion_text, feasible_lengths,
                      needle_repeat_digits, score, shortest_prompt_len, teacher_forced_digits, TRIAL_SEED,
                      trial_settings)
-from lib.runs import (add_extension_options, default_lengths, extension_overrides, in_one_line, label_runs, load_model,
-                  load_tokenizer, parse_lengths)
+from lib.runs import label_runs, load_model, load_tokenizer, run_of
 
 MAX_NEW_TOKENS = 10  # as in the authors' script
 # Default prompts per forward pass: about this many tokens, so that the activations of a batch
@@ -51,25 +48,25 @@ TOKENS_PER_FORWARD = 2**15
 
 
 def parse_args(argv=None):
-    """The command line; argparse reports bad options and exits."""
-    parser = argparse.ArgumentParser(description="Passkey retrieval accuracy versus prompt length.")
+    """The command line, checked; argparse reports unknown options, UserError bad values."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--ckpt", nargs="+", required=True, help="checkpoint file(s)")
-    parser.add_argument(
-        "--lengths", type=parse_lengths, help="comma-separated prompt lengths in tokens "
-        "(default: 128, 256, ... up to 16x the largest train_len)"
-    )
-    parser.add_argument("--trials", type=positive_int, default=100, help="prompts per length (default 100)")
-    parser.add_argument("--seed", type=non_negative_int, default=TRIAL_SEED,
-                        help=f"seed of the keys and depths (default {TRIAL_SEED})")
-    parser.add_argument(
-        "--batch_size", type=positive_int,
-        help=f"prompts per forward pass (default: about {TOKENS_PER_FORWARD} tokens' worth)"
-    )
-    parser.add_argument("--depth_buckets", type=positive_int, default=5, help="needle depth bins (default 5)")
-    parser.add_argument("--out", type=Path, default=Path("out/eval/passkey.json"), help="JSON output path")
-    parser.add_argument("--device", default="auto", help="torch device; auto: cuda if PyTorch sees a GPU, else cpu")
-    add_extension_options(parser)
-    return parser.parse_args(argv)
+    cli.add_lengths_option(parser, "prompt lengths")
+    parser.add_argument("--trials", type=positive_int, default=100, help="prompts per length")
+    parser.add_argument("--seed", type=non_negative_int, default=TRIAL_SEED, help="seed of the keys and depths")
+    parser.add_argument("--batch_size", type=positive_int,
+                        help=f"prompts per forward pass (default: about {TOKENS_PER_FORWARD} tokens' worth)")
+    parser.add_argument("--depth_buckets", type=positive_int, default=5, help="needle depth bins")
+    parser.add_argument("--out", type=Path, default=Path("out/eval/passkey.json"),
+                        help="JSON output path; the figures go beside it")
+    cli.add_device_option(parser)
+    cli.add_extension_options(parser)
+    args = parser.parse_args(argv)
+    if args.out.suffix != ".json" or args.out.is_dir():
+        raise UserError(f"--out must be a .json file path (the figures go next to it), got {args.out}")
+    args.overrides = cli.extension_overrides(args)
+    args.device = hardware.resolve_device(args.device)
+    return args
 
 
 def positive_int(text):
@@ -100,8 +97,7 @@ def load_run(path, device, overrides):
         "pe": model.config.pe,
         "model_config": dataclasses.asdict(model.config),
         "train_len": model.config.train_len,
-        # train.py saves a run as <out_dir>/<run name>/ckpt.pt and stores --run_name only if given
-        "run_name": state.get("train_config", {}).get("run_name") or Path(path).resolve().parent.name,
+        "run": run_of(path),
         "step": state["step"],
         "train_config": state.get("train_config", {}),
     }
@@ -147,7 +143,7 @@ def diagnostics(run, trials, seed, device):
 
 def evaluate_run(run, args, lengths, label):
     """Evaluate one checkpoint at every length; returns its JSON record."""
-    record = {key: run[key] for key in ("path", "pe", "train_len", "run_name", "step", "model_config", "train_config")}
+    record = {key: run[key] for key in ("path", "pe", "train_len", "run", "step", "model_config", "train_config")}
     record.update(trials=args.trials, accuracy={}, accuracy_by_depth={}, skipped_lengths=[])
     for length in lengths:
         keys, depths = trial_settings(args.seed, length, args.trials)
@@ -175,7 +171,7 @@ def evaluate_run(run, args, lengths, label):
     return record
 
 
-def plot_accuracy(records, labels, lengths, path):
+def draw_accuracy(records, labels, lengths):
     """Accuracy versus prompt length, one curve per checkpoint, its train_len dashed."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for record, label in zip(records, labels):
@@ -191,11 +187,10 @@ def plot_accuracy(records, labels, lengths, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def plot_heatmaps(records, labels, lengths, buckets, path):
+def draw_heatmaps(records, labels, lengths, buckets):
     """Accuracy over (needle depth bucket, prompt length), one panel per checkpoint."""
     panel_size = (0.6 * len(lengths) + 1.5, 0.4 * buckets + 2)
     fig, axes = plt.subplots(
@@ -214,43 +209,25 @@ def plot_heatmaps(records, labels, lengths, buckets, path):
     axes[0, 0].set_yticks(range(buckets), [f"{100 * b // buckets}-{100 * (b + 1) // buckets}%" for b in range(buckets)])
     axes[0, 0].set_ylabel("needle depth")
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    return fig
 
 
 def main(argv=None):
     """Check every input, evaluate every checkpoint, then write the JSON file and the figures. The
-    errors a user can fix end in one line (runs.USER_ERRORS)."""
-    in_one_line("eval_passkey.py", evaluate_all, parse_args(argv))
+    errors a user can fix end in one line (cli.run)."""
+    cli.run("eval_passkey.py", lambda: evaluate_all(parse_args(argv)))
 
 
 def evaluate_all(args):
-    try:
-        args.device = hardware.resolve_device(args.device)
-    except hardware.HardwareError as error:
-        sys.exit(f"eval_passkey.py: error: {error}")
-    if args.out.suffix != ".json" or args.out.is_dir():
-        sys.exit(f"eval_passkey.py: error: --out must be a .json file path (the figures go next to it), got {args.out}")
-    overrides = extension_overrides(args)
-    try:
-        GPTConfig(**overrides)  # a bad override is the user's mistake, not a corrupt checkpoint
-    except ValueError as error:
-        sys.exit(f"eval_passkey.py: error: {error}")
-    try:
-        runs = [load_run(path, args.device, overrides) for path in args.ckpt]  # all checked before any work
-    except CheckpointError as error:
-        sys.exit(f"eval_passkey.py: error: {error}")
-    lengths = args.lengths or default_lengths(max(run["train_len"] for run in runs))
+    runs = [load_run(path, args.device, args.overrides) for path in args.ckpt]  # all checked before any work
+    lengths = args.lengths or cli.evaluation_lengths(max(run["train_len"] for run in runs))
     for run in runs:
         if not feasible_lengths(run["enc"], lengths, args.seed, args.trials):
-            sys.exit(f"eval_passkey.py: error: no length in {','.join(map(str, lengths))} can hold the fixed text "
+            raise UserError(f"no length in {','.join(map(str, lengths))} can hold the fixed text "
                      f"of {run['path']}'s prompts ({shortest_prompt_len(run['enc'], MAX_KEY)} tokens with a "
                      f"{len(str(MAX_KEY))}-digit key): give longer --lengths")
-    try:
-        check_writable_folder(args.out.parent)  # fail now rather than after the evaluation
-    except OSError as error:
-        sys.exit(f"eval_passkey.py: error: cannot write into the folder of --out {args.out}: {error.strerror}")
-    labels = label_runs(runs, name_key="run_name")
+    check_writable_folder(args.out.parent)  # fail now rather than after the evaluation
+    labels = label_runs(runs)
     records = [evaluate_run(run, args, lengths, label) for run, label in zip(runs, labels)]
 
     results = {
@@ -267,12 +244,14 @@ def evaluate_all(args):
     try:
         text = json.dumps(results, indent=2, allow_nan=False)
     except ValueError:  # a bare NaN is not JSON
-        sys.exit("eval_passkey.py: error: a result is not a finite number, so nothing is written")
+        raise UserError("a result is not a finite number, so nothing is written") from None
     write_atomically(args.out, (text + "\n").encode())  # never half-written
     accuracy_png = args.out.with_name(args.out.stem + ".png")
     heatmap_png = args.out.with_name(args.out.stem + "_heatmap.png")
-    plot_accuracy(records, labels, lengths, accuracy_png)
-    plot_heatmaps(records, labels, lengths, args.depth_buckets, heatmap_png)
+    for fig, png in ((draw_accuracy(records, labels, lengths), accuracy_png),
+                     (draw_heatmaps(records, labels, lengths, args.depth_buckets), heatmap_png)):
+        fig.savefig(png, dpi=120, bbox_inches="tight")
+        plt.close(fig)
     print(f"wrote {args.out}, {accuracy_png}, {heatmap_png}")
 
 

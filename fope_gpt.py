@@ -72,7 +72,7 @@ class GPTConfig:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "train_len"):
             require(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "a positive integer")
         require(self.n_embd % self.n_head == 0, "n_embd", f"divisible by n_head ({self.n_head})")
-        require(self.head_dim % 2 == 0, "n_head", f"such that head_dim = n_embd / n_head ({self.head_dim}) is even")
+        require(self.head_dim % 2 == 0, "n_embd", f"such that head_dim = n_embd / n_head ({self.head_dim}) is even")
         require(self.rope_theta > 1, "rope_theta", "greater than 1")
         require(self.fope_sigma >= 0, "fope_sigma", "non-negative")
         require(self.rope_scale >= 1, "rope_scale", "at least 1")

@@ -11,49 +11,39 @@ train_len: that is where the position embeddings differ.
 """
 
 import argparse
-import sys
 
 import torch
 
-from lib import hardware, runs
+from lib import cli, hardware, runs
+from lib.files import UserError
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--ckpt", required=True, help="the checkpoint to sample from")
     parser.add_argument("--prompt", default="\n", help="the text to continue (default: a newline)")
-    parser.add_argument("--max_new_tokens", type=int, default=300, help="tokens to generate (default: 300)")
-    parser.add_argument("--temperature", type=float, default=0.8,
-                        help="softmax temperature; 0 means greedy decoding (default: 0.8)")
-    parser.add_argument("--top_k", type=int, default=None,
-                        help="sample among the k most likely tokens only (default: all)")
-    parser.add_argument("--num_samples", type=int, default=1, help="samples to write (default: 1)")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling (default: 1337)")
-    parser.add_argument("--device", default="auto", help="auto: cuda if PyTorch sees a GPU, else cpu (default: auto)")
+    parser.add_argument("--max_new_tokens", type=int, default=300, help="tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 means greedy decoding")
+    parser.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens only (default: all)")
+    parser.add_argument("--num_samples", type=int, default=1, help="samples to write")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling")
+    cli.add_device_option(parser)
     args = parser.parse_args(argv)
-    for name, value, low in (("max_new_tokens", args.max_new_tokens, 1), ("num_samples", args.num_samples, 1),
-                             ("top_k", args.top_k, 1)):
-        if value is not None and value < low:
-            fail(f"--{name} must be at least {low}, got {value}")
+    for name, value in (("max_new_tokens", args.max_new_tokens), ("num_samples", args.num_samples), ("top_k", args.top_k)):
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
     if not args.temperature >= 0:  # NaN too
-        fail(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+        raise UserError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     return args
 
 
-def fail(message):
-    sys.exit(f"sample.py: error: {message}")
-
-
 def sample(args):
-    try:
-        device = hardware.resolve_device(args.device)
-    except hardware.HardwareError as error:
-        fail(str(error))
+    device = hardware.resolve_device(args.device)
     state, model = runs.load_model(args.ckpt, device)
     enc = runs.load_tokenizer(args.ckpt, state, model)
     prompt = enc.encode_ordinary(args.prompt)
     if not prompt:
-        fail("--prompt is empty: give at least one character to continue")
+        raise UserError("--prompt is empty: give at least one character to continue")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([prompt], device=device)  # (1, T)
     for number in range(args.num_samples):
@@ -64,7 +54,8 @@ def sample(args):
 
 
 def main(argv=None):
-    runs.in_one_line("sample.py", sample, parse_args(argv))
+    """Write the samples; the errors a user can fix end in one line (cli.run)."""
+    cli.run("sample.py", lambda: sample(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import inspect
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -33,18 +32,16 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from lib import cli
 from lib import data
 from lib import hardware
 from lib import passkey
 from lib import runs
 from lib import settings as run_settings
-from lib.checkpoint import CheckpointError, LockError, load_checkpoint, run_lock, save_checkpoint
+from lib.checkpoint import CheckpointError, load_checkpoint, run_lock, save_checkpoint
+from lib.files import UserError, error_line, write_atomically
 from fope_gpt import GPT, GPTConfig
 from lib.tokenizer import tokenizer_state
-
-
-def fail(message):
-    sys.exit(f"train.py: error: {message}")
 
 
 # -----------------------------------------------------------------------------
@@ -134,27 +131,21 @@ def evaluate(model, batches, settings, device):
 
 
 def main(argv=None):
-    """Train one run. The project's own errors and I/O errors (a full disk, a folder that cannot
-    be written) end in one line on stderr and a non-zero exit; the run folder's lock is released
-    however the run ends (after a kill -9, the next run finds it stale)."""
+    """Train one run. The errors a user can fix end in one line on stderr and a non-zero exit
+    (cli.run); the run folder's lock is released however the run ends (after a kill -9, the
+    next run finds it stale)."""
     with contextlib.ExitStack() as held:
-        try:
-            run(argv, held)
-        except (CheckpointError, LockError, data.DataError, OSError) as error:
-            fail(data.error_line(error))
+        cli.run("train.py", lambda: train(argv, held))
 
 
-def run(argv, held):
+def train(argv, held):
     """The run itself; `held` keeps the run folder's lock until main() ends."""
     settings, run_dir, ckpt_path, resumed = settings_of_run(argv)
-    try:
-        rank, world, device = start_processes(settings["device"])
-        asked = settings["dtype"]
-        settings["dtype"] = hardware.resolve_dtype(asked, device)  # the run keeps what "auto" chose
-    except hardware.HardwareError as e:
-        fail(str(e))
+    rank, world, device = start_processes(settings["device"])
+    asked = settings["dtype"]
+    settings["dtype"] = hardware.resolve_dtype(asked, device)  # the run keeps what "auto" chose
     if settings["batch_size"] % world:
-        fail(f"--batch_size {settings['batch_size']} must be divisible by the {world} processes")
+        raise UserError(f"--batch_size {settings['batch_size']} must be divisible by the {world} processes")
     rows = slice(rank * settings["batch_size"] // world, (rank + 1) * settings["batch_size"] // world)
     leader = rank == 0  # the one process that prints, logs and writes checkpoints
     if leader:
@@ -172,16 +163,16 @@ def run(argv, held):
     try:  # the tokenizer decides the vocabulary (a tiny corpus may give fewer tokens than asked)
         config = GPTConfig(**{**{k: settings[k] for k in run_settings.MODEL_FIELDS}, "vocab_size": prepared.vocab_size})
     except ValueError as e:
-        fail(str(e))
+        raise UserError(str(e)) from None
     model = GPT(config).to(device)
     optimizer = make_optimizer(model, settings)
     batches = Batches(prepared.train, settings, prepared.enc, prepared.eot)
     val_batches = validation_batches(prepared.val, settings["train_len"], settings["batch_size"], settings["eval_batches"])
     step, val_loss = 0, None
-    earlier_parts = []  # the stretches of this run that earlier processes trained, with their time and machine
+    earlier = {"seconds": 0.0, "machines": []}  # what processes before this one spent training the run, and where
     if resumed is not None:
         step, val_loss = restore(resumed, model, optimizer, batches, ckpt_path)
-        earlier_parts = resumed.get("trained") or [{"steps": [0, step], "seconds": None}]  # an older checkpoint
+        earlier = resumed["trained"]
     elif settings["init_from"]:
         start_from_checkpoint(model, settings["init_from"], settings["fope_grow"], prepared)
     first_step = step
@@ -194,15 +185,17 @@ def run(argv, held):
     if leader:
         os.makedirs(run_dir, exist_ok=True)
         runs.truncate_log(log_path, step)
-        data.write_atomically(os.path.join(run_dir, runs.CONFIG_NAME), json.dumps(settings, indent=2).encode())
+        write_atomically(os.path.join(run_dir, runs.CONFIG_NAME), json.dumps(settings, indent=2).encode())
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {len(prepared.train) / 1e6:.2f}M training tokens"
               + (f", resuming at step {step}" if step else ""), flush=True)
 
-    this_machine = {"machine": hardware.machine_name(device), "cores": os.cpu_count(), "processes": world}
+    this_machine = f"{hardware.machine_name(device)} ({os.cpu_count()} cores)" + (f" x {world} processes" if world > 1 else "")
 
-    def parts_trained():
-        """earlier_parts and this process's part up to now: what a run resumed across machines cost."""
-        return earlier_parts + [{"steps": [first_step, step], "seconds": round(time.time() - t_start, 3), **this_machine}]
+    def trained():
+        """The run's training time up to now, over every process that trained it, and the machines
+        they ran on: what the run cost, resumed or not (a grid's report sums it)."""
+        return {"seconds": round(earlier["seconds"] + time.time() - t_start, 3),
+                "machines": list(dict.fromkeys([*earlier["machines"], this_machine]))}
 
     def checkpoint():
         save_checkpoint(ckpt_path, {
@@ -210,13 +203,13 @@ def run(argv, held):
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
             "rng": {"torch": torch.get_rng_state(), "batches": batches.state()},
             "tokenizer": tokenizer_state(prepared.enc), "data": prepared.meta, "val_loss": val_loss,
-            "trained": parts_trained(),
+            "trained": trained(),
         })
 
     train_step = torch.compile(model) if settings["compile"] else model
     if world > 1:
         # The rotary tables are buffers that every process builds alike: nothing to sync per step
-        # (torch 2.13 renamed the switch; older versions know only the first name).
+        # (the switch is forward_sync_buffers from torch 2.13 on, broadcast_buffers below it).
         no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
             else "broadcast_buffers"
         train_step = DistributedDataParallel(train_step, device_ids=[device] if device.startswith("cuda") else None,
@@ -252,7 +245,7 @@ def run(argv, held):
                     dist.all_reduce(loss)  # the shares add up to the whole batch's mean loss
                 loss_value = loss.item()  # the only host sync of a step, once per log interval
                 if not math.isfinite(loss_value):
-                    fail(f"loss became {loss_value} at step {step}; {what_is_kept(ckpt_path)}")
+                    raise UserError(f"loss became {loss_value} at step {step}; {what_is_kept(ckpt_path)}")
                 now = time.time()
                 tok_s = steps_timed * tokens_per_step / (now - t_last)
                 eta = (settings["max_steps"] - step) * tokens_per_step / tok_s
@@ -267,7 +260,7 @@ def run(argv, held):
                 # every process measures the same fixed windows, so no process waits for another's number
                 val_loss = evaluate(model, val_batches, settings, device)
                 if not math.isfinite(val_loss):
-                    fail(f"validation loss became {val_loss} at step {step}; {what_is_kept(ckpt_path)}")
+                    raise UserError(f"validation loss became {val_loss} at step {step}; {what_is_kept(ckpt_path)}")
                 if leader:
                     print(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f})", flush=True)
                     log.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
@@ -275,10 +268,9 @@ def run(argv, held):
                     checkpoint()
                 t_last, steps_timed = time.time(), 0  # evaluation time is not training time
     if leader:
-        seconds = [part["seconds"] for part in parts_trained()]
-        since_start = f", {runs.clock(sum(seconds))} since step 0" if None not in seconds else ""
-        resumed_at = f" (from step {first_step}{since_start})" if first_step else ""
-        print(f"done: {step} steps in {runs.clock(seconds[-1])}{resumed_at}, val loss {val_loss:.4f}; checkpoint {ckpt_path}")
+        resumed_at = f" (from step {first_step}, {runs.clock(trained()['seconds'])} since step 0)" if first_step else ""
+        print(f"done: {step} steps in {runs.clock(time.time() - t_start)}{resumed_at}, val loss {val_loss:.4f}; "
+              f"checkpoint {ckpt_path}")
     stop_processes(world)
 
 
@@ -291,24 +283,19 @@ def settings_of_run(argv):
     """The run's settings, its folder and checkpoint path, and the checkpoint to resume (None
     for a new run); every setting checked before anything is read or written."""
     args, settings, given = run_settings.parse_args(argv, description=__doc__)
-    try:
-        run_settings.validate_settings(settings)
-    except ValueError as e:
-        fail(str(e))
-    name = settings["run_name"] or run_settings.run_name(settings, args.preset)
+    run_settings.validate_settings(settings)
+    name = run_settings.run_name(settings, args.preset)
     run_dir = os.path.join(settings["out_dir"], name)
     ckpt_path = runs.checkpoint_path(settings["out_dir"], name)
 
     resumed = None
     if args.resume:
         resumed = runs.checkpoint_to_resume(ckpt_path)
-        try:
-            settings = run_settings.resumed_settings(resumed["train_config"], given, ckpt_path)
-        except ValueError as e:
-            fail(str(e))
+        settings = run_settings.resumed_settings(resumed["train_config"], given, ckpt_path)
     elif os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} exists: pass --resume to continue it, or --run_name to start another run")
-    settings = {**settings, "decay_steps": run_settings.schedule_steps(settings)}
+        raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or --run_name to start another run")
+    # config.json and the checkpoint record the run's name, and the schedule's length, as resolved
+    settings = {**settings, "run": name, "decay_steps": run_settings.schedule_steps(settings)}
     return settings, run_dir, ckpt_path, resumed
 
 
@@ -380,8 +367,8 @@ def restore(resumed, model, optimizer, batches, ckpt_path):
         batches.load_state(resumed["rng"]["batches"])
         torch.set_rng_state(resumed["rng"]["torch"])
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"cannot resume: the saved state in {ckpt_path} is damaged: {data.error_line(e)}") from None
-    return resumed["step"], resumed.get("val_loss")
+        raise CheckpointError(f"cannot resume: the saved state in {ckpt_path} is damaged: {error_line(e)}") from None
+    return resumed["step"], resumed["val_loss"]
 
 
 def start_from_checkpoint(model, path, grow, prepared):

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lib import data
+from lib import files
 from lib import hardware
 from lib import settings
 from fope_gpt import GPT, GPTConfig, POSITION_EMBEDDINGS
@@ -256,7 +256,7 @@ def main(argv=None):
     try:
         measure(argv)
     except OSError as error:
-        sys.exit(f"bench.py: error: {data.error_line(error)}")
+        sys.exit(f"bench.py: error: {files.error_line(error)}")
 
 
 def measure(argv):
@@ -288,7 +288,7 @@ def measure(argv):
     try:
         device = hardware.resolve_device(args.device)
         dtype = hardware.resolve_dtype("auto", device)
-        data.check_writable_folder(os.path.dirname(os.path.abspath(args.out)))  # fail before measuring
+        files.check_writable_folder(os.path.dirname(os.path.abspath(args.out)))  # fail before measuring
     except hardware.HardwareError as e:
         sys.exit(f"bench.py: error: {e}")
     except OSError as e:
@@ -322,14 +322,14 @@ def measure(argv):
               "machine": {"name": hardware.machine_name(device), "device": device, "threads": torch.get_num_threads(),
                           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": dtype == "bf16",
                           "torch": torch.__version__, "python": platform.python_version()}}
-    data.write_atomically(args.out, json.dumps(report, indent=2).encode())
+    files.write_atomically(args.out, json.dumps(report, indent=2).encode())
     publish(report, args.out)
 
 
 def publish(report, out):
     """Write the Markdown table beside the JSON and print it."""
     table = markdown(report)
-    data.write_atomically(out[:-len(".json")] + ".md", table.encode())
+    files.write_atomically(out[:-len(".json")] + ".md", table.encode())
     print(table)
 
 

@@ -30,7 +30,7 @@ widths 128 and 512 (head_dim 64) and seeds 0-2 (`--ladder_widths`, `--ladder_see
 `--extra NAME=ARGS` any train.py arguments on top of the grid's; `--only NAME...` keeps some runs.
 A run beside the check starts only if it and its evaluations fit in the budget with the time
 bench.py still needs; its evaluations go before the next run's training. Every run's evaluation JSON goes
-to results/gpu/{ppl,passkey,prose}/<run>.json in the grid's format; checkpoints and one log per
+to results/gpu/{ppl,passkey,sotu}/<run>.json in the grid's format; checkpoints and one log per
 process go to out/gpu_check/. `--pack DIR` copies the summary, bench's table and a tar.gz of
 results/gpu and those logs into DIR (the few files a remote call brings back).
 
@@ -105,7 +105,7 @@ import torch
 from experiments import bench
 from experiments import grids
 from fope_gpt import GPTConfig
-from lib import data
+from lib import cli, data, files
 from lib import hardware
 from lib import runs
 from lib import settings
@@ -130,10 +130,10 @@ def ladder_runs(widths, seeds):
 
 # Expected peak GPU memory of a process in GiB at width 256 (scaled with the width), which is
 # also its cap: generous, measured peaks go into the summary.
-MEMORY_GIB = {"train": 4, "ppl": 8, "prose": 8, "passkey": 16, "bench": 16}
+MEMORY_GIB = {"train": 4, "ppl": 8, "sotu": 8, "passkey": 16, "bench": 16}
 MEMORY_SHARE = 0.9  # the caps of the processes running at once stay within this share of the card
 HEADLINE = (1, 2, 4, 16)  # multiples of train_len in the summary's headline numbers
-EVALUATIONS = ("ppl", "passkey", "prose")
+EVALUATIONS = ("ppl", "passkey", "sotu")
 
 # The process every training and evaluation runs in: the script itself, under the memory cap
 # of its kind, writing its peak memory at exit (to the file named by GPU_CHECK_PEAK_FILE).
@@ -172,7 +172,7 @@ def write_peak(path, cuda):
 class Step:
     """One process: a training, an evaluation or the benchmark."""
     title: str                 # "train rope-s0", "passkey rope-s0", "bench"
-    kind: str                  # "train", "ppl", "passkey", "prose" or "bench"
+    kind: str                  # "train", "ppl", "passkey", "sotu" or "bench"
     group: str                 # "check", "ladder" or "extra" ("check" for the benchmark too)
     command: list
     run: str = None            # the run it trains or evaluates
@@ -218,7 +218,7 @@ def build_steps(args, run_list, paths):
         steps.append(training)
         checkpoint = project_path(runs.checkpoint_path(paths["runs"], name))
         for kind in args.evals:
-            script, options = {"ppl": ("eval_ppl.py", args.ppl_args), "prose": ("eval_ppl.py", args.prose_args),
+            script, options = {"ppl": ("eval_ppl.py", args.ppl_args), "sotu": ("eval_ppl.py", args.sotu_args),
                                "passkey": ("eval_passkey.py", args.passkey_args)}[kind]
             output = os.path.join(paths["results"], kind, f"{name}.json")
             command = [sys.executable, "-c", CHILD, script, "--ckpt", checkpoint, "--lengths",
@@ -506,7 +506,7 @@ def headline(name, results_dir, cpu_results, method):
     grid's)."""
     found = {}
     for kind, key, label in (("ppl", "ppl_ratio", "ppl_ratio"), ("passkey", "accuracy", "passkey_accuracy"),
-                             ("prose", "ppl_ratio", "prose_ppl_ratio")):
+                             ("sotu", "ppl_ratio", "sotu_ppl_ratio")):
         record = (read_json(os.path.join(results_dir, kind, f"{name}.json")) or {}).get("checkpoints", [{}])[0]
         if not record:
             continue
@@ -619,7 +619,7 @@ def summarize(args, steps, scheduler, paths, measured, timings, t0, argv):
         "jobs": args.jobs, "threads_per_process": scheduler.threads, "budget_s": args.budget_s,
         "card_gib": rounded(scheduler.card_gib) if device == "cuda" else None,
         "settings": {"max_steps": args.max_steps or settings.PRESETS["retrieval"]["max_steps"], "lengths": args.lengths,
-                     "ppl_args": args.ppl_args, "passkey_args": args.passkey_args, "prose_args": args.prose_args,
+                     "ppl_args": args.ppl_args, "passkey_args": args.passkey_args, "sotu_args": args.sotu_args,
                      "train_args": args.train_args, "evals": args.evals},
         "gemm_peak_tflops": {**{k: v / 1e12 for k, v in peaks.items()},
                              "measured_here": {k: v / 1e12 for k, v in measured.items()},
@@ -668,7 +668,7 @@ def parse_args(argv):
     arg = parser.add_argument
     arg("--device", choices=("cuda", "cpu"), default="cuda", help="cpu runs the same steps on the CPU (default: %(default)s)")
     arg("--out", default="results/gpu_check.json", help="the summary JSON (default: %(default)s)")
-    arg("--results_dir", default="results/gpu", help="the evaluations' JSON go to RESULTS_DIR/{ppl,passkey,prose}/ "
+    arg("--results_dir", default="results/gpu", help="the evaluations' JSON go to RESULTS_DIR/{ppl,passkey,sotu}/ "
         "(default: %(default)s)")
     arg("--work_dir", default="out/gpu_check", help="checkpoints, logs and bench's output; emptied first "
         "(default: %(default)s)")
@@ -719,7 +719,7 @@ def parse_args(argv):
     cores = os.cpu_count() or 1
     args.jobs = args.jobs or (max(1, cores - 2) if args.device == "cuda" else cores)
     try:
-        args.lengths = runs.parse_lengths(args.lengths) if args.lengths else list(GRID.lengths)
+        args.lengths = cli.parse_lengths(args.lengths) if args.lengths else list(GRID.lengths)
         widths = [int(w) for w in args.ladder_widths.split(",")]
         seeds = [int(s) for s in args.ladder_seeds.split(",")]
         args.train_args, args.bench_args = shlex.split(args.train_args), shlex.split(args.bench_args)
@@ -736,7 +736,7 @@ def parse_args(argv):
         bad("--bench_args must not give --device or --out: the check sets them")
     # the grid's evaluation arguments with this check's overrides (argparse keeps the last of a flag)
     args.ppl_args = GRID.ppl_args + (["--max_tokens", str(args.ppl_max_tokens)] if args.ppl_max_tokens else [])
-    args.prose_args = GRID.prose_args + (["--max_tokens", str(args.ppl_max_tokens)] if args.ppl_max_tokens else [])
+    args.sotu_args = GRID.sotu_args + (["--max_tokens", str(args.ppl_max_tokens)] if args.ppl_max_tokens else [])
     args.passkey_args = GRID.passkey_args + (["--trials", str(args.trials)] if args.trials else [])
     args.bench = not args.no_bench
 
@@ -771,7 +771,7 @@ def parse_args(argv):
         except SystemExit:
             bad(f"run {name}: train.py refuses its arguments {shlex.join(run_args + args.train_args)!r} "
                 f"(python train.py --help lists them)")
-        except ValueError as error:
+        except files.UserError as error:
             bad(f"run {name}: {error}")
     return args, run_list
 
@@ -784,8 +784,8 @@ def main(argv=None):
                  "nothing was run (--device cpu runs the same steps on the CPU)")
     try:
         check(args, run_list, argv)
-    except (OSError, data.DataError) as error:
-        sys.exit(f"gpu_check.py: error: {data.error_line(error)}")
+    except (OSError, files.UserError) as error:
+        sys.exit(f"gpu_check.py: error: {files.error_line(error)}")
 
 
 def check(args, run_list, argv):
@@ -794,19 +794,19 @@ def check(args, run_list, argv):
     paths.update(runs=os.path.join(paths["work"], "runs"), logs=os.path.join(paths["work"], "logs"))
     print(f"gpu_check: {hardware.machine_name(args.device)}, torch {torch.__version__}, {args.jobs} processes at once, "
           f"{len(run_list)} runs, budget {args.budget_s:.0f} s", flush=True)
-    data.check_writable_folder(os.path.dirname(os.path.abspath(args.out)))
+    files.check_writable_folder(os.path.dirname(os.path.abspath(args.out)))
     shutil.rmtree(paths["work"], ignore_errors=True)  # the check's own scratch: a run starts afresh
     os.makedirs(paths["logs"])
 
     # the corpus, once, before the processes that share its cache start
     first = settings.parse_args(train_arguments(args, run_list[0][1], paths["runs"], run_list[0][0]))[1]
     runs.prepare(first)
-    if "prose" in args.evals:
+    if "sotu" in args.evals:
         try:
             data.load_sotu()
         except data.DataError as error:
             print(f"gpu_check: prose evaluations left out: {error}", flush=True)
-            args.evals = [kind for kind in args.evals if kind != "prose"]
+            args.evals = [kind for kind in args.evals if kind != "sotu"]
     # the matrix-multiply peaks that MFU is measured against (bench.py's measurement)
     sizes, budget = ((1024, 2048, 4096, 8192), 0.5) if args.device == "cuda" else ((256, 512, 1024), 0.3)
     peaks = {"fp32": bench.gemm_peak(args.device, torch.float32, sizes, budget),
@@ -837,7 +837,7 @@ def check(args, run_list, argv):
     summary = summarize(args, steps, scheduler, paths, peaks, timings, t0, argv)
     if interrupted:
         summary["interrupted"] = True
-    data.write_atomically(args.out, (json.dumps(summary, indent=2) + "\n").encode())
+    files.write_atomically(args.out, (json.dumps(summary, indent=2) + "\n").encode())
     print(report_lines(summary, args.out), flush=True)
     if args.pack:
         archive = pack(args.out, steps, paths, args.pack)

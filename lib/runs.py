@@ -1,7 +1,6 @@
 """
 runs.py: what the scripts share about a run: where its files are, how its checkpoint is loaded
-with its tokenizer and validation split, how it is labelled in figures, and the options that
-every evaluation takes (lengths, context extension).
+with its tokenizer and validation split, and how it is labelled in figures.
 
 A run folder, out/<run name>/, holds
     ckpt.pt       the checkpoint (checkpoint.py), written atomically
@@ -9,19 +8,19 @@ A run folder, out/<run name>/, holds
     config.json   every setting of the run
     train.lock    while a train.py writes it
 
-Everything here raises (CheckpointError, data.DataError, ValueError); the scripts' main turns
-an error into one line.
+Everything here raises a files.UserError (CheckpointError, data.DataError), which a script's
+main (cli.run) turns into one line.
 """
 
-import argparse
 import hashlib
 import json
 import os
 import sys
 
 from lib import data
+from lib import files
+from lib import token_cache
 from lib.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from fope_gpt import ROPE_SCALINGS
 from lib.tokenizer import encoding_from_state, tokenizer_state
 
 CKPT_NAME, LOG_NAME, CONFIG_NAME = "ckpt.pt", "log.jsonl", "config.json"
@@ -33,22 +32,9 @@ def checkpoint_path(out_dir, name):
 
 
 def run_of(path):
-    """The run a checkpoint belongs to: the name of its folder."""
+    """The run a checkpoint belongs to: the name of its folder, out_dir/<run>/ckpt.pt (train.py
+    names a run with settings.run_name)."""
     return os.path.basename(os.path.dirname(os.path.abspath(path)))
-
-
-# The errors a user can fix, which an evaluation script reports in one line, not a traceback:
-# a bad checkpoint, missing or changed data, and I/O errors (a full disk, a folder that cannot
-# be written).
-USER_ERRORS = (CheckpointError, data.DataError, OSError)
-
-
-def in_one_line(script, work, *args):
-    """work(*args), with USER_ERRORS ending the script in one line on stderr, exit status 1."""
-    try:
-        return work(*args)
-    except USER_ERRORS as error:
-        sys.exit(f"{script}: error: {data.error_line(error)}")
 
 
 def clock(seconds):
@@ -63,7 +49,7 @@ def clock(seconds):
 
 def prepare(settings, log=print):
     """The run's tokenized data, from the cache in data_dir (built on first use)."""
-    return data.prepare_data(settings["dataset"], settings["tokenizer"], settings["vocab_size"], settings["data_dir"],
+    return token_cache.prepare_data(settings["dataset"], settings["tokenizer"], settings["vocab_size"], settings["data_dir"],
                              log=log, hf_tokens=settings.get("hf_tokens") or 0)
 
 
@@ -86,8 +72,8 @@ def describe_data(meta):
     """A token cache in a few words: its source, size and hash."""
     if not meta.get("hash"):
         return "data it does not record"
-    size = meta.get("train_chars", 0) + meta.get("val_chars", 0)
-    return f"{meta.get('source', meta.get('dataset'))} ({size:,} characters, hash {meta['hash'][:12]})"
+    size = meta["train_chars"] + meta["val_chars"]
+    return f"{meta['source']} ({size:,} characters, hash {meta['hash'][:12]})"
 
 
 def describe_tokenizer(state):
@@ -160,11 +146,20 @@ def checkpoint_to_resume(path):
         state = load_checkpoint(path)
     except CheckpointError as e:
         raise CheckpointError(f"cannot resume: {e}") from None
-    missing = [key for key in ("train_config", "optimizer", "rng", "tokenizer", "data") if not state.get(key)]
+    missing = [key for key in ("train_config", "optimizer", "rng", "tokenizer", "data", "trained") if not state.get(key)]
     if missing:
-        raise CheckpointError(f"cannot resume: {path} has no {', '.join(missing)}; "
-                              f"it can be evaluated but not continued")
+        raise CheckpointError(f"cannot resume: {path} has no {', '.join(missing)} (checkpoint.py lists what train.py "
+                              f"writes); it can be evaluated but not continued")
     return state
+
+
+def training_time(path):
+    """{"seconds", "machines"}: what a run's checkpoint records it cost (checkpoint.py, "trained");
+    raises CheckpointError for a checkpoint that does not record it."""
+    state = load_checkpoint(path)
+    if not isinstance(state.get("trained"), dict):
+        raise CheckpointError(f"{path} does not record its training time (checkpoint.py lists what train.py writes)")
+    return state["trained"]
 
 
 def truncate_log(path, step):
@@ -185,56 +180,21 @@ def truncate_log(path, step):
         except (ValueError, KeyError, TypeError):
             raise CheckpointError(f"{path} line {number} is not a log record: repair or delete that line, "
                                   f"then resume again") from None
-    data.write_atomically(path, "".join(kept).encode())
+    files.write_atomically(path, "".join(kept).encode())
 
 
 # -----------------------------------------------------------------------------
-# what every evaluation takes
-
-
-def parse_lengths(text):
-    """argparse type: '128,256,512' -> [128, 256, 512] (sorted, without repeats, each >= 2)."""
-    try:
-        lengths = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        lengths = []
-    if not lengths or lengths[0] < 2:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers of at least 2, got {text!r}")
-    return lengths
-
-
-def default_lengths(train_len):
-    """128, 256, ... up to 16x the training length, with train_len itself included."""
-    lengths, length = {train_len}, 128
-    while length <= 16 * train_len:
-        lengths.add(length)
-        length *= 2
-    return sorted(lengths)
-
-
-EXTENSION_OPTIONS = ("rope_scaling", "rope_scale", "rope_original_len")
-
-
-def add_extension_options(parser):
-    """Context extension without training, applied to every rope/fope checkpoint given."""
-    parser.add_argument("--rope_scaling", choices=ROPE_SCALINGS)
-    parser.add_argument("--rope_scale", type=float, help="s, the factor by which the context grows")
-    parser.add_argument("--rope_original_len", type=int, help="YaRN's L0 (default: train_len)")
-
-
-def extension_overrides(args):
-    """The extension options given, as GPTConfig overrides."""
-    return {k: getattr(args, k) for k in EXTENSION_OPTIONS if getattr(args, k) is not None}
+# how a run is labelled in figures
 
 
 def curve_label(config):
     """'fope', or 'rope+yarn16' for a checkpoint evaluated with context extension."""
-    scaling = config.get("rope_scaling", "none")
+    scaling = config["rope_scaling"]
     return config["pe"] if scaling == "none" else f"{config['pe']}+{scaling}{config['rope_scale']:g}"
 
 
-def label_runs(results, name_key="run"):
-    """Label curves by pe (and extension), e.g. 'rope+yarn16', adding the run name (the record's
-    `name_key` field) where two labels coincide."""
+def label_runs(results):
+    """Label curves by pe (and extension), e.g. 'rope+yarn16', adding the run (the record's "run")
+    where two labels coincide."""
     labels = [curve_label(r["model_config"]) for r in results]
-    return [label if labels.count(label) == 1 else f"{label} ({r[name_key]})" for label, r in zip(labels, results)]
+    return [label if labels.count(label) == 1 else f"{label} ({r['run']})" for label, r in zip(labels, results)]

@@ -2,8 +2,9 @@
 settings.py: every setting of a training run, its default, what it allows, and the name of
 the run it makes. train.py reads its command line here, and grids.py its grids' runs.
 
-Every GPTConfig field and every training setting below is a --flag of train.py. A run's
-folder, out/<run-name>/, is named by the settings that differ from the defaults.
+Every GPTConfig field and every training setting below is a --flag of train.py (flag(): the
+setting `run` is --run_name). A run's folder, out_dir/<run>/, is named by --run_name or by the
+settings that differ from the defaults.
 """
 
 import argparse
@@ -11,7 +12,10 @@ import dataclasses
 import math
 import os
 
+from lib import cli
 from lib import passkey
+from lib import runs
+from lib.files import UserError
 from fope_gpt import COPE_TAPERS, POSITION_EMBEDDINGS, ROPE_SCALINGS, GPTConfig, kept_frequencies
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
@@ -39,9 +43,7 @@ MODEL = {
     "fope_shared": "one FoPE coefficient set for every layer, as deployed (false: one per layer, as released)",
     "cope_taper": "CoPE's band (the frequencies FoPE clips): cosine tapers it to zero, step zeroes it (HardClip)",
     "qk_norm": "RMS-normalise each head's q and k (one weight over head_dim) before the position embedding",
-    "rope_scaling": "context extension of rope/fope frequencies",
-    "rope_scale": "s, the factor by which the context is meant to grow",
-    "rope_original_len": "YaRN's L0, the length the frequencies were trained at (0: train_len)",
+    **cli.EXTENSION_OPTIONS,
     "init": "olmo: weights N(0, 0.02) truncated, as the authors; pytorch: PyTorch's defaults",
 }
 # everything else: name -> (default, what it means)
@@ -75,22 +77,22 @@ TRAINING = {
     "eval_batches": (20, "validation batches per evaluation"),
     "log_interval": (25, "steps between log lines"),
     # hardware and files
-    "dtype": ("auto", "bf16 autocast or fp32; auto: bf16 where the hardware has it natively"),
+    "dtype": ("auto", cli.DTYPE_HELP),
     "compile": (False, "torch.compile the model"),
-    "device": ("auto", "auto: cuda if PyTorch sees a GPU, else cpu"),
+    "device": ("auto", cli.DEVICE_HELP),
     "out_dir": ("out", "runs go to out_dir/<run name>/"),
-    "run_name": ("", "the run's folder (empty: named by the settings that differ from the defaults)"),
+    "run": ("", "the run's name, its folder out_dir/<run>/ (empty: named by the settings that differ from the "
+                "defaults)"),
 }
 DEFAULTS = {**{f.name: f.default for f in dataclasses.fields(GPTConfig)},
             **{key: default for key, (default, _) in TRAINING.items()}}
 MEANING = {**MODEL, **{key: words for key, (_, words) in TRAINING.items()}}
 PRESETS = {
     "cpu": {},
-    # The CPU model as the default grid trains it: the settings that taught RoPE, FoPE and ALiBi
-    # passkey retrieval (EXPERIMENTS.md, the passkey-recipe probes and the confirmation runs;
-    # FAITHFULNESS.md). 3200 steps, not the former 1200, 1600 or 2400: each seed learns the copy in a
-    # burst that starts anywhere from about step 1000 to 1800, and a schedule whose learning rate has
-    # decayed by then leaves it half-learned (at 2400 FoPE's grid seed 1 retrieved 57-62%, at 3200 100%).
+    # The CPU model as the default grid trains it: the settings that teach RoPE, FoPE and ALiBi
+    # passkey retrieval (EXPERIMENTS.md; FAITHFULNESS.md). 3200 steps because each seed learns the
+    # copy in a burst that starts anywhere from about step 1000 to 1800, and a schedule whose
+    # learning rate has decayed by then leaves it half-learned.
     # Byte-level tokens (vocab_size 257: the 256 bytes and end of text), so perplexities are per byte;
     # train_len 384 so that a prompt holds the benchmark's 247 bytes of fixed text and some filler;
     # PyTorch's default initialisation; loss on the answer alone; half the sequences passkey prompts.
@@ -105,7 +107,7 @@ PRESETS = {
 # precision it started with unless --dtype is given again). decay_steps re-stretches the
 # schedule from the resumed step on, which is why it is only changed when given.
 RESUMABLE = {"max_steps", "decay_steps", "eval_interval", "log_interval", "compile", "device", "dtype", "resume",
-             "out_dir", "preset", "run_name", "data_dir"}
+             "out_dir", "preset", "run", "data_dir"}
 # Settings that do not name a run.
 UNNAMED = RESUMABLE | {"eval_batches"}
 # The allowed values of the training settings (GPTConfig checks its own fields), in words for
@@ -143,25 +145,37 @@ NOTES = {
 }
 
 
+def flag(key):
+    """The command-line flag of a setting: --<key>, except for the run's name, --run_name: torchrun
+    would read --run as an abbreviation of its own --run-path."""
+    return "--run_name" if key == "run" else f"--{key}"
+
+
 def parse_args(argv=None, description=None):
     """(args, settings, given): the parsed command line, every setting (defaults, then the preset,
     then the flags given) and the settings given as flags."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=cli.HelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="; ".join(
         f"{name}: " + (", ".join(f"{k}={v}" for k, v in preset.items()) or "the defaults below")
         for name, preset in PRESETS.items()) + " (flags given override a preset's values; default: cpu)")
     parser.add_argument("--resume", action="store_true",
                         help="continue out/<run-name>/ckpt.pt, on the same data and tokenizer")
     for key, default in DEFAULTS.items():
+        if key == "device":  # declared once for every script
+            cli.add_device_option(parser)
+            continue
+        if key == "dtype":
+            cli.add_dtype_option(parser)
+            continue
         words = "; ".join(part for part in (MEANING[key], NOTES.get(key), key in ALLOWED and
                                             f"allowed: {ALLOWED[key][1]}", f"default: {str(default).lower() if isinstance(default, bool) else repr(default)}") if part)
         words = words.replace("%", "%%")  # argparse formats help with %
         if isinstance(default, bool):
-            parser.add_argument(f"--{key}", type=parse_bool, metavar="true|false", help=words)
+            parser.add_argument(flag(key), dest=key, type=parse_bool, metavar="true|false", help=words)
         elif key in CHOICES:
-            parser.add_argument(f"--{key}", choices=CHOICES[key], help=words)
+            parser.add_argument(flag(key), dest=key, choices=CHOICES[key], help=words)
         else:
-            parser.add_argument(f"--{key}", type=type(default), metavar=type(default).__name__.upper(),
+            parser.add_argument(flag(key), dest=key, type=type(default), metavar=type(default).__name__.upper(),
                                 help=words)
     parser.set_defaults(**{k: None for k in DEFAULTS})
     args = parser.parse_args(argv)
@@ -178,34 +192,38 @@ def parse_bool(text):
 
 
 def validate_settings(settings):
-    """Raise ValueError, naming the flag and what it allows, for a setting out of range. The
+    """Raise UserError, naming the flag and what it allows, for a setting out of range. The
     range checks are all here, made before anything is read or written."""
     for key, value in settings.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"--{key} must be a finite number, got {value}")
+            raise UserError(f"{flag(key)} must be a finite number, got {value}")
     for key, (allowed, words) in ALLOWED.items():
         if not allowed(settings[key]):
-            raise ValueError(f"--{key} must be {words}, got {settings[key]!r}")
+            raise UserError(f"{flag(key)} must be {words}, got {settings[key]!r}")
     if settings["tokenizer"] == "bpe" and settings["vocab_size"] < 257:
-        raise ValueError(f"--vocab_size must be >= 257 with --tokenizer bpe (256 bytes and end of text), "
+        raise UserError(f"--vocab_size must be >= 257 with --tokenizer bpe (256 bytes and end of text), "
                          f"got {settings['vocab_size']}")
-    if settings["run_name"] in (".", "..") or os.path.basename(settings["run_name"]) != settings["run_name"]:
-        raise ValueError(f"--run_name must be a folder name, not a path, got {settings['run_name']!r}")
+    if settings["run"] in (".", "..") or os.path.basename(settings["run"]) != settings["run"]:
+        raise UserError(f"--run_name must be a folder name, not a path, got {settings['run']!r}")
     try:
         config = GPTConfig(**{k: settings[k] for k in MODEL_FIELDS})
     except ValueError as e:
-        raise ValueError(str(e).replace("GPTConfig.", "--")) from None  # each GPTConfig field is a flag
+        raise UserError(str(e).replace("GPTConfig.", "--")) from None  # each GPTConfig field is a flag
     if config.pe == "fope":
         if not len(kept_frequencies(config.head_dim, config.train_len, config.rope_theta, clip=config.fope_cf)):
-            raise ValueError(f"--pe fope keeps no frequency at --train_len {config.train_len} (K = 0: even the "
+            raise UserError(f"--pe fope keeps no frequency at --train_len {config.train_len} (K = 0: even the "
                              f"fastest period, 2 pi, is longer); use --train_len 7 or more")
         if config.fope_fs and config.fope_cf and config.head_dim < 4:
-            raise ValueError(f"--pe fope mixes frequencies into head_dim / 4 pairs: it needs n_embd / n_head >= 4, "
+            raise UserError(f"--pe fope mixes frequencies into head_dim / 4 pairs: it needs n_embd / n_head >= 4, "
                              f"got {config.head_dim}")
 
 
 def run_name(settings, preset):
-    """pe plus every naming setting that differs from the defaults, e.g. 'fope-seed1'."""
+    """The name of the run these settings train: --run_name if given, else pe plus every naming
+    setting that differs from the defaults, e.g. 'fope-seed1'. (runs.run_of reads it back from a
+    checkpoint's path.)"""
+    if settings["run"]:
+        return settings["run"]
     baseline = {**DEFAULTS, **PRESETS[preset]}
     parts = [settings["pe"]] + ([preset] if preset != "cpu" else [])
     for key in sorted(k for k in DEFAULTS if k not in UNNAMED and k != "pe"):
@@ -213,27 +231,28 @@ def run_name(settings, preset):
             value = settings[key]
             if key == "dataset":  # a path names the run by its file or folder name
                 value = os.path.splitext(os.path.basename(value.rstrip("/")))[0].replace(":", "_")
-            if key == "init_from":  # a checkpoint names the run by its run folder
-                value = os.path.basename(os.path.dirname(os.path.abspath(value)))
+            if key == "init_from":  # a checkpoint names the run by the run it continues
+                value = runs.run_of(value)
             parts.append(f"{key}{value}")
     return "-".join(parts)
 
 
 def schedule_steps(config):
-    """The length of a run's learning-rate schedule: decay_steps, or max_steps where that is 0 or
-    absent (checkpoints written before decay_steps existed)."""
-    return config.get("decay_steps") or config.get("max_steps")
+    """The length of a run's learning-rate schedule: decay_steps, or max_steps where that is 0.
+    Raises UserError for settings that are not a run's."""
+    try:
+        return config["decay_steps"] or config["max_steps"]
+    except (KeyError, TypeError):
+        raise UserError("these are not the settings of a train.py run: they have no decay_steps and max_steps") from None
 
 
 def resumed_settings(saved, given, ckpt_path):
     """The checkpoint's settings, with the given ones that may change on resume (RESUMABLE); any
-    other given setting must equal the checkpoint's. Raises ValueError."""
-    if not isinstance(saved, dict) or "max_steps" not in saved:
-        raise ValueError(f"cannot resume: the train_config of {ckpt_path} is not the settings of a run")
-    # Settings added since the checkpoint was written take their defaults, except decay_steps:
-    # before it existed, max_steps set the schedule.
-    saved = {**DEFAULTS, "decay_steps": saved["max_steps"], **saved}
+    other given setting must equal the checkpoint's. Raises UserError."""
+    if not isinstance(saved, dict) or set(saved) != set(DEFAULTS):
+        raise UserError(f"cannot resume: the train_config of {ckpt_path} does not hold this train.py's settings "
+                        f"(checkpoint.py lists what train.py writes)")
     for key, value in given.items():
         if key not in RESUMABLE and saved[key] != value:
-            raise ValueError(f"{ckpt_path} was trained with {key}={saved[key]!r} but --{key} {value!r} was given")
+            raise UserError(f"{ckpt_path} was trained with {key}={saved[key]!r} but {flag(key)} {value!r} was given")
     return {**saved, **{k: v for k, v in given.items() if k in RESUMABLE}}

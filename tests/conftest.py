@@ -5,7 +5,6 @@ runs it, and the checks that a failure is one line and leaves every existing fil
 
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -32,12 +31,16 @@ def run_script(script, *args, cwd=HERE, timeout=300):
                           cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
-def png_size(path):
-    """(width, height) of a PNG file, from its header; fails for a file that is not a PNG."""
+def is_png(path):
+    """Whether a file is a PNG image, by its signature."""
     with open(path, "rb") as f:
-        header = f.read(24)
-    assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
-    return struct.unpack(">II", header[16:24])
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def plotted_lines(ax):
+    """{label: (xs, ys)} of the labelled curves of a matplotlib Axes: what a figure shows."""
+    return {line.get_label(): ([float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()])
+            for line in ax.get_lines() if not line.get_label().startswith("_")}
 
 
 def dead_pid():

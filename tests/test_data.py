@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lib import data
+from lib import token_cache
 from lib import tokenizer
 
 
@@ -100,7 +101,7 @@ def test_folder_split_by_whole_files(tmp_path):
     assert data.split_documents(["x" * 1000, "y" * 10]) == (["x" * 1000], ["y" * 10])  # one file each side
     assert data.split_documents(["line\n" * 10]) == (["line\n" * 9], ["line\n"])  # a lone file splits by lines
 
-    prepared = data.prepare_data(str(corpus), vocab_size=260, cache_dir=tmp_path, log=lambda line: None)
+    prepared = token_cache.prepare_data(str(corpus), vocab_size=260, cache_dir=tmp_path, log=lambda line: None)
     assert prepared.enc.decode(list(prepared.train)) == "a" * 500 + tokenizer.EOT + "b" * 400
     assert prepared.enc.decode(list(prepared.val)) == "c" * 100
 
@@ -110,7 +111,7 @@ def test_prepare_data_caches_and_rebuilds(tmp_path):
     source.write_text(sample_corpus())
     cache = tmp_path / "cache"
     lines = []
-    prepared = data.prepare_data(str(source), vocab_size=300, cache_dir=cache, log=lines.append)
+    prepared = token_cache.prepare_data(str(source), vocab_size=300, cache_dir=cache, log=lines.append)
     folder = cache / "corpus-txt-bpe-300"
     files = ["train.bin", "val.bin", "meta.json", "tokenizer.tiktoken"]
     assert all((folder / name).is_file() for name in files)
@@ -121,13 +122,13 @@ def test_prepare_data_caches_and_rebuilds(tmp_path):
 
     mtimes = {name: (folder / name).stat().st_mtime_ns for name in files}
     lines.clear()
-    again = data.prepare_data(str(source), vocab_size=300, cache_dir=cache, log=lines.append)
+    again = token_cache.prepare_data(str(source), vocab_size=300, cache_dir=cache, log=lines.append)
     assert len(lines) == 1 and "cached" in lines[0]
     assert {name: (folder / name).stat().st_mtime_ns for name in files} == mtimes
     assert np.array_equal(again.train, prepared.train)
 
     source.write_text(sample_corpus(seed=1))
-    rebuilt = data.prepare_data(str(source), vocab_size=300, cache_dir=cache, log=lines.append)
+    rebuilt = token_cache.prepare_data(str(source), vocab_size=300, cache_dir=cache, log=lines.append)
     assert rebuilt.meta["hash"] != prepared.meta["hash"]
     assert rebuilt.enc.decode(list(rebuilt.train) + list(rebuilt.val)) == source.read_text()
 
@@ -135,13 +136,13 @@ def test_prepare_data_caches_and_rebuilds(tmp_path):
 def test_incomplete_cache_is_rebuilt(tmp_path):
     source = tmp_path / "corpus.txt"
     source.write_text(sample_corpus())
-    prepared = data.prepare_data(str(source), vocab_size=300, cache_dir=tmp_path, log=lambda line: None)
+    prepared = token_cache.prepare_data(str(source), vocab_size=300, cache_dir=tmp_path, log=lambda line: None)
     expected_train = np.array(prepared.train)
     del prepared  # its memmap must not see the file shrink under it
     train_file = tmp_path / "corpus-txt-bpe-300" / "train.bin"
     train_file.write_bytes(train_file.read_bytes()[:10])  # as if a write had been cut short
     lines = []
-    rebuilt = data.prepare_data(str(source), vocab_size=300, cache_dir=tmp_path, log=lines.append)
+    rebuilt = token_cache.prepare_data(str(source), vocab_size=300, cache_dir=tmp_path, log=lines.append)
     assert not any("cached" in line for line in lines)
     assert np.array_equal(rebuilt.train, expected_train)
 
@@ -149,14 +150,14 @@ def test_incomplete_cache_is_rebuilt(tmp_path):
 def test_missing_dataset_path_is_a_one_line_error(tmp_path):
     missing = tmp_path / "no-such-corpus.txt"
     with pytest.raises(data.DataError, match="no-such-corpus.txt") as error:
-        data.prepare_data(str(missing), cache_dir=tmp_path, log=lambda line: None)
+        token_cache.prepare_data(str(missing), cache_dir=tmp_path, log=lambda line: None)
     assert "\n" not in str(error.value)
 
 
 def test_tokenizer_state_round_trip(tmp_path):
     source = tmp_path / "corpus.txt"
     source.write_text(sample_corpus())
-    prepared = data.prepare_data(str(source), vocab_size=300, cache_dir=tmp_path, log=lambda line: None)
+    prepared = token_cache.prepare_data(str(source), vocab_size=300, cache_dir=tmp_path, log=lambda line: None)
     state = json.loads(json.dumps(tokenizer.tokenizer_state(prepared.enc)))
     enc = tokenizer.encoding_from_state(state)
     text = SAMPLE_TEXT + tokenizer.EOT + "Passkey 4821."

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import run_script
 from experiments import gpu_check, grids
-from lib import data
+from lib import token_cache
 
 # Everything shortened: 1 training step of 1 sequence, 1 passkey trial, 1024 tokens of perplexity,
 # lengths train_len and 2x only, bench.py's smallest table.
@@ -83,7 +83,7 @@ def test_a_failed_run_is_one_line_with_its_log_and_the_rest_goes_on(tmp_path):
 
 
 def test_at_the_budget_the_running_steps_stop_and_the_summary_names_what_did_not_finish(tmp_path):
-    data.prepare_data("shakespeare", "bpe", 257, str(tmp_path / "data"))  # so that the budget goes to the trainings
+    token_cache.prepare_data("shakespeare", "bpe", 257, str(tmp_path / "data"))  # so that the budget goes to the trainings
     result = run_script("experiments.gpu_check", *TINY, *folders(tmp_path), "--max_steps", "100000", "--train_s", "0",
                         "--eval_s", "0", "--no_bench", "--budget_s", "8", timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -7,20 +7,24 @@ import json
 import os
 import random
 import re
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from lib import checkpoint
+import analyze
+import eval_passkey
 import eval_ppl
+from experiments import report
 from lib import hardware
 from lib import runs
 from lib import settings as run_settings
 from lib import tokenizer
+import sample
 import train
-from conftest import dead_pid, png_size, error_of, logged_losses, snapshot, tiny_run_args
+from fope_gpt import POSITION_EMBEDDINGS
+from conftest import dead_pid, error_of, is_png, logged_losses, plotted_lines, snapshot, tiny_run_args
 
 
 def test_a_run_is_named_by_every_setting_that_changes_what_is_trained():
@@ -30,15 +34,36 @@ def test_a_run_is_named_by_every_setting_that_changes_what_is_trained():
     assert run_settings.run_name({**run_settings.DEFAULTS, "pe": "rope"}, "cpu") == "rope"
 
 
-def test_the_help_gives_every_setting_its_meaning_and_default(capsys):
-    with pytest.raises(SystemExit):
-        train.main(["--help"])
-    text = re.sub(r"\s+", "", capsys.readouterr().out)  # however argparse wraps the lines
-    for key, default in run_settings.DEFAULTS.items():
-        shown = str(default).lower() if isinstance(default, bool) else repr(default)
-        assert re.sub(r"\s+", "", f"{run_settings.MEANING[key]}") in text and f"--{key}" in text
-        assert re.sub(r"\s+", "", f"default: {shown}") in text
-    assert "--pe{rope,fope,alibi,nope}" in text
+def help_entries(main, capsys):
+    """{flag: its help, whitespace folded} of a script's --help, and the flags it requires."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    usage, options = text.split("\n\n", 1)[0], text.split("\noptions:\n", 1)[1]
+    optional = set(re.findall(r"\[(--\w+)", usage))
+    entries = {}
+    for entry in re.split(r"\n(?=  -)", options.strip("\n")):  # an option's lines, up to the next option
+        flag = entry.split()[0]
+        entries[flag] = " ".join(entry.split())
+    return entries, set(entries) - optional - {"-h,"}
+
+
+@pytest.mark.parametrize("main", [train.main, eval_ppl.main, eval_passkey.main, analyze.main, report.main, sample.main],
+                         ids=["train", "eval_ppl", "eval_passkey", "analyze", "report", "sample"])
+def test_every_option_of_every_script_shows_its_default_and_its_choices(main, capsys):
+    entries, required = help_entries(main, capsys)
+    assert required == ({"--ckpt"} if main in (eval_ppl.main, eval_passkey.main, analyze.main, sample.main) else set())
+    for flag, entry in entries.items():
+        if flag in required or flag == "-h,":
+            continue
+        assert re.search(r"default: (?!None\b)\S", entry), entry  # a value or words, never a bare None
+        choices = re.match(r"--\w+ \{([^}]*)\}", entry)
+        assert choices is None or len(choices.group(1).split(",")) >= 2, entry
+    if main is train.main:  # every setting is a flag, whatever declares it
+        assert {run_settings.flag(key) for key in run_settings.DEFAULTS} <= set(entries)
+        assert entries["--pe"].startswith("--pe {" + ",".join(POSITION_EMBEDDINGS) + "}")
+        assert entries["--dtype"].startswith("--dtype {auto,bf16,fp32}")
 
 
 def test_a_short_training_run_lowers_the_loss_and_leaves_a_checkpoint(trained_run):
@@ -64,7 +89,8 @@ def test_a_stopped_and_resumed_run_repeats_the_uninterrupted_losses(trained_run,
         train.main(tiny_run_args(tmp_path, "--pe", "fope"))
     monkeypatch.setattr(train, "save_checkpoint", save)
     run_dir = tmp_path / "out" / "tiny"
-    assert checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))["step"] == 10
+    stopped_at = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))
+    assert stopped_at["step"] == 10
     # what a kill -9 a little later leaves: its lock, a log line cut short, a half-written checkpoint
     (run_dir / "train.lock").write_text(f"{dead_pid()}\n")
     with open(run_dir / "log.jsonl", "a") as log:
@@ -73,24 +99,11 @@ def test_a_stopped_and_resumed_run_repeats_the_uninterrupted_losses(trained_run,
     train.main(tiny_run_args(tmp_path, "--pe", "fope", "--resume"))
     assert logged_losses(run_dir) == uninterrupted
     assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "config.json", "log.jsonl"]  # the lock is released
-    # the checkpoint keeps each process's part of the run: its steps, time and machine
-    parts = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))["trained"]
-    assert [part["steps"] for part in parts] == [[0, 10], [10, 30]] and all(part["seconds"] > 0 for part in parts)
-    assert all((part["machine"], part["cores"], part["processes"]) == (hardware.machine_name("cpu"), os.cpu_count(), 1)
-               for part in parts)
-
-
-def test_a_run_resumed_from_a_checkpoint_without_parts_records_the_earlier_part_as_untimed(trained_run, tmp_path, capsys):
-    run_dir = tmp_path / "out" / "tiny"
-    shutil.copytree(trained_run[1], run_dir)
-    state = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))
-    del state["trained"]  # as a checkpoint of a version that did not record them
-    torch.save(state, run_dir / "ckpt.pt")
-    train.main(tiny_run_args(trained_run[0], "--out_dir", str(tmp_path / "out"), "--max_steps", "32", "--resume"))
-    parts = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))["trained"]
-    assert parts[0] == {"steps": [0, 30], "seconds": None} and parts[1]["steps"] == [30, 32]
-    done = capsys.readouterr().out.splitlines()[-1]
-    assert done.startswith("done: 32 steps in 0:00:") and "(from step 30), val loss" in done  # no total: one part untimed
+    # the checkpoint adds the second process's training time to the first's, and names the machine
+    assert stopped_at["trained"]["machines"] == [f"{hardware.machine_name('cpu')} ({os.cpu_count()} cores)"]
+    trained = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))["trained"]
+    assert trained["machines"] == stopped_at["trained"]["machines"]
+    assert trained["seconds"] > stopped_at["trained"]["seconds"] > 0
 
 
 def test_eval_ppl_writes_numbers_and_a_figure(trained_run, tmp_path):
@@ -101,7 +114,11 @@ def test_eval_ppl_writes_numbers_and_a_figure(trained_run, tmp_path):
     report = json.loads(out.read_text())
     ppl = report["checkpoints"][0]["ppl"]
     assert list(ppl) == ["16", "32", "64", "128"] and all(1 < p < 300 for p in ppl.values())
-    assert png_size(tmp_path / "ppl.png") == (round(6.5 * 120), round(4.2 * 120))
+    assert is_png(tmp_path / "ppl.png")
+    # the figure shows the JSON's perplexities at their lengths, and train_len dashed
+    ax = eval_ppl.draw(report["checkpoints"], "perplexity", "ppl").axes[0]
+    assert plotted_lines(ax) == {"fope": ([16, 32, 64, 128], list(ppl.values()))}
+    assert [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == [32]
 
 
 def prose(seed, sentences=20):
@@ -154,8 +171,6 @@ def test_chunked_perplexity_averages_every_target_of_every_chunk(trained_run):
     tokens = torch.randint(0, model.config.vocab_size, (100,)).numpy()
     loss, count = eval_ppl.chunked_ppl(model, tokens, 32, 2, "cpu", "fp32")
     assert count == 3 * 31  # three chunks of 32 tokens, 31 targets each; the tail is dropped
-    chunk = torch.from_numpy(tokens[32:64]).long()[None]
-    _, chunk_loss = model(chunk[:, :-1], chunk[:, 1:])
     losses = [model(torch.from_numpy(tokens[i:i + 32]).long()[None, :-1],
                     torch.from_numpy(tokens[i + 1:i + 32]).long()[None])[1].item() for i in (0, 32, 64)]
     assert loss == pytest.approx(sum(losses) / 3, rel=1e-5)
@@ -232,15 +247,6 @@ def test_an_unknown_text_name_is_refused_naming_the_known_one(trained_run, tmp_p
                                        "--out", str(tmp_path / "ppl.json")])
     assert "text not found: austen" in message and "'sotu'" in message
     assert not (tmp_path / "ppl.json").exists()
-
-
-def test_eval_ppl_help_gives_the_text_its_meaning_and_default(capsys):
-    with pytest.raises(SystemExit):
-        eval_ppl.main(["--help"])
-    text = re.sub(r"\s+", " ", capsys.readouterr().out)  # however argparse wraps the lines
-    assert "--text TEXT evaluate on this text, in each checkpoint's own tokenizer, instead of its validation" in text
-    assert "'sotu' (the presidents' annual messages to Congress of 1790-1899" in text
-    assert "(default: the validation split)" in text
 
 
 @pytest.mark.parametrize("eval_interval", [1, 100])

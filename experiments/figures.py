@@ -1,0 +1,56 @@
+"""
+figures.py: the figures of a grid's report, one per section (grid_results.report_sections):
+perplexity and passkey accuracy against the evaluation length, a curve per method.
+"""
+
+import statistics
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from experiments import grid_results  # noqa: E402
+
+
+def draw(section, metrics, results, lengths):
+    """A section's figure: one panel per metric, a curve per group, its mean over the group's
+    entries (the seeds of a method) and the min-max band where there are several."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.3), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for label, entries in section.groups.items():
+            points = [(n, grid_results.values_at(results, entries, metric, n)) for n in lengths]
+            points = [(n, values) for n, values in points if values]
+            if not points:
+                continue
+            xs = [n for n, _ in points]
+            count = max(len(values) for _, values in points)
+            line, = ax.plot(xs, [statistics.mean(v) for _, v in points], marker="o",
+                            label=f"{label} ({count} seeds)" if count > 1 else label)
+            if count > 1:
+                ax.fill_between(xs, [min(v) for _, v in points], [max(v) for _, v in points],
+                                color=line.get_color(), alpha=0.2)
+        for train_len in grid_results.train_lens(results, grid_results.section_entries(section)):
+            ax.axvline(train_len, color="gray", linestyle="--", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        if metric == "accuracy":
+            ax.set_ylim(-0.03, 1.03)
+        else:
+            ax.set_yscale("log")
+            for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))  # 200, not 2x10^2
+        ax.set_xlabel("evaluation length (tokens); dashed: train_len")
+        ax.set_ylabel(grid_results.METRICS[metric][2])
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:  # a curve, not only the train_len line
+            ax.legend(fontsize=8)
+    fig.suptitle(section.title)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path):
+    """Write a figure drawn by draw() and free it."""
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
