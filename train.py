@@ -226,8 +226,10 @@ def train(argv, held):
             # run resumes on any number of processes) and trains on its own rows of it.
             x, y = batches.next()  # (batch_size, train_len) each
             share = int((y[rows] >= 0).sum()) / int((y >= 0).sum())  # its part of the batch's loss targets
+            if device.startswith("cuda"):  # page-locked, so the copy need not wait for the GPU
+                x, y = x.pin_memory(), y.pin_memory()
             with hardware.autocast(settings["dtype"], device):
-                _, loss = train_step(x[rows].to(device), y[rows].to(device))
+                _, loss = train_step(x[rows].to(device, non_blocking=True), y[rows].to(device, non_blocking=True))
             # DDP averages gradients over processes; weighting each process's mean loss by its
             # share of the targets makes that average the gradient of the whole batch's mean loss,
             # even when passkey rows (loss on few tokens) fall unevenly. One process: share = 1.

@@ -16,7 +16,7 @@ from lib import cli
 from lib import passkey
 from lib import runs
 from lib.files import UserError
-from fope_gpt import COPE_TAPERS, POSITION_EMBEDDINGS, ROPE_SCALINGS, GPTConfig, kept_frequencies
+from fope_gpt import COPE_TAPERS, FOPE_DEPLOYED, POSITION_EMBEDDINGS, ROPE_SCALINGS, GPTConfig, kept_frequencies
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
 
@@ -48,6 +48,9 @@ MODEL = {
 }
 # everything else: name -> (default, what it means)
 TRAINING = {
+    # the model: a named set of FoPE's switches (FOPE_VARIANTS); flags given override it
+    "fope_variant": ("released", "FoPE as the authors released it, or as Intern-S1-Pro deploys it: "
+                                 "deployed sets fope_shared, fope_cap, fope_sin_pad, fope_sigma and qk_norm"),
     # data
     "dataset": ("shakespeare", "shakespeare, a text file or folder, or hf:<name> (streamed)"),
     "tokenizer": ("bpe", "bpe: trained on the training split, vocab_size tokens; gpt2: tiktoken's"),
@@ -134,7 +137,8 @@ ALLOWED = {
     "fope_grow": (lambda v: v in ("fresh", "zeros"), "fresh or zeros"),
     "tokenizer": (lambda v: v in ("bpe", "gpt2"), "bpe or gpt2"),
 }
-CHOICES = {"pe": POSITION_EMBEDDINGS, "rope_scaling": ROPE_SCALINGS, "init": ("olmo", "pytorch"), "cope_taper": COPE_TAPERS}
+FOPE_VARIANTS = {"released": {}, "deployed": FOPE_DEPLOYED}
+CHOICES = {"fope_variant": tuple(FOPE_VARIANTS), "pe": POSITION_EMBEDDINGS, "rope_scaling": ROPE_SCALINGS, "init": ("olmo", "pytorch"), "cope_taper": COPE_TAPERS}
 # What --help adds to a setting's meaning.
 NOTES = {
     "max_steps": "with --resume it may grow or shrink, and the learning-rate schedule keeps its length "
@@ -180,7 +184,12 @@ def parse_args(argv=None, description=None):
     parser.set_defaults(**{k: None for k in DEFAULTS})
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
-    return args, {**DEFAULTS, **PRESETS[args.preset], **given}, given
+    return args, with_variant({**DEFAULTS, **PRESETS[args.preset]}, given), given
+
+
+def with_variant(base, given):
+    """The settings `base` with FoPE's variant (given, else the base's) and then the flags given."""
+    return {**base, **FOPE_VARIANTS[given.get("fope_variant", base["fope_variant"])], **given}
 
 
 def parse_bool(text):
@@ -224,7 +233,8 @@ def run_name(settings, preset):
     checkpoint's path.)"""
     if settings["run"]:
         return settings["run"]
-    baseline = {**DEFAULTS, **PRESETS[preset]}
+    base = {**DEFAULTS, **PRESETS[preset]}
+    baseline = {**with_variant(base, {"fope_variant": settings["fope_variant"]}), "fope_variant": base["fope_variant"]}
     parts = [settings["pe"]] + ([preset] if preset != "cpu" else [])
     for key in sorted(k for k in DEFAULTS if k not in UNNAMED and k != "pe"):
         if settings[key] != baseline[key]:

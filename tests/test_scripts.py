@@ -23,7 +23,7 @@ from lib import settings as run_settings
 from lib import tokenizer
 import sample
 import train
-from fope_gpt import POSITION_EMBEDDINGS
+from fope_gpt import FOPE_DEPLOYED, POSITION_EMBEDDINGS
 from conftest import dead_pid, error_of, is_png, logged_losses, plotted_lines, snapshot, tiny_run_args
 
 
@@ -288,3 +288,12 @@ def test_eval_ppl_applies_context_extension_to_a_checkpoint(trained_run, tmp_pat
     result = json.loads(out.read_text())["checkpoints"][0]
     assert result["model_config"]["rope_scaling"] == "yarn" and result["model_config"]["rope_scale"] == 4
     assert runs.label_runs([result]) == ["fope+yarn4"]
+
+
+def test_the_deployed_fope_variant_sets_its_switches_and_a_flag_given_wins():
+    deployed = run_settings.parse_args(["--pe", "fope", "--fope_variant", "deployed"])[1]
+    assert {key: deployed[key] for key in FOPE_DEPLOYED} == FOPE_DEPLOYED
+    assert run_settings.parse_args(["--pe", "fope"])[1]["fope_cap"] is True   # released: the authors' cap
+    overridden = run_settings.parse_args(["--fope_variant", "deployed", "--fope_sigma", "0.3"])[1]
+    assert overridden["fope_sigma"] == 0.3 and overridden["fope_shared"] is True
+    assert run_settings.run_name(deployed, "cpu") == "fope-fope_variantdeployed"
