@@ -66,8 +66,10 @@ def test_the_default_grid_trains_every_method_alike_with_the_retrieval_preset(tm
 def test_the_grids_evaluate_at_the_lengths_and_names_of_their_committed_results(grid_name):
     grid = grids.GRIDS[grid_name]
     saved = HERE / "results" / grid_name
-    for kind, _, entry, _ in grids.steps(grid, grid.runs):
+    for kind, run, entry, _ in grids.steps(grid, grid.runs):
         if kind in ("ppl", "passkey", "sotu"):
+            if run.section in ("rival", "ladder") and not (saved / kind / f"{entry}.json").exists():
+                continue  # issue 42's runs, not all run yet
             report = json.loads((saved / kind / f"{entry}.json").read_text())
             assert (report["lengths"] if kind != "passkey" else report["settings"]["lengths"]) == grid.lengths
             assert report["checkpoints"][0]["run"] == entry.split("+")[0]
@@ -107,6 +109,23 @@ def test_the_report_groups_seeds_of_a_method_and_only_seeds():
     assert grid_results.method_of("fope-hd32-s0") == "fope-hd32"
     assert grid_results.group_by_method(["rope-s0", "fope-s0", "rope-s1", "rope-s0+pi16"]) == {
         "rope": ["rope-s0", "rope-s1"], "fope": ["fope-s0"], "rope+pi16": ["rope-s0+pi16"]}
+
+
+def test_the_default_grid_adds_issue_42s_runs_after_its_own_seed_0_first():
+    names = [run.name for run in grids.DEFAULT.runs]
+    new = names[names.index("fope-hd128-s0") + 1:]
+    rows = ["fope-deployed", "cope", "rope-qknorm", "rope-w128", "fope-w128", "alibi-w128", "rope-w512", "fope-w512",
+            "alibi-w512"]
+    assert new == [f"{row}-s{seed}" for seed in range(3) for row in rows if seed < 2 or "w512" not in row]
+    runs = {run.name: run for run in grids.DEFAULT.runs}
+    assert {runs[f"{row}-s0"].section for row in rows[:3]} == {"rival"} and runs["fope-w512-s1"].section == "ladder"
+    for name, expected in (("fope-deployed-s1", {"pe": "fope", "fope_variant": "deployed", "seed": 1338}),
+                           ("cope-s2", {"pe": "cope", "seed": 1339, "passkey_seed": 1002}),
+                           ("rope-qknorm-s0", {"pe": "rope", "qk_norm": True}),
+                           ("alibi-w128-s2", {"pe": "alibi", "n_embd": 128, "n_head": 2}),
+                           ("fope-w512-s0", {"pe": "fope", "n_embd": 512, "n_head": 8, "dtype": "fp32"})):
+        values = grids.run_settings(grids.DEFAULT, runs[name])[0]
+        assert {key: values[key] for key in expected} == expected, name
 
 
 def test_only_also_selects_the_runs_a_fine_tune_starts_from():
