@@ -128,6 +128,23 @@ def test_the_default_grid_adds_issue_42s_runs_after_its_own_seed_0_first():
         assert {key: values[key] for key in expected} == expected, name
 
 
+def test_several_at_once_an_evaluation_waits_for_its_training_a_fine_tune_for_its_parent(tmp_path):
+    grid = grids.GRIDS["quick"]
+    planned = reproduce.plan(grid, grid.runs, str(tmp_path / "out"), str(tmp_path / "results"))
+    steps, _ = reproduce.job_steps(grid, grid.runs, planned, str(tmp_path / "out"), 2)
+    needs = {step.name: step.needs for step in steps}
+    assert [step.name for step in steps] == [title for title, _, _ in planned]  # in the plan's order
+    assert needs["train rope-s0"] == [] and needs["ppl rope-s0+yarn4"] == needs["sotu rope-s0"] == ["train rope-s0"]
+    assert needs["train ext-rope-fope-s0"] == ["train rope-s0"]
+    assert needs["analysis rope-s0 fope-s0"] == ["train rope-s0", "train fope-s0"]
+    assert steps[3].log == str(tmp_path / "out" / "logs" / f"{steps[3].name.replace(' ', '_')}.log")
+    # a training done before is nothing to wait for; one at a time the output stays on the terminal
+    done = [(title, None if title == "train rope-s0" else command, why) for title, command, why in planned]
+    steps, _ = reproduce.job_steps(grid, grid.runs, done, str(tmp_path / "out"), 1)
+    assert "train rope-s0" not in [s.name for s in steps] and next(s for s in steps if s.name == "ppl rope-s0").needs == []
+    assert {step.log for step in steps} == {None}
+
+
 def test_only_also_selects_the_runs_a_fine_tune_starts_from():
     grid = grids.GRIDS["default"]
     assert [run.name for run in reproduce.select_runs(grid, ["ext-fope-yarn-s0", "rope-s1"])] == [
@@ -212,7 +229,7 @@ def test_the_readme_block_between_the_markers_is_replaced_and_nothing_else(tmp_p
 
 def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path):
     for argv, expected in ((["--quick", "--only", "rope-s7"], "rope-s7"),
-                           (["--quick", "--grid", "default"], "--quick")):
+                           (["--quick", "--grid", "default"], "--quick"), (["--quick", "--jobs", "0"], "--jobs")):
         message = error_of(reproduce.main, argv + ["--out_dir", str(tmp_path), "--results_dir", str(tmp_path)])
         assert message.startswith("reproduce.py: error:") and expected in message
     message = error_of(report.main, ["--grid", "quick", "--results_dir", str(tmp_path)])
@@ -237,8 +254,10 @@ def table_rows(markdown, title):
 def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     readme = (HERE / "README.md").read_bytes()
     grid = grids.GRIDS["quick"]
-    result = run_script("experiments.reproduce", "--quick", "--out_dir", tmp_path, "--results_dir", tmp_path, timeout=600)
+    result = run_script("experiments.reproduce", "--quick", "--jobs", "2", "--out_dir", tmp_path, "--results_dir", tmp_path,
+                        timeout=600)
     assert result.returncode == 0, result.stderr
+    assert "start train rope-s0 (1 thread, log " in result.stdout  # two at a time, each its log
     results = tmp_path / "quick"
     for entry in grids.entries(grid):
         ppl = json.loads((results / "ppl" / f"{entry}.json").read_text())["checkpoints"][0]
@@ -258,7 +277,8 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     extended = json.loads((results / "passkey" / "rope-s0+yarn4.json").read_text())["checkpoints"][0]
     assert (extended["model_config"]["rope_scaling"], extended["model_config"]["rope_scale"]) == ("yarn", 4)
     steps = [json.loads(line) for line in (results / "steps.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == [title for title, _ in report.grid_steps(grid, str(results))]
+    assert sorted(s["step"] for s in steps) == sorted(title for title, _ in report.grid_steps(grid, str(results)))
+    assert {(s["threads"], s["jobs"]) for s in steps} == {(1, 2)}
     environment = json.loads((results / "environment.json").read_text())
     assert {"python", "torch", "numpy", "tiktoken", "cpu", "cores", "command"} <= environment.keys()
 
