@@ -22,8 +22,8 @@ The rules, used by reproduce.py (a grid) and gpu_check.py (the GPU check):
     JOBS_PEAK_FILE where a step names a peak_file.
   - budget (a deadline): a step starts only if its estimate, and the longest estimate of the steps
     that need it, fit in the time left, less the estimates of pending steps marked `reserve` that
-    come before it; estimates become the slowest measured time of steps of the same `size` as soon
-    as one has finished. At the deadline what runs is stopped (SIGINT, then SIGKILL after 10 s).
+    come before it; an estimate becomes the slowest measured time of steps of the same `size` once
+    one has finished (until then at least the slowest of the same kind). At the deadline what runs is stopped (SIGINT, then SIGKILL after 10 s).
 """
 
 import os
@@ -166,8 +166,10 @@ class Runner:
         return [step for step in self.steps if step.status == "running"]
 
     def estimate(self, step):
-        measured = [s.wall for s in self.steps if s.status == "done" and (s.size or s.kind) == (step.size or step.kind)]
-        return max(measured) if measured else step.estimate_s
+        """The slowest measured step of its size; else its estimate, or the slowest of its kind if longer."""
+        done = [s for s in self.steps if s.status == "done" and s.kind == step.kind]
+        same = [s.wall for s in done if (s.size or s.kind) == (step.size or step.kind)]
+        return max(same) if same else max([step.estimate_s] + [s.wall for s in done])
 
     def fits(self, step, now):
         """Whether the step and the longest of the steps that need it fit in the budget left, less
