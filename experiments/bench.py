@@ -143,24 +143,24 @@ def training_step(model, batch_size, dtype, device, compiled=False):
     return step
 
 
-def training_speed(models, batch_size, steps, dtype, device, compiled=False):
+def training_speed(models, batch_size, steps, dtype, device, compiled=False, warmup=2):
     """{name: tokens/s and step seconds} of full training steps of several models ({name: model}),
     the median after warm-up steps. Eager models are timed in turns (one step of each, again and
     again) so that a slow spell of the machine hits them alike; compiled ones one after another,
     each alone in the compiler's caches, as train.py runs one."""
     if not compiled:
-        return in_turns(models, batch_size, steps, dtype, device, compiled=False)
+        return in_turns(models, batch_size, steps, dtype, device, False, warmup)
     found = {}
     for name, model in models.items():
         torch._dynamo.reset()
-        found.update(in_turns({name: model}, batch_size, steps, dtype, device, compiled=True))
+        found.update(in_turns({name: model}, batch_size, steps, dtype, device, True, 6))  # compiled code settles
     return found
 
 
-def in_turns(models, batch_size, steps, dtype, device, compiled):
+def in_turns(models, batch_size, steps, dtype, device, compiled, warmup):
     functions = {name: training_step(model, batch_size, dtype, device, compiled) for name, model in models.items()}
     for function in functions.values():
-        for _ in range(6 if compiled else 2):  # compiled code settles after a few steps
+        for _ in range(warmup):
             function()
     times = {name: [] for name in functions}
     for _ in range(steps):
@@ -207,7 +207,6 @@ def in_fresh_process(function, *args):
 def side_by_side_worker(config, batch, dtype, device, threads, steps, barrier, results):
     torch.set_num_threads(threads)
     step = training_step(build("rope", config, device), batch, dtype, device)
-    step()
     step()  # warm-up
     barrier.wait()
     start = time.time()
@@ -412,7 +411,8 @@ def parse_args(argv):
     parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile measurements")
     parser.add_argument("--no_jobs", action="store_true", help="skip the processes side by side and the grid's estimate")
     parser.add_argument("--quick", action="store_true", help="shorten what has a fixed cost, for tests and a first "
-                        "look: batches of 4, 1 timed step, GEMMs to 512, no compile, widths by FLOPs, rough numbers")
+                        "look: batches of 4, 1 timed step, GEMMs to 512, no compile, lengths 1x and 4x train_len, widths by FLOPs, "
+                        "rough numbers")
     cli.add_device_option(parser)
     parser.add_argument("--out", default="out/bench/bench.json", help="JSON path; the Markdown table goes beside it")
     parser.add_argument("--report", action="store_true", help="measure nothing: rebuild the table from --out")
@@ -422,7 +422,8 @@ def parse_args(argv):
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be positive, got {args.steps}")
     args.steps = args.steps or (1 if args.quick else 8)
-    args.lengths = args.lengths or cli.evaluation_lengths(CONFIG.train_len)
+    args.lengths = args.lengths or ([CONFIG.train_len, 4 * CONFIG.train_len] if args.quick
+                                    else cli.evaluation_lengths(CONFIG.train_len))
     return args
 
 
@@ -448,7 +449,7 @@ def measure(args):
     cuda = device.startswith("cuda")
     sizes = (256, 512) if args.quick else (512, 1024, 2048, 4096, 8192) if cuda else (512, 1024, 2048, 4096)
     names = [*args.pe, BASELINE]
-    in_turns({BASELINE: build(BASELINE, CONFIG, device)}, batch, 1, dtype, device, False)  # wakes threads and allocator
+    in_turns({BASELINE: build(BASELINE, CONFIG, device)}, batch, 1, dtype, device, False, 0)  # wakes threads, allocator
     peaks = {k: gemm_peak(device, d, sizes, 0.2 if args.quick else 1.0) for k, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print(f"GEMM peak: {peaks['fp32'] / 1e12:.2f} TFLOP/s float32, {peaks['bf16'] / 1e12:.2f} bf16; auto picks {dtype}", flush=True)
     models = {name: build(name, CONFIG, device) for name in names}
@@ -457,7 +458,7 @@ def measure(args):
         modes[f"compiled {dtype}"] = (dtype, True)
     speeds = {}
     for mode, (mode_dtype, compiled) in modes.items():
-        speeds[mode] = training_speed(models, batch, steps, mode_dtype, device, compiled)
+        speeds[mode] = training_speed(models, batch, steps, mode_dtype, device, compiled, 1 if args.quick else 2)
         print(f"{mode}: " + ", ".join(f"{n} {r['tok_per_s']:,.0f} tok/s" for n, r in speeds[mode].items()), flush=True)
     per_token, peak = flops_per_token(CONFIG), max(peaks.values())
     results = {name: {mode: {**speeds[mode][name], "mfu": speeds[mode][name]["tok_per_s"] * per_token / peak}
@@ -492,12 +493,16 @@ def several_at_once(args, results, modes, device, default, eval_threads):
     if cuda:
         configs = [(n, jobs.threads_per_job(n)) for n in (1, 2, 4, 8)]
     else:
-        configs = list(dict.fromkeys([(1, cores), (default, jobs.threads_per_job(default)), (1, eval_threads)]))
+        # one process with every core, reproduce.py's default side by side, and (the rate evaluations are
+        # measured at) one process with the threads of one of those
+        configs = list(dict.fromkeys([(1, cores), (default, jobs.threads_per_job(default))]
+                                     + [(1, eval_threads)] * (not args.quick)))
     measured = []
     for processes, threads in configs:
         measured.append(side_by_side(CONFIG, batch, processes, threads, steps, "fp32", device))
         print(f"{processes} x {threads} threads: {measured[-1]['tok_per_s']:,.0f} tok/s together", flush=True)
-    base = next(m for m in measured if m["jobs"] == 1 and (cuda or m["threads"] == eval_threads))
+    base = next((m for m in measured if m["jobs"] == 1 and (cuda or m["threads"] == eval_threads)),
+                next(m for m in measured if m["jobs"] == default))  # --quick: taken as the rate alone
     factors = {"pe": {pe: row["eager fp32"]["step_s"] / results["rope"]["eager fp32"]["step_s"]
                       for pe, row in results.items() if pe != BASELINE and "rope" in results},
                "analysis_s": analysis_seconds(os.path.join(jobs.HERE, "results", "default"))}
@@ -508,7 +513,7 @@ def several_at_once(args, results, modes, device, default, eval_threads):
         threads = torch.get_num_threads()
         torch.set_num_threads(base["threads"])
         widths = {w: build("rope", dataclasses.replace(CONFIG, n_embd=w, n_head=w // 64), device) for w in (128, 256, 512)}
-        times = in_turns(widths, BATCH_SIZE, 3, "fp32", device, False)
+        times = in_turns(widths, BATCH_SIZE, 3, "fp32", device, False, 1)
         torch.set_num_threads(threads)
         factors.update(width={w: t["step_s"] / times[256]["step_s"] for w, t in times.items()},
                        width_from=f"measured in float32 with {base['threads']} thread(s)")

@@ -23,7 +23,8 @@ The rules, used by reproduce.py (a grid) and gpu_check.py (the GPU check):
   - budget (a deadline): a step starts only if its estimate, and the longest estimate of the steps
     that need it, fit in the time left, less the estimates of pending steps marked `reserve` that
     come before it; an estimate becomes the slowest measured time of steps of the same `size` once
-    one has finished (until then at least the slowest of the same kind). At the deadline what runs is stopped (SIGINT, then SIGKILL after 10 s).
+    one has finished (until then at least the slowest of the same kind). At the deadline what runs
+    is stopped (SIGTERM, then SIGKILL after 10 s).
 """
 
 import os
@@ -248,9 +249,10 @@ class Runner:
         self.on_end(step)
 
     def stop_all(self, why):
-        """SIGINT to every running step's process group; SIGKILL to those still there after 10 s."""
+        """SIGTERM to every running step's process group (SIGINT may be ignored in a process started in
+        the background); SIGKILL to those still there after 10 s."""
         running, give_up = self.running(), time.time() + 10
-        for signal_number in (signal.SIGINT, signal.SIGKILL):
+        for signal_number in (signal.SIGTERM, signal.SIGKILL):
             for step in (step for step in running if step.process.returncode is None):
                 try:
                     os.killpg(step.process.pid, signal_number)
