@@ -325,7 +325,8 @@ def ratios(rows, modes, longest):
     for mode in modes:
         for pe in pes:
             if BASELINE in rows:
-                found[f"{pe} / reference, training tok/s ({mode})"] = rows[pe][mode]["tok_per_s"] / rows[BASELINE][mode]["tok_per_s"]
+                found[f"{pe} / reference, training tok/s ({mode})"] = (rows[pe][mode]["tok_per_s"]
+                                                                        / rows[BASELINE][mode]["tok_per_s"])
             if pe != "rope" and "rope" in rows:
                 found[f"{pe} / rope, training step time ({mode})"] = rows[pe][mode]["step_s"] / rows["rope"][mode]["step_s"]
     if "rope" in rows and "eval" in rows["rope"]:
@@ -351,7 +352,8 @@ def markdown(report):
     for name, row in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[mode]['tok_per_s']:,.0f}" for mode in modes) + " | "
                      + " | ".join(f"{row[mode]['mfu']:.1%}" for mode in modes) + " |")
-    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {name} | {value:.3f} |" for name, value in report["ratios"].items()]
+    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {name} | {value:.3f} |" for name, value in
+                                                        report["ratios"].items()]
     evaluated = {name: row["eval"] for name, row in rows.items() if "eval" in row}
     if evaluated:
         lengths = list(next(iter(evaluated.values())))
@@ -373,8 +375,8 @@ def grid_markdown(report):
     load = report["load_average"]
     shared = load["start"] > 0.5
     lines = ["", f"### The default grid on this machine: {m['name']}, {m['cores']} cores", "",
-             f"Training of the grid's model (RoPE, float32, batch {report['batch_size']}) by processes side by side, started "
-             "together; the grid's wall time from these rates, every step of experiments/grids.py DEFAULT scheduled "
+             f"Training of the grid's model (RoPE, float32, batch {report['batch_size']}) by processes side by side, "
+             "started together; the grid's wall time from these rates, every step of experiments/grids.py DEFAULT scheduled "
              "as `python -m experiments.reproduce --jobs N` runs them. Load average (1 min) at the start "
              f"{load['start']:.2f}, at the end {load['end']:.2f}"
              + (": the machine was shared with other work while this ran, so the rates are low and their ratios "
@@ -385,7 +387,8 @@ def grid_markdown(report):
     for config in report["jobs"]:
         row = estimate[(config["jobs"], config["threads"])]
         part = [f"{row[p]['hours']:.1f} h ({row[p]['steps']} steps)" if p in row else "–" for p in ("all", "left")]
-        mark = " (reproduce.py's default)" if config["jobs"] == default and config["threads"] == jobs.threads_per_job(default) else ""
+        is_default = (config["jobs"], config["threads"]) == (default, jobs.threads_per_job(default))
+        mark = " (reproduce.py's default)" if is_default else ""
         lines.append(f"| {config['jobs']} × {config['threads']}{mark} | {config['tok_per_s']:,.0f} | "
                      f"{config['tok_per_s_per_job']:,.0f} | {part[0]} | {part[1]} |")
     lines += ["", "The estimate's assumptions: a run's training takes its tokens at the rate measured for RoPE with as "
@@ -411,8 +414,8 @@ def parse_args(argv):
     parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile measurements")
     parser.add_argument("--no_jobs", action="store_true", help="skip the processes side by side and the grid's estimate")
     parser.add_argument("--quick", action="store_true", help="shorten what has a fixed cost, for tests and a first "
-                        "look: batches of 4, 1 timed step, GEMMs to 512, no compile, lengths 1x and 4x train_len, widths by FLOPs, "
-                        "rough numbers")
+                        "look: batches of 4, 1 timed step, GEMMs to 512, no compile, lengths 1x and 4x train_len, "
+                        "widths by FLOPs, rough numbers")
     cli.add_device_option(parser)
     parser.add_argument("--out", default="out/bench/bench.json", help="JSON path; the Markdown table goes beside it")
     parser.add_argument("--report", action="store_true", help="measure nothing: rebuild the table from --out")
@@ -450,8 +453,10 @@ def measure(args):
     sizes = (256, 512) if args.quick else (512, 1024, 2048, 4096, 8192) if cuda else (512, 1024, 2048, 4096)
     names = [*args.pe, BASELINE]
     in_turns({BASELINE: build(BASELINE, CONFIG, device)}, batch, 1, dtype, device, False, 0)  # wakes threads, allocator
-    peaks = {k: gemm_peak(device, d, sizes, 0.2 if args.quick else 1.0) for k, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    print(f"GEMM peak: {peaks['fp32'] / 1e12:.2f} TFLOP/s float32, {peaks['bf16'] / 1e12:.2f} bf16; auto picks {dtype}", flush=True)
+    peaks = {k: gemm_peak(device, d, sizes, 0.2 if args.quick else 1.0)
+             for k, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    print(f"GEMM peak: {peaks['fp32'] / 1e12:.2f} TFLOP/s float32, {peaks['bf16'] / 1e12:.2f} bf16; auto picks {dtype}",
+          flush=True)
     models = {name: build(name, CONFIG, device) for name in names}
     modes = {f"eager {d}": (d, False) for d in dict.fromkeys([dtype, "fp32"])}
     if not (args.no_compile or args.quick):
@@ -478,7 +483,8 @@ def measure(args):
         report.update(several_at_once(args, results, modes, device, default, eval_threads))
     report["ratios"].update(report.pop("jobs_ratios", {}))
     report["load_average"] = {"start": load_start, "end": os.getloadavg()[0]}
-    report["machine"] = {"name": hardware.machine_name(device), "device": "cuda" if cuda else "cpu", "cores": os.cpu_count(),
+    report["machine"] = {"name": hardware.machine_name(device), "device": "cuda" if cuda else "cpu",
+                         "cores": os.cpu_count(),
                          "threads": torch.get_num_threads(), "cpu": hardware.machine_name("cpu"),
                          "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": dtype == "bf16",
                          "torch": torch.__version__, "python": platform.python_version()}

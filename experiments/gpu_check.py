@@ -90,8 +90,8 @@ def build_steps(args, run_list, paths):
     steps, about = [], {}
     for name, run_args, group in run_list:
         width, scale = width_of(run_args), max(1.0, width_of(run_args) / 256)
-        train = jobs.Step(f"train {name}", [sys.executable, "train.py", *train_arguments(args, run_args, paths["runs"], name)],
-                          "train", memory_gib=MEMORY_GIB["train"] * scale, size=("train", width),
+        command = [sys.executable, "train.py", *train_arguments(args, run_args, paths["runs"], name)]
+        train = jobs.Step(f"train {name}", command, "train", memory_gib=MEMORY_GIB["train"] * scale, size=("train", width),
                           estimate_s=args.train_s * (args.max_steps or 3200) / 3200 * scale)
         steps.append(train)
         about[train.name] = (name, group, width, None)
@@ -101,7 +101,8 @@ def build_steps(args, run_list, paths):
                                "passkey": ("eval_passkey.py", args.passkey_args)}[kind]
             output = os.path.join(paths["results"], kind, f"{name}.json")
             command = [sys.executable, script, "--ckpt", checkpoint, "--lengths", ",".join(map(str, args.lengths)),
-                       "--out", output, *options, "--device", args.device] + ["--data_dir", args.data_dir] * (kind != "passkey")
+                       "--out", output, *options, "--device", args.device]
+            command += ["--data_dir", args.data_dir] * (kind != "passkey")
             steps.append(jobs.Step(f"{kind} {name}", command, kind, needs=[train.name], memory_gib=MEMORY_GIB[kind] * scale,
                                    estimate_s=args.eval_s, size=(kind, width)))
             about[steps[-1].name] = (name, group, width, output)
@@ -115,8 +116,8 @@ def build_steps(args, run_list, paths):
     for step in steps:
         step.log = os.path.join(paths["logs"], step.name.replace(" ", "_") + ".log")
         step.peak_file = step.log[:-4] + ".peak.json"
-    rank = {"train": 0, "bench": 2}
-    return sorted(steps, key=lambda s: rank.get(s.kind, 1) if about[s.name][1] == "check" else 4 - (s.kind != "train")), about
+    rank = {"train": 0, "bench": 2}  # the others: evaluations 3, trainings 4
+    return sorted(steps, key=lambda s: rank.get(s.kind, 1) if about[s.name][1] == "check" else 3 + (s.kind == "train")), about
 
 
 def train_arguments(args, run_args, out_dir, name):
@@ -150,8 +151,8 @@ def training_record(step, run_dir, peaks):
     per_token = bench.flops_per_token(GPTConfig(**{k: config[k] for k in settings.MODEL_FIELDS}))
     tok_per_s = statistics.median(speeds) if speeds else None
     steps_done = max((r["step"] for r in log), default=0)
-    return {**record, "dtype": config["dtype"], "width": config["n_embd"], "steps": steps_done, "tokens": steps_done * config["batch_size"] * config["train_len"],
-            "tok_per_s": rounded(tok_per_s), "flops_per_token": per_token,
+    return {**record, "dtype": config["dtype"], "width": config["n_embd"], "steps": steps_done,
+            "tokens": steps_done * config["batch_size"] * config["train_len"], "tok_per_s": rounded(tok_per_s), "flops_per_token": per_token,
             "val_loss": next((r["val_loss"] for r in reversed(log) if "val_loss" in r), None),
             **{f"mfu_vs_{k}_peak": tok_per_s and tok_per_s * per_token / peak for k, peak in peaks.items()}}
 
@@ -198,7 +199,8 @@ def together(pairs, peaks):
         return None
     seconds = max(s.end for s, _ in done) - min(s.start for s, _ in done)
     flops = sum(r["tokens"] * r["flops_per_token"] for _, r in done) / seconds
-    return {"runs": len(done), "span_s": rounded(seconds), "tok_per_s": rounded(sum(r["tokens"] for _, r in done) / seconds),
+    tokens = sum(r["tokens"] for _, r in done)
+    return {"runs": len(done), "span_s": rounded(seconds), "tok_per_s": rounded(tokens / seconds),
             **{f"mfu_vs_{k}_peak": flops / peak for k, peak in peaks.items()}}
 
 
@@ -300,7 +302,7 @@ def parse_args(argv):
     bad = parser.error
     if not args.out.endswith(".json"):
         bad(f"--out must end in .json, got {args.out!r}")
-    if args.budget_s <= 0 or min(args.max_steps, args.trials, args.ppl_max_tokens) < 0 or (args.jobs is not None and args.jobs < 1):
+    if args.budget_s <= 0 or min(args.max_steps, args.trials, args.ppl_max_tokens, args.jobs or 1) < 0 or args.jobs == 0:
         bad("--budget_s and --jobs must be positive, --max_steps, --trials, --ppl_max_tokens >= 0")
     args.jobs = args.jobs or jobs.default_jobs(args.device)
     args.lengths = args.lengths or list(GRID.lengths)
@@ -309,7 +311,7 @@ def parse_args(argv):
     except ValueError as error:
         bad(str(error))
     work = os.path.abspath(args.work_dir)
-    if os.path.commonpath([work, HERE]) == work or work in (os.path.abspath(args.results_dir), os.path.abspath(args.data_dir)):
+    if os.path.commonpath([work, HERE]) == work or work in map(os.path.abspath, (args.results_dir, args.data_dir)):
         bad(f"--work_dir is emptied first, so it must be a folder of its own, not {args.work_dir!r}")
     if any(a in ("--device", "--out") for a in args.bench_args):
         bad("--bench_args must not give --device or --out: the check sets them")
@@ -409,7 +411,8 @@ def report_lines(summary, out):
         keys = head.get("passkey_accuracy", {})
         lines.append(f"  {name}: {run['status']}, " + (f"{run['tok_per_s']:,.0f} tok/s, " if run.get("tok_per_s") else "")
                      + (f"ppl ratio @16x {ratio:.3f}, " if ratio is not None else "") + "passkey "
-                     + "/".join("-" if keys.get(m, {}).get("gpu") is None else f"{keys[m]['gpu']:.2f}" for m in ("1x", "2x", "4x", "16x")))
+                     + "/".join("-" if keys.get(m, {}).get("gpu") is None else f"{keys[m]['gpu']:.2f}"
+                                for m in ("1x", "2x", "4x", "16x")))
     lines += [f"  {line}" for line in summary["failures"]] + [f"gpu_check: wrote {out}"]
     return "\n".join(lines)
 

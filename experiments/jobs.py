@@ -142,7 +142,8 @@ class Runner:
 
     def __init__(self, steps, jobs, device="cpu", threads=None, deadline=None, total=None, on_start=None,
                  on_end=None, say=None, poll_s=0.2):
-        self.steps, self.jobs, self.cuda, self.deadline, self.poll_s = steps, jobs, device.startswith("cuda"), deadline, poll_s
+        self.steps, self.jobs, self.deadline, self.poll_s = steps, jobs, deadline, poll_s
+        self.cuda = device.startswith("cuda")
         self.threads, self.total = threads or threads_per_job(jobs), total or len(steps)
         self.by_name = {step.name: step for step in steps}
         self.on_start, self.on_end = on_start or (lambda step: None), on_end or (lambda step: None)
@@ -244,8 +245,9 @@ class Runner:
                     other.status, other.why = "skipped", f"{step.name} failed"
                     skipped.add(other.name)
             where = f"its log: {shown(step.log)}" if step.log else "its output is above"
+            not_run = [name for name in self.by_name if name in skipped - {step.name}]
             self.line(step, f"FAILED {step.name} (exit status {rc}); {where}"
-                      + (f"; not run: {', '.join(n for n in self.by_name if n in skipped - {step.name})}" if len(skipped) > 1 else ""))
+                      + (f"; not run: {', '.join(not_run)}" if not_run else ""))
         self.on_end(step)
 
     def stop_all(self, why):

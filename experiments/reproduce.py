@@ -229,7 +229,8 @@ def run_steps(grid, selected, planned, out_grid, results_grid, args, argv):
              on_end=on_end)
     failed = [step for step in to_run if step.status != "done"]
     if failed:
-        raise GridError(f"{len(failed)} of {len(to_run)} steps did not finish ({', '.join(f'{s.name}: {s.status}' for s in failed)}); "
+        named = ", ".join(f"{s.name}: {s.status}" for s in failed)
+        raise GridError(f"{len(failed)} of {len(to_run)} steps did not finish ({named}); "
                         "run the same command again to carry on")
     print(f"all {len(planned)} steps done ({len(to_run)} run now, {args.jobs} at a time) in "
           f"{runs.clock(time.time() - start)}")

@@ -27,7 +27,8 @@ def folders(tmp_path):
 def test_the_check_runs_end_to_end_on_the_cpu_a_failed_run_is_one_line_and_the_rest_goes_on(tmp_path):
     # two of the check's three runs (the third is trained and evaluated alike) and one that fails
     result = run_script("experiments.gpu_check", *TINY, *folders(tmp_path), "--pack", tmp_path / "pack",
-                        "--extra", "broken=--pe rope --init_from no/such/ckpt.pt", "--only", "rope-s0", "alibi-s0", "broken", "--bench_args", "--quick --no_jobs --pe rope",
+                        "--extra", "broken=--pe rope --init_from no/such/ckpt.pt", "--only", "rope-s0", "alibi-s0", "broken",
+                        "--bench_args", "--quick --no_jobs --pe rope",
                         "--bench_s", "60", "--budget_s", "240", timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -74,7 +75,8 @@ def test_the_check_runs_end_to_end_on_the_cpu_a_failed_run_is_one_line_and_the_r
 
 
 def test_the_runs_are_the_grids_and_more_go_after_the_check(tmp_path):
-    args, run_list = gpu_check.parse_args(["--ladder", "--rivals", "--extra", "fope-w384-s0=--pe fope --n_embd 384 --n_head 6"])
+    args, run_list = gpu_check.parse_args(["--ladder", "--rivals", "--extra",
+                                           "fope-w384-s0=--pe fope --n_embd 384 --n_head 6"])
     names = [name for name, _, _ in run_list]
     assert names[:3] == ["rope-s0", "fope-s0", "alibi-s0"] and names[-1] == "fope-w384-s0"
     ladder = [run.name for run in grids.DEFAULT.runs if run.section == "ladder"]
