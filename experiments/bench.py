@@ -1,20 +1,29 @@
 """
-bench.py: speed of the default model, every position embedding, in one process and one run.
+bench.py: how fast the default grid's model runs here, every position embedding beside a plain
+GPT, and what the whole default grid costs on this machine, measured in one process and one run.
 
-    python bench.py                      # the full table (a few minutes on 2 CPU cores)
-    python bench.py --steps 3 --no_compile --lengths 1,4   # a quick look
+    python -m experiments.bench                        # the full table (about 10 minutes on 2 CPU cores)
+    python -m experiments.bench --quick                # every row, shortened: seconds, numbers rough
+    python -m experiments.bench --pe rope alibi --lengths 384,6144 --no_compile
 
-Everything is measured in the same run so that its ratios hold on a noisy machine:
-  - the machine's matrix-multiply peak: float32 and bf16 GEMMs at a few sizes, the better of
-    the two (each measurement bounded to about a second), and the precision that train.py's
-    --dtype auto picks here;
-  - training tokens/s (forward, backward, fused AdamW step) in that precision, eager and
-    compiled, for each position embedding and for a plain reference GPT of the same shape
-    (below); the eager ones timed in turns so that a slow spell of the machine hits them alike;
-  - evaluation tokens/s and peak memory at 1x, 4x and 16x train_len (forward only, float32,
-    batch 1, as eval_ppl.py runs; each in a fresh process, whose peak memory is its own).
-On CUDA the times come from CUDA events and the memory from torch.cuda.max_memory_allocated.
-Writes out/bench/bench.json and bench.md beside it (--out to choose).
+All in the same run, so that its ratios hold on a noisy machine:
+  - the GEMM peak: float32 and bf16 square multiplies up to 4096 (8192 on a GPU, where a card's bf16
+    peak shows only there), the best size of each;
+  - training tokens/s (forward, backward, fused AdamW) of the default grid's model (train.py
+    --preset retrieval: 4 layers, 256 wide, train_len 384, bytes) for each position embedding and a
+    plain reference GPT of the same shape (below): eager in the precision train.py's --dtype auto
+    picks here and in float32 (the grids' precision), timed in turns so that a slow spell of the
+    machine hits them alike, and compiled;
+  - evaluation tokens/s and peak memory at each of --lengths (forward only, float32, batch 1, as
+    eval_ppl.py runs), each position embedding in a fresh process whose peak is its own, with the
+    threads one of reproduce.py's default jobs gets;
+  - several at once: the grid's model trained by 1 process with every core, and by several side by
+    side (on a CPU one a core, one thread each; on a GPU 2, 4 and 8 processes), started together;
+  - the default grid's wall time here: every step of experiments/grids.py DEFAULT timed from these
+    numbers and scheduled as `reproduce.py --jobs N` runs it (jobs.simulate), for each N measured,
+    all of it and what results/default still lacks.
+On CUDA times come from CUDA events and memory from torch.cuda.max_memory_allocated. Writes
+out/bench/bench.json and bench.md beside it (--out to choose).
 """
 
 import argparse
@@ -24,33 +33,36 @@ import multiprocessing
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lib import files
-from lib import hardware
-from lib import settings
-from fope_gpt import GPT, GPTConfig, POSITION_EMBEDDINGS
+from experiments import grids, jobs
+from fope_gpt import GPT, GPTConfig, POSITION_EMBEDDINGS, apply_rotary
+from lib import cli, files, hardware, settings
+from lib.files import UserError
 
-BATCH_SIZE = settings.DEFAULTS["batch_size"]  # train.py's default: 16 x 256 = 4096 tokens a step
 BASELINE = "reference"  # the plain GPT's row in the tables
+GRID = grids.DEFAULT
+GRID_SETTINGS = grids.run_settings(GRID, GRID.runs[0])[0]  # rope-s0: what every run of the grid starts from
+CONFIG = GPTConfig(**{key: GRID_SETTINGS[key] for key in settings.MODEL_FIELDS})
+BATCH_SIZE = GRID_SETTINGS["batch_size"]
+STARTUP_S = 5.0  # a step's process start (Python, torch, the checkpoint) in the grid's estimate
 
 # -----------------------------------------------------------------------------
 # a plain reference GPT: what the default model would cost with nothing of this project in it
 
 
 class ReferenceGPT(nn.Module):
-    """A nanoGPT-style GPT of the default model's shape: RMSNorm, SwiGLU, RoPE, SDPA and
-    nothing else. If fope_gpt.GPT trains much slower than this, the project costs speed."""
+    """A nanoGPT-style GPT of the default model's shape: RMSNorm, SwiGLU, RoPE (fope_gpt's rotation),
+    SDPA and nothing else. If fope_gpt.GPT trains much slower than this, the project costs speed."""
 
     def __init__(self, config):
         super().__init__()
         C, d = config.n_embd, config.head_dim
-        self.n_head = config.n_head
+        self.n_head, self.config = config.n_head, config
         self.emb = nn.Embedding(config.vocab_size, C)
         self.layers = nn.ModuleList(nn.ModuleDict(dict(
             norm1=nn.RMSNorm(C), qkv=nn.Linear(C, 3 * C, bias=False), proj=nn.Linear(C, C, bias=False),
@@ -62,21 +74,24 @@ class ReferenceGPT(nn.Module):
         self.register_buffer("cos", phase.cos(), persistent=False)  # (T, d/2)
         self.register_buffer("sin", phase.sin(), persistent=False)
 
-    def rotate(self, x):  # (B, H, T, d), NeoX half-split pairs
-        a, b = x.chunk(2, dim=-1)
-        return torch.cat((a * self.cos - b * self.sin, b * self.cos + a * self.sin), dim=-1)
-
     def forward(self, idx, targets):
         B, T = idx.shape
         x = self.emb(idx)
         for layer in self.layers:
             q, k, v = layer.qkv(layer.norm1(x)).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
-            y = F.scaled_dot_product_attention(self.rotate(q), self.rotate(k), v, is_causal=True)
+            q, k = apply_rotary(q, self.cos[:T], self.sin[:T]), apply_rotary(k, self.cos[:T], self.sin[:T])
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = x + layer.proj(y.transpose(1, 2).reshape(B, T, -1))
             value, gate = layer.up(layer.norm2(x)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * value)
         logits = self.head(self.norm(x))
         return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+def build(name, config, device):
+    torch.manual_seed(0)
+    model = ReferenceGPT(config) if name == BASELINE else GPT(dataclasses.replace(config, pe=name))
+    return model.to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -113,7 +128,7 @@ def gemm_peak(device, dtype, sizes=(512, 1024, 2048, 4096), budget_s=1.0):
     return best
 
 
-def training_step(model, batch_size, dtype, device, compiled):
+def training_step(model, batch_size, dtype, device, compiled=False):
     """A function that runs one full training step of `model` on a fixed batch."""
     step_model = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
@@ -128,71 +143,100 @@ def training_step(model, batch_size, dtype, device, compiled):
     return step
 
 
-def build(name, config, device):
-    torch.manual_seed(0)
-    if name == BASELINE:
-        model = ReferenceGPT(config)
-        model.config = config
-    else:
-        model = GPT(dataclasses.replace(config, pe=name))
-    return model.to(device)
+def training_speed(models, batch_size, steps, dtype, device, compiled=False, warmup=2):
+    """{name: tokens/s and step seconds} of full training steps of several models ({name: model}),
+    the median after warm-up steps. Eager models are timed in turns (one step of each, again and
+    again) so that a slow spell of the machine hits them alike; compiled ones one after another,
+    each alone in the compiler's caches, as train.py runs one."""
+    if not compiled:
+        return in_turns(models, batch_size, steps, dtype, device, False, warmup)
+    found = {}
+    for name, model in models.items():
+        torch._dynamo.reset()
+        found.update(in_turns({name: model}, batch_size, steps, dtype, device, True, 6))  # compiled code settles
+    return found
 
 
-def training_speed(names, config, batch_size, steps, dtype, device, compiled):
-    """Tokens/s of full training steps for several models: the median step time of each, after
-    warm-up steps. Eager models are timed in turns (one step of each, again and again), so that a
-    slow spell of the machine hits them alike. Compiled models are timed one after another, each
-    alone in the compiler's caches, as train.py runs one."""
-    if compiled:
-        speeds = {}
-        for name in names:
-            torch._dynamo.reset()
-            speeds.update(training_speed_in_turns([name], config, batch_size, steps, dtype, device, warmup=6,
-                                                  compiled=True))
-        return speeds
-    return training_speed_in_turns(names, config, batch_size, steps, dtype, device, warmup=2, compiled=False)
-
-
-def training_speed_in_turns(names, config, batch_size, steps, dtype, device, warmup, compiled):
-    step_functions = {}
-    for name in names:
-        step_functions[name] = training_step(build(name, config, device), batch_size, dtype, device, compiled)
-        for _ in range(warmup):  # compiled code settles after a few steps
-            step_functions[name]()
-    times = {name: [] for name in names}
+def in_turns(models, batch_size, steps, dtype, device, compiled, warmup):
+    functions = {name: training_step(model, batch_size, dtype, device, compiled) for name, model in models.items()}
+    for function in functions.values():
+        for _ in range(warmup):
+            function()
+    times = {name: [] for name in functions}
     for _ in range(steps):
-        for name, step in step_functions.items():
-            times[name].append(timed(step, device))
-    tokens = batch_size * config.train_len
-    return {name: {"tok_per_s": tokens / statistics.median(t), "step_s": statistics.median(t)} for name, t in times.items()}
-
-
-def peak_memory_mb(device):
-    """Peak memory of this process: CUDA allocations on a GPU, resident memory (Linux) on a CPU."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return None
+        for name, function in functions.items():
+            times[name].append(timed(function, device))
+    return {name: {"tok_per_s": batch_size * models[name].config.train_len / statistics.median(t),
+                   "step_s": statistics.median(t)} for name, t in times.items()}
 
 
 @torch.no_grad()
-def evaluation_speed(config, length, repeats, device):
-    """Forward tokens/s and peak memory at one length, batch 1, float32 (as eval_ppl.py)."""
+def evaluation_speed(config, lengths, repeats, device, threads):
+    """{length: forward tokens/s and peak memory} at each length, batch 1, float32 (as eval_ppl.py),
+    in increasing length, the peak measured afresh for each (run in a fresh process)."""
+    torch.set_num_threads(threads)
     model = build(config.pe, config, device).eval()
-    x = torch.randint(0, config.vocab_size, (1, length), device=device)
-    model(x)  # builds the position tables for this length
-    times = [timed(lambda: model(x), device) for _ in range(repeats)]
-    return {"tok_per_s": length / statistics.median(times), "peak_memory_mb": peak_memory_mb(device)}
+    found = {}
+    for length in lengths:
+        reset_peak(device)
+        x = torch.randint(0, config.vocab_size, (1, length), device=device)
+        model(x)  # builds the position tables for this length
+        times = [timed(lambda: model(x), device) for _ in range(max(1, repeats * config.train_len // length))]
+        found[str(length)] = {"tok_per_s": length / statistics.median(times), "peak_memory_mb": jobs.peak_memory_mb(device)}
+    return found
+
+
+def reset_peak(device):
+    """Start the peak-memory measurement afresh: CUDA's counter, or Linux's resident high-water mark."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # then the peak of a length is at least the shorter ones' (measured in increasing length)
 
 
 def in_fresh_process(function, *args):
-    """Run function(*args) in a new Python process, so that its peak memory is its own (freed
-    memory stays in a process, and training would have set the peak)."""
+    """Run function(*args) in a new Python process, so that its peak memory is its own."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(function, args)
+
+
+def side_by_side_worker(config, batch, dtype, device, threads, steps, barrier, results):
+    torch.set_num_threads(threads)
+    step = training_step(build("rope", config, device), batch, dtype, device)
+    step()  # warm-up
+    barrier.wait()
+    start = time.time()
+    for _ in range(steps):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    results.put((start, time.time(), steps * batch * config.train_len))
+
+
+def side_by_side(config, batch, processes, threads, steps, dtype, device):
+    """Training tokens/s of `processes` processes of `threads` threads each, started together:
+    all their tokens over the span from the first start to the last end."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(processes), context.Queue()
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # as reproduce.py tells its processes
+    try:
+        workers = [context.Process(target=side_by_side_worker, args=(config, batch, dtype, device, threads, steps,
+                                                                       barrier, results)) for _ in range(processes)]
+        for worker in workers:
+            worker.start()
+        found = [results.get(timeout=3600) for _ in workers]
+        for worker in workers:
+            worker.join()
+    finally:
+        os.environ.pop("OMP_NUM_THREADS") if saved is None else os.environ.update(OMP_NUM_THREADS=saved)
+    span = max(end for _, end, _ in found) - min(start for start, _, _ in found)
+    together = sum(tokens for _, _, tokens in found) / span
+    return {"jobs": processes, "threads": threads, "tok_per_s": together, "tok_per_s_per_job": together / processes}
 
 
 def flops_per_token(config):
@@ -202,128 +246,292 @@ def flops_per_token(config):
 
 
 # -----------------------------------------------------------------------------
+# the default grid's time here, from the measurements
+
+
+def flag_value(args, flag, default):
+    """The value of `flag` in a list of command-line arguments (the last one given)."""
+    values = [value for key, value in zip(args, args[1:]) if key == flag]
+    return type(default)(values[-1]) if values else default
+
+
+def nearest(table, length):
+    """The row of a {length: row} table measured at the length nearest `length` (in ratio)."""
+    return table[min(table, key=lambda measured: abs(torch.log(torch.tensor(int(measured) / length)).item()))]
+
+
+def step_seconds(kind, run, entry, per_job, speed, evals, factors):
+    """A step's seconds on one process: `per_job` the grid model's training tokens/s there, `speed`
+    its rate over the rate evaluations were measured at; a run's position embedding and width scale
+    both as they scale training (factors)."""
+    values = grids.run_settings(GRID, run)[0]
+    factor = factors["pe"].get(values["pe"], 1.0) * factors["width"].get(values["n_embd"], 1.0)
+    if kind == "train":
+        return STARTUP_S + values["max_steps"] * values["batch_size"] * values["train_len"] / per_job * factor
+    if kind == "analysis":
+        return factors["analysis_s"] / speed
+    rates = evals.get(values["pe"]) or evals["rope"]
+    if kind == "passkey":
+        trials = flag_value(GRID.passkey_args, "--trials", 100)
+        tokens = {n: trials * n for n in GRID.lengths if n > values["train_len"] // 2}  # half train_len holds no prompt
+        tokens[values["train_len"]] += 3 * 64 * values["train_len"]  # the copying diagnostics
+    else:
+        most = flag_value(GRID.ppl_args if kind == "ppl" else GRID.sotu_args, "--max_tokens", 131072)
+        tokens = {n: most // n * n for n in GRID.lengths}
+    return STARTUP_S + sum(count / (nearest(rates, n)["tok_per_s"] * speed) for n, count in tokens.items()) * factor
+
+
+def grid_estimate(configs, base, evals, factors, results_grid, out_grid):
+    """Hours of the whole default grid, and of the steps results_grid still lacks, with each
+    configuration of processes measured: every step timed by step_seconds and scheduled as
+    reproduce.py runs them (jobs.simulate)."""
+    from experiments import reproduce
+    parts = {"all": reproduce.plan(GRID, GRID.runs, out_grid + "-none", results_grid + "-none")}
+    try:
+        parts["left"] = reproduce.plan(GRID, GRID.runs, out_grid, results_grid)
+    except (reproduce.GridError, UserError) as error:
+        print(f"bench.py: the steps left are not estimated: {error}")
+    found = []
+    for config in configs:
+        speed = config["tok_per_s_per_job"] / base["tok_per_s_per_job"]
+        row = {"jobs": config["jobs"], "threads": config["threads"]}
+        for part, planned in parts.items():
+            steps, by_title = reproduce.job_steps(GRID, GRID.runs, planned, out_grid, config["jobs"])
+            seconds = {step.name: step_seconds(step.kind, by_title[step.name], step.name.split(maxsplit=1)[1],
+                                               config["tok_per_s_per_job"], speed, evals, factors) for step in steps}
+            row[part] = {"steps": len(steps), "hours": jobs.simulate(steps, config["jobs"], seconds) / 3600}
+        found.append(row)
+    return found
+
+
+def analysis_seconds(results_grid):
+    """The analysis step's last measured seconds (steps.jsonl; 600 where none was measured)."""
+    try:
+        with open(os.path.join(results_grid, "steps.jsonl")) as f:
+            timed = [json.loads(line)["seconds"] for line in f if line.startswith('{"step": "analysis')]
+    except (OSError, ValueError, KeyError):
+        timed = []
+    return timed[-1] if timed else 600.0
+
+
+# -----------------------------------------------------------------------------
 # the report
 
 
-def ratios(rows):
+def ratios(rows, modes, longest):
     """The comparisons the benchmark exists for, each from this run's own times."""
     found = {}
-    if BASELINE in rows:
-        for pe in POSITION_EMBEDDINGS:
-            if pe in rows:
-                found[f"{pe} / reference, training tok/s (eager)"] = rows[pe]["eager"]["tok_per_s"] / rows[BASELINE]["eager"]["tok_per_s"]
-    if "rope" in rows and "fope" in rows:
-        found["fope / rope, step time (eager)"] = rows["fope"]["eager"]["step_s"] / rows["rope"]["eager"]["step_s"]
-        if "compiled" in rows["rope"]:
-            found["fope / rope, step time (compiled)"] = rows["fope"]["compiled"]["step_s"] / rows["rope"]["compiled"]["step_s"]
-    for name, row in rows.items():
-        if "compiled" in row:
-            found[f"{name}: compiled / eager, training tok/s"] = row["compiled"]["tok_per_s"] / row["eager"]["tok_per_s"]
+    pes = [name for name in rows if name != BASELINE]
+    for mode in modes:
+        for pe in pes:
+            if BASELINE in rows:
+                found[f"{pe} / reference, training tok/s ({mode})"] = (rows[pe][mode]["tok_per_s"]
+                                                                        / rows[BASELINE][mode]["tok_per_s"])
+            if pe != "rope" and "rope" in rows:
+                found[f"{pe} / rope, training step time ({mode})"] = rows[pe][mode]["step_s"] / rows["rope"][mode]["step_s"]
+    if "rope" in rows and "eval" in rows["rope"]:
+        for pe in pes:
+            if pe != "rope":
+                at, rope = rows[pe]["eval"][str(longest)], rows["rope"]["eval"][str(longest)]
+                found[f"{pe} / rope, evaluation time @{longest}"] = rope["tok_per_s"] / at["tok_per_s"]
+                if at["peak_memory_mb"] and rope["peak_memory_mb"]:
+                    found[f"{pe} / rope, evaluation peak memory @{longest}"] = at["peak_memory_mb"] / rope["peak_memory_mb"]
     return found
 
 
 def markdown(report):
-    cfg, rows, m = report["config"], report["results"], report["machine"]
-    lines = [f"Default model ({cfg['n_layer']} layers, {cfg['n_embd']} wide, {cfg['n_head']} heads, "
-             f"train_len {cfg['train_len']}, vocab {cfg['vocab_size']}, batch {report['batch_size']}) on "
-             f"{m['name']} ({m['device']}, {m['threads']} threads), torch {m['torch']}. GEMM peak: "
-             f"{report['gemm_peak_tflops']['fp32']:.2f} TFLOP/s float32, {report['gemm_peak_tflops']['bf16']:.2f} "
-             f"bf16; training below in {report['dtype']}, the precision --dtype auto picks here. "
-             f"`{BASELINE}` is the plain GPT of the same shape in bench.py.", ""]
-    header = "| model | train tok/s eager | train tok/s compiled | MFU eager | MFU compiled |"
-    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    cfg, rows, m, modes = report["config"], report["results"], report["machine"], report["modes"]
+    lines = [f"The default grid's model ({cfg['n_layer']} layers, {cfg['n_embd']} wide, {cfg['n_head']} heads, "
+             f"train_len {cfg['train_len']}, vocab {cfg['vocab_size']}, batch {report['batch_size']}) on {m['name']} "
+             f"({m['device']}, {m['cores']} cores, {m['threads']} threads), torch {m['torch']}. GEMM peak: "
+             f"{report['gemm_peak_tflops']['fp32']:.2f} TFLOP/s float32, {report['gemm_peak_tflops']['bf16']:.2f} bf16; "
+             f"train.py's --dtype auto picks {report['dtype']} here, the grids pin fp32. `{BASELINE}` is the plain GPT of "
+             f"the same shape in bench.py." + (" Measured with --quick: rough numbers." if report["quick"] else ""), ""]
+    lines += ["| model | " + " | ".join(f"train tok/s {mode}" for mode in modes) + " | "
+              + " | ".join(f"MFU {mode}" for mode in modes) + " |", "|---" * (1 + 2 * len(modes)) + "|"]
     for name, row in rows.items():
-        eager, compiled = row["eager"], row.get("compiled")
-        lines.append(f"| {name} | {eager['tok_per_s']:,.0f} | " + (f"{compiled['tok_per_s']:,.0f}" if compiled else "–")
-                     + f" | {eager['mfu']:.1%} | " + (f"{compiled['mfu']:.1%}" if compiled else "–") + " |")
-    lines += ["", "| ratio | value |", "|---|---|"]
-    lines += [f"| {name} | {value:.3f} |" for name, value in report["ratios"].items()]
+        lines.append(f"| {name} | " + " | ".join(f"{row[mode]['tok_per_s']:,.0f}" for mode in modes) + " | "
+                     + " | ".join(f"{row[mode]['mfu']:.1%}" for mode in modes) + " |")
+    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {name} | {value:.3f} |" for name, value in
+                                                        report["ratios"].items()]
     evaluated = {name: row["eval"] for name, row in rows.items() if "eval" in row}
     if evaluated:
         lengths = list(next(iter(evaluated.values())))
-        lines += ["", "| pe | " + " | ".join(f"eval tok/s @{n}" for n in lengths) + " | "
+        lines += ["", f"Evaluation: forward only, float32, batch 1, {report['eval_threads']} thread(s), each position "
+                  "embedding in a fresh process (peak: its resident memory, or GPU allocations).", "",
+                  "| pe | " + " | ".join(f"eval tok/s @{n}" for n in lengths) + " | "
                   + " | ".join(f"peak MB @{n}" for n in lengths) + " |", "|" + "---|" * (1 + 2 * len(lengths))]
         for name, evals in evaluated.items():
             lines.append(f"| {name} | " + " | ".join(f"{evals[n]['tok_per_s']:,.0f}" for n in lengths) + " | "
                          + " | ".join(f"{evals[n]['peak_memory_mb']:,.0f}" if evals[n]["peak_memory_mb"] else "–"
                                       for n in lengths) + " |")
+    if report.get("jobs"):
+        lines += grid_markdown(report)
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-    """Measure and write the table; I/O errors (a full disk, a folder that cannot be written) end
-    in one line on stderr and a non-zero exit."""
-    try:
-        measure(argv)
-    except OSError as error:
-        sys.exit(f"bench.py: error: {files.error_line(error)}")
+def grid_markdown(report):
+    m, estimate = report["machine"], {(r["jobs"], r["threads"]): r for r in report["grid_estimate"]}
+    load = report["load_average"]
+    shared = load["start"] > 0.5
+    lines = ["", f"### The default grid on this machine: {m['name']}, {m['cores']} cores", "",
+             f"Training of the grid's model (RoPE, float32, batch {report['batch_size']}) by processes side by side, "
+             "started together; the grid's wall time from these rates, every step of experiments/grids.py DEFAULT scheduled "
+             "as `python -m experiments.reproduce --jobs N` runs them. Load average (1 min) at the start "
+             f"{load['start']:.2f}, at the end {load['end']:.2f}"
+             + (": the machine was shared with other work while this ran, so the rates are low and their ratios "
+                "uncertain." if shared else " (bench.py's own processes included)."), "",
+             "| processes × threads | training tok/s together | per process | the whole grid | what results/default "
+             "lacks |", "|---|---|---|---|---|"]
+    default = jobs.default_jobs(m["device"])
+    for config in report["jobs"]:
+        row = estimate[(config["jobs"], config["threads"])]
+        part = [f"{row[p]['hours']:.1f} h ({row[p]['steps']} steps)" if p in row else "–" for p in ("all", "left")]
+        is_default = (config["jobs"], config["threads"]) == (default, jobs.threads_per_job(default))
+        mark = " (reproduce.py's default)" if is_default else ""
+        lines.append(f"| {config['jobs']} × {config['threads']}{mark} | {config['tok_per_s']:,.0f} | "
+                     f"{config['tok_per_s_per_job']:,.0f} | {part[0]} | {part[1]} |")
+    lines += ["", "The estimate's assumptions: a run's training takes its tokens at the rate measured for RoPE with as "
+              "many processes, times its position embedding's float32 step time over RoPE's (above) and its width's "
+              f"step time over 256's ({', '.join(f'{w}: {f:.2f}' for w, f in report['factors']['width'].items())}, "
+              f"{report['factors']['width_from']}); an evaluation its tokens at the rates above (the nearest length "
+              "measured), scaled as training by the width and by the rate of a process among N; the fine-tunes at "
+              f"pre-training's rate; {STARTUP_S:.0f} s to start a process; the analysis its last measured time "
+              f"({report['factors']['analysis_s']:.0f} s, results/default/steps.jsonl)."]
+    return lines
 
 
-def measure(argv):
-    """Every measurement, then the JSON and the table (or, with --report, the table alone)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--pe", nargs="+", default=list(POSITION_EMBEDDINGS), choices=POSITION_EMBEDDINGS,
                         help="position embeddings to time (default: all)")
-    parser.add_argument("--steps", type=int, default=8, help="timed training steps per measurement (default 8)")
-    parser.add_argument("--lengths", default="1,4,16", help="evaluation lengths as multiples of train_len (default 1,4,16)")
+    parser.add_argument("--steps", type=int, help="timed training steps per measurement (default: 8; 1 with --quick)")
+    cli.add_lengths_option(parser, "evaluation lengths", "the grid's train_len, 384")
     parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile measurements")
-    parser.add_argument("--device", default="auto", help="auto: cuda if PyTorch sees a GPU, else cpu")
+    parser.add_argument("--no_jobs", action="store_true", help="skip the processes side by side and the grid's estimate")
+    parser.add_argument("--quick", action="store_true", help="shorten what has a fixed cost, for tests and a first "
+                        "look: batches of 4, 1 timed step, GEMMs to 512, no compile, lengths 1x and 4x train_len, "
+                        "widths by FLOPs, rough numbers")
+    cli.add_device_option(parser)
     parser.add_argument("--out", default="out/bench/bench.json", help="JSON path; the Markdown table goes beside it")
     parser.add_argument("--report", action="store_true", help="measure nothing: rebuild the table from --out")
     args = parser.parse_args(argv)
     if not args.out.endswith(".json"):
-        parser.error(f"--out must end in .json, got {args.out!r}")
-    try:
-        multiples = [int(m) for m in args.lengths.split(",")]
-    except ValueError:
-        parser.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
-    if args.steps < 1 or min(multiples) < 1:
-        parser.error("--steps and --lengths must be positive")
+        raise UserError(f"--out must end in .json, got {args.out!r}")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be positive, got {args.steps}")
+    args.steps = args.steps or (1 if args.quick else 8)
+    args.lengths = args.lengths or ([CONFIG.train_len, 4 * CONFIG.train_len] if args.quick
+                                    else cli.evaluation_lengths(CONFIG.train_len))
+    return args
+
+
+def main(argv=None):
+    """Measure and write the table; bad input and I/O errors end in one line and a non-zero exit."""
+    cli.run("bench.py", lambda: measure(parse_args(argv)))
+
+
+def measure(args):
+    """Every measurement, then the JSON and the table (or, with --report, the table alone)."""
     if args.report:
         try:
             with open(args.out) as f:
-                return publish(json.load(f), args.out)
-        except (OSError, ValueError) as e:
-            parser.error(f"--report needs the JSON of an earlier run at {args.out}: {e}")
-    try:
-        device = hardware.resolve_device(args.device)
-        dtype = hardware.resolve_dtype("auto", device)
-        files.check_writable_folder(os.path.dirname(os.path.abspath(args.out)))  # fail before measuring
-    except hardware.HardwareError as e:
-        sys.exit(f"bench.py: error: {e}")
-    except OSError as e:
-        sys.exit(f"bench.py: error: cannot write into the folder of --out {args.out}: {e.strerror}")
-
-    config = GPTConfig()
+                report = json.load(f)
+            return publish(report, args.out)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise UserError(f"--report needs the JSON of an earlier bench.py at {args.out}: {error}") from None
+    device = hardware.resolve_device(args.device)
+    dtype = hardware.resolve_dtype("auto", device)
+    files.check_writable_folder(os.path.dirname(os.path.abspath(args.out)))  # fail before measuring
+    load_start = os.getloadavg()[0]
+    batch, steps = (4 if args.quick else BATCH_SIZE), args.steps
+    cuda = device.startswith("cuda")
+    sizes = (256, 512) if args.quick else (512, 1024, 2048, 4096, 8192) if cuda else (512, 1024, 2048, 4096)
     names = [*args.pe, BASELINE]
-    training_speed([BASELINE], config, BATCH_SIZE, 1, dtype, device, compiled=False)  # wakes threads and allocator
-    peaks = {"fp32": gemm_peak(device, torch.float32), "bf16": gemm_peak(device, torch.bfloat16)}
-    print(f"GEMM peak: {peaks['fp32'] / 1e12:.2f} TFLOP/s float32, {peaks['bf16'] / 1e12:.2f} bf16; "
-          f"training in {dtype}", flush=True)
-    modes = {"eager": training_speed(names, config, BATCH_SIZE, args.steps, dtype, device, compiled=False)}
-    print("eager: " + ", ".join(f"{n} {r['tok_per_s']:,.0f} tok/s" for n, r in modes["eager"].items()), flush=True)
-    if not args.no_compile:
-        modes["compiled"] = training_speed(names, config, BATCH_SIZE, args.steps, dtype, device, compiled=True)
-        print("compiled: " + ", ".join(f"{n} {r['tok_per_s']:,.0f} tok/s" for n, r in modes["compiled"].items()), flush=True)
-    per_token = flops_per_token(config)  # the same for every position embedding: none has trained weights
-    peak = max(peaks.values())
-    results = {name: {mode: {**speeds[name], "mfu": speeds[name]["tok_per_s"] * per_token / peak}
-                      for mode, speeds in modes.items()} for name in names}
+    in_turns({BASELINE: build(BASELINE, CONFIG, device)}, batch, 1, dtype, device, False, 0)  # wakes threads, allocator
+    peaks = {k: gemm_peak(device, d, sizes, 0.2 if args.quick else 1.0)
+             for k, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    print(f"GEMM peak: {peaks['fp32'] / 1e12:.2f} TFLOP/s float32, {peaks['bf16'] / 1e12:.2f} bf16; auto picks {dtype}",
+          flush=True)
+    models = {name: build(name, CONFIG, device) for name in names}
+    modes = {f"eager {d}": (d, False) for d in dict.fromkeys([dtype, "fp32"])}
+    if not (args.no_compile or args.quick):
+        modes[f"compiled {dtype}"] = (dtype, True)
+    speeds = {}
+    for mode, (mode_dtype, compiled) in modes.items():
+        speeds[mode] = training_speed(models, batch, steps, mode_dtype, device, compiled, 1 if args.quick else 2)
+        print(f"{mode}: " + ", ".join(f"{n} {r['tok_per_s']:,.0f} tok/s" for n, r in speeds[mode].items()), flush=True)
+    per_token, peak = flops_per_token(CONFIG), max(peaks.values())
+    results = {name: {mode: {**speeds[mode][name], "mfu": speeds[mode][name]["tok_per_s"] * per_token / peak}
+                      for mode in modes} for name in names}
+    default = jobs.default_jobs("cuda" if cuda else "cpu")
+    eval_threads = torch.get_num_threads() if cuda else jobs.threads_per_job(default)
     for pe in args.pe:
-        results[pe]["eval"] = {str(m * config.train_len): in_fresh_process(
-            evaluation_speed, dataclasses.replace(config, pe=pe), m * config.train_len, max(3, 16 // m), device)
-            for m in multiples}
+        results[pe]["eval"] = in_fresh_process(evaluation_speed, dataclasses.replace(CONFIG, pe=pe), args.lengths,
+                                               1 if args.quick else 8, device, eval_threads)
         print(f"{pe} eval: " + ", ".join(f"@{n} {e['tok_per_s']:,.0f} tok/s" for n, e in results[pe]["eval"].items()),
               flush=True)
-
-    report = {"config": dataclasses.asdict(config), "batch_size": BATCH_SIZE, "dtype": dtype,
+    report = {"config": dataclasses.asdict(CONFIG), "batch_size": batch, "dtype": dtype, "quick": args.quick,
               "gemm_peak_tflops": {k: v / 1e12 for k, v in peaks.items()}, "flops_per_token": per_token,
-              "results": results, "ratios": ratios(results),
-              "machine": {"name": hardware.machine_name(device), "device": device, "threads": torch.get_num_threads(),
-                          "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": dtype == "bf16",
-                          "torch": torch.__version__, "python": platform.python_version()}}
+              "modes": list(modes), "results": results, "eval_threads": eval_threads,
+              "ratios": ratios(results, modes, max(args.lengths))}
+    if not args.no_jobs:
+        report.update(several_at_once(args, results, modes, device, default, eval_threads))
+    report["ratios"].update(report.pop("jobs_ratios", {}))
+    report["load_average"] = {"start": load_start, "end": os.getloadavg()[0]}
+    report["machine"] = {"name": hardware.machine_name(device), "device": "cuda" if cuda else "cpu",
+                         "cores": os.cpu_count(),
+                         "threads": torch.get_num_threads(), "cpu": hardware.machine_name("cpu"),
+                         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": dtype == "bf16",
+                         "torch": torch.__version__, "python": platform.python_version()}
     files.write_atomically(args.out, json.dumps(report, indent=2).encode())
     publish(report, args.out)
+
+
+def several_at_once(args, results, modes, device, default, eval_threads):
+    """Training tokens/s with processes side by side, the factors of the grid's estimate, and the estimate."""
+    cores, cuda = os.cpu_count() or 1, device.startswith("cuda")
+    batch, steps = (4, 2) if args.quick else (BATCH_SIZE, args.steps)
+    if cuda:
+        configs = [(n, jobs.threads_per_job(n)) for n in (1, 2, 4, 8)]
+    else:
+        # one process with every core, reproduce.py's default side by side, and (the rate evaluations are
+        # measured at) one process with the threads of one of those
+        configs = list(dict.fromkeys([(1, cores), (default, jobs.threads_per_job(default))]
+                                     + [(1, eval_threads)] * (not args.quick)))
+    measured = []
+    for processes, threads in configs:
+        measured.append(side_by_side(CONFIG, batch, processes, threads, steps, "fp32", device))
+        print(f"{processes} x {threads} threads: {measured[-1]['tok_per_s']:,.0f} tok/s together", flush=True)
+    base = next((m for m in measured if m["jobs"] == 1 and (cuda or m["threads"] == eval_threads)),
+                next(m for m in measured if m["jobs"] == default))  # --quick: taken as the rate alone
+    factors = {"pe": {pe: row["eager fp32"]["step_s"] / results["rope"]["eager fp32"]["step_s"]
+                      for pe, row in results.items() if pe != BASELINE and "rope" in results},
+               "analysis_s": analysis_seconds(os.path.join(jobs.HERE, "results", "default"))}
+    if args.quick:
+        flops = {w: flops_per_token(dataclasses.replace(CONFIG, n_embd=w, n_head=w // 64)) for w in (128, 256, 512)}
+        factors.update(width={w: f / flops[256] for w, f in flops.items()}, width_from="by FLOPs per token")
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(base["threads"])
+        widths = {w: build("rope", dataclasses.replace(CONFIG, n_embd=w, n_head=w // 64), device) for w in (128, 256, 512)}
+        times = in_turns(widths, BATCH_SIZE, 3, "fp32", device, False, 1)
+        torch.set_num_threads(threads)
+        factors.update(width={w: t["step_s"] / times[256]["step_s"] for w, t in times.items()},
+                       width_from=f"measured in float32 with {base['threads']} thread(s)")
+    evals = {pe: row["eval"] for pe, row in results.items() if "eval" in row}
+    if "rope" not in evals:
+        return {"jobs": measured, "factors": factors, "grid_estimate": []}
+    estimate = grid_estimate(measured, base, evals, factors, os.path.join(jobs.HERE, "results", "default"),
+                             os.path.join(jobs.HERE, "out", "default"))
+    one = next(m for m in measured if m["jobs"] == 1 and m["threads"] == max(c[1] for c in configs))
+    gains = {f"{m['jobs']} jobs x {m['threads']} thread(s) / 1 job x {one['threads']}, training tok/s together":
+             m["tok_per_s"] / one["tok_per_s"] for m in measured if m["jobs"] > 1}
+    return {"jobs": measured, "factors": factors, "grid_estimate": estimate, "jobs_ratios": gains}
 
 
 def publish(report, out):

@@ -77,6 +77,14 @@ def report_sections(grid):
             "K is the number of frequencies FoPE keeps at train_len.",
             head_dim_groups(grid, [run for run in grid.runs if run.name in ("rope-s0", "fope-s0")] + headdim),
             [("headdim.png", ["ppl_ratio", "accuracy"])]))
+    for name, title, text in (
+            ("rival", "Rivals", "What the field did after FoPE, at the default size: `fope-deployed` FoPE as Intern-S1-Pro "
+             "deploys it (`--fope_variant deployed`), `cope` RoPE with CoPE's soft clip, `rope-qknorm` RoPE with QK-norm."),
+            ("ladder", "Model size", "RoPE, FoPE and ALiBi at width 128 (2 heads) and 512 (8 heads) beside the main runs' "
+             "256: head_dim 64 at every width.")):
+        chosen = [run.name for run in grid.runs if run.section == name]
+        if chosen:
+            sections.append(Section(title, text, group_by_method(chosen), [(f"{name}.png", ["ppl_ratio", "accuracy"])]))
     if grid.extensions:
         sections.append(Section(
             "Context extension without training",

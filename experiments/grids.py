@@ -26,7 +26,7 @@ from lib import settings
 class Run:
     """One training run: a name and its train.py arguments (on top of the grid's shared ones)."""
     name: str
-    section: str         # where the report shows it: "main", "ablation" or "finetune"
+    section: str         # where the report shows it: "main", "ablation", "finetune", "headdim", "rival", "ladder"
     args: list
     init_from: str = ""  # a fine-tune: the run whose checkpoint it continues
 
@@ -87,6 +87,21 @@ def yarn_after(train_len):
     return ["--rope_scaling", "yarn", "--rope_scale", "16", "--rope_original_len", str(train_len)]
 
 
+def rivals_and_ladder(full):
+    """(method, section, train.py arguments, seeds) of the rows issue 42 adds to the full grid: the
+    field's rivals at the default size on 3 seeds (FoPE as Intern-S1-Pro deploys it, CoPE's soft
+    clip, RoPE with QK-norm), then a model-size ladder at head_dim 64 (FoPE keeps the same
+    frequencies at every width): RoPE, FoPE and ALiBi at width 128 with 2 heads (3 seeds) and at
+    width 512 with 8 heads (2 seeds, each costing about 4 default runs)."""
+    if not full:
+        return []
+    rivals = [("fope-deployed", "rival", ["--pe", "fope", "--fope_variant", "deployed"], 3),
+              ("cope", "rival", ["--pe", "cope"], 3),
+              ("rope-qknorm", "rival", ["--pe", "rope", "--qk_norm", "true"], 3)]
+    return rivals + [(f"{pe}-w{width}", "ladder", ["--pe", pe, "--n_embd", str(width), "--n_head", str(width // 64)],
+                      seeds) for width, seeds in ((128, 3), (512, 2)) for pe in ("rope", "fope", "alibi")]
+
+
 def shakespeare_grid(about, training, ppl_args, full, extra_lengths=()):
     """The CPU experiment on train.py's CPU model: RoPE, FoPE, ALiBi and NoPE, the extension
     experiment, FoPE's ablations, RoPE's training-free extensions. RoPE and FoPE run on 3 seeds; with
@@ -127,6 +142,9 @@ def shakespeare_grid(about, training, ppl_args, full, extra_lengths=()):
             # the paper's Fig. 5c at one seed: head_dim 32 and 128 at the same width (K and M change with it)
             *[seeded(f"{pe}-hd{shared['n_embd'] // heads}", "headdim", ["--pe", pe, "--n_head", str(heads)], 0)
               for heads in head_counts for pe in ("rope", "fope")],
+            # issue 42, after the runs above: seed 0 of every new row first, then seeds 1 and 2
+            *[seeded(method, section, args, seed) for seed in range(3)
+              for method, section, args, seeds in rivals_and_ladder(full) if seed < seeds],
         ],
         # RoPE extended without training; s = 16 covers the 16x range (the authors' YaRN also uses 16)
         extensions=[Extension(f"rope-s{seed}+{method}16", f"rope-s{seed}", ["--rope_scaling", method, "--rope_scale", "16"])

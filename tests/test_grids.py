@@ -66,8 +66,10 @@ def test_the_default_grid_trains_every_method_alike_with_the_retrieval_preset(tm
 def test_the_grids_evaluate_at_the_lengths_and_names_of_their_committed_results(grid_name):
     grid = grids.GRIDS[grid_name]
     saved = HERE / "results" / grid_name
-    for kind, _, entry, _ in grids.steps(grid, grid.runs):
+    for kind, run, entry, _ in grids.steps(grid, grid.runs):
         if kind in ("ppl", "passkey", "sotu"):
+            if run.section in ("rival", "ladder") and not (saved / kind / f"{entry}.json").exists():
+                continue  # issue 42's runs, not all run yet
             report = json.loads((saved / kind / f"{entry}.json").read_text())
             assert (report["lengths"] if kind != "passkey" else report["settings"]["lengths"]) == grid.lengths
             assert report["checkpoints"][0]["run"] == entry.split("+")[0]
@@ -107,6 +109,40 @@ def test_the_report_groups_seeds_of_a_method_and_only_seeds():
     assert grid_results.method_of("fope-hd32-s0") == "fope-hd32"
     assert grid_results.group_by_method(["rope-s0", "fope-s0", "rope-s1", "rope-s0+pi16"]) == {
         "rope": ["rope-s0", "rope-s1"], "fope": ["fope-s0"], "rope+pi16": ["rope-s0+pi16"]}
+
+
+def test_the_default_grid_adds_issue_42s_runs_after_its_own_seed_0_first():
+    names = [run.name for run in grids.DEFAULT.runs]
+    new = names[names.index("fope-hd128-s0") + 1:]
+    rows = ["fope-deployed", "cope", "rope-qknorm", "rope-w128", "fope-w128", "alibi-w128", "rope-w512", "fope-w512",
+            "alibi-w512"]
+    assert new == [f"{row}-s{seed}" for seed in range(3) for row in rows if seed < 2 or "w512" not in row]
+    runs = {run.name: run for run in grids.DEFAULT.runs}
+    assert {runs[f"{row}-s0"].section for row in rows[:3]} == {"rival"} and runs["fope-w512-s1"].section == "ladder"
+    for name, expected in (("fope-deployed-s1", {"pe": "fope", "fope_variant": "deployed", "seed": 1338}),
+                           ("cope-s2", {"pe": "cope", "seed": 1339, "passkey_seed": 1002}),
+                           ("rope-qknorm-s0", {"pe": "rope", "qk_norm": True}),
+                           ("alibi-w128-s2", {"pe": "alibi", "n_embd": 128, "n_head": 2}),
+                           ("fope-w512-s0", {"pe": "fope", "n_embd": 512, "n_head": 8, "dtype": "fp32"})):
+        values = grids.run_settings(grids.DEFAULT, runs[name])[0]
+        assert {key: values[key] for key in expected} == expected, name
+
+
+def test_several_at_once_an_evaluation_waits_for_its_training_a_fine_tune_for_its_parent(tmp_path):
+    grid = grids.GRIDS["quick"]
+    planned = reproduce.plan(grid, grid.runs, str(tmp_path / "out"), str(tmp_path / "results"))
+    steps, _ = reproduce.job_steps(grid, grid.runs, planned, str(tmp_path / "out"), 2)
+    needs = {step.name: step.needs for step in steps}
+    assert [step.name for step in steps] == [title for title, _, _ in planned]  # in the plan's order
+    assert needs["train rope-s0"] == [] and needs["ppl rope-s0+yarn4"] == needs["sotu rope-s0"] == ["train rope-s0"]
+    assert needs["train ext-rope-fope-s0"] == ["train rope-s0"]
+    assert needs["analysis rope-s0 fope-s0"] == ["train rope-s0", "train fope-s0"]
+    assert steps[3].log == str(tmp_path / "out" / "logs" / f"{steps[3].name.replace(' ', '_')}.log")
+    # a training done before is nothing to wait for; one at a time the output stays on the terminal
+    done = [(title, None if title == "train rope-s0" else command, why) for title, command, why in planned]
+    steps, _ = reproduce.job_steps(grid, grid.runs, done, str(tmp_path / "out"), 1)
+    assert "train rope-s0" not in [s.name for s in steps] and next(s for s in steps if s.name == "ppl rope-s0").needs == []
+    assert {step.log for step in steps} == {None}
 
 
 def test_only_also_selects_the_runs_a_fine_tune_starts_from():
@@ -193,7 +229,7 @@ def test_the_readme_block_between_the_markers_is_replaced_and_nothing_else(tmp_p
 
 def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path):
     for argv, expected in ((["--quick", "--only", "rope-s7"], "rope-s7"),
-                           (["--quick", "--grid", "default"], "--quick")):
+                           (["--quick", "--grid", "default"], "--quick"), (["--quick", "--jobs", "0"], "--jobs")):
         message = error_of(reproduce.main, argv + ["--out_dir", str(tmp_path), "--results_dir", str(tmp_path)])
         assert message.startswith("reproduce.py: error:") and expected in message
     message = error_of(report.main, ["--grid", "quick", "--results_dir", str(tmp_path)])
@@ -218,8 +254,10 @@ def table_rows(markdown, title):
 def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     readme = (HERE / "README.md").read_bytes()
     grid = grids.GRIDS["quick"]
-    result = run_script("experiments.reproduce", "--quick", "--out_dir", tmp_path, "--results_dir", tmp_path, timeout=600)
+    result = run_script("experiments.reproduce", "--quick", "--jobs", "2", "--out_dir", tmp_path, "--results_dir", tmp_path,
+                        timeout=600)
     assert result.returncode == 0, result.stderr
+    assert "start train rope-s0 (1 thread, log " in result.stdout  # two at a time, each its log
     results = tmp_path / "quick"
     for entry in grids.entries(grid):
         ppl = json.loads((results / "ppl" / f"{entry}.json").read_text())["checkpoints"][0]
@@ -239,7 +277,8 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     extended = json.loads((results / "passkey" / "rope-s0+yarn4.json").read_text())["checkpoints"][0]
     assert (extended["model_config"]["rope_scaling"], extended["model_config"]["rope_scale"]) == ("yarn", 4)
     steps = [json.loads(line) for line in (results / "steps.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == [title for title, _ in report.grid_steps(grid, str(results))]
+    assert sorted(s["step"] for s in steps) == sorted(title for title, _ in report.grid_steps(grid, str(results)))
+    assert {(s["threads"], s["jobs"]) for s in steps} == {(1, 2)}
     environment = json.loads((results / "environment.json").read_text())
     assert {"python", "torch", "numpy", "tiktoken", "cpu", "cores", "command"} <= environment.keys()
 

@@ -146,20 +146,50 @@ def test_the_gpu_check_stops_with_one_line_where_there_is_no_gpu_having_written_
     assert {path: path.stat().st_mtime_ns for path in watched if path.exists()} == before
 
 
-def test_bench_times_the_reference_beside_the_model_and_derives_its_ratios_from_its_own_times(tmp_path):
+def test_bench_shows_a_model_made_slower_on_purpose_in_its_ratio_and_estimates_the_grid(tmp_path, monkeypatch):
+    import time
+    built = bench.build
+
+    def build(name, config, device):  # FoPE made slower on purpose: 0.5 s more every forward
+        model = built(name, config, device)
+        if name == "fope":
+            forward = model.forward
+            model.forward = lambda *args, **kwargs: (time.sleep(0.5), forward(*args, **kwargs))[1]
+        return model
+
+    monkeypatch.setattr(bench, "build", build)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: on a machine busy with other work, two would wait for each other
     out = tmp_path / "b.json"
-    bench.main(["--pe", "rope", "fope", "--steps", "1", "--no_compile", "--lengths", "1", "--out", str(out)])
+    try:
+        bench.main(["--quick", "--steps", "2", "--pe", "rope", "fope", "--lengths", "384,768", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
     report = json.loads(out.read_text())
     rows, ratios = report["results"], report["ratios"]
-    assert list(rows) == ["rope", "fope", bench.BASELINE]
-    assert ratios["fope / rope, step time (eager)"] == rows["fope"]["eager"]["step_s"] / rows["rope"]["eager"]["step_s"]
-    assert ratios["rope / reference, training tok/s (eager)"] == (
-        rows["rope"]["eager"]["tok_per_s"] / rows[bench.BASELINE]["eager"]["tok_per_s"])
-    tokens = report["batch_size"] * report["config"]["train_len"]
-    for row in rows.values():
-        assert row["eager"]["tok_per_s"] == pytest.approx(tokens / row["eager"]["step_s"])
-    assert report["dtype"] == hardware.resolve_dtype("auto", "cpu")
-    assert set(rows["fope"]["eval"]) == {"256"} and bench.BASELINE + " |" in (tmp_path / "b.md").read_text()
+    assert list(rows) == ["rope", "fope", bench.BASELINE] and report["dtype"] == hardware.resolve_dtype("auto", "cpu")
+    for mode in report["modes"]:
+        slower = rows["fope"][mode]["step_s"] - rows["rope"][mode]["step_s"]
+        assert 0.3 < slower < 1.5 and ratios[f"fope / rope, training step time ({mode})"] > 1.2, (mode, slower)
+        assert ratios[f"rope / reference, training tok/s ({mode})"] > ratios[f"fope / reference, training tok/s ({mode})"]
+    # the evaluations run in a process of their own, where FoPE is as fast as it is
+    assert set(rows["fope"]["eval"]) == {"384", "768"} and "fope / rope, evaluation time @768" in ratios
+    # several processes side by side, and the grid's time from them
+    assert [(m["jobs"], m["threads"]) for m in report["jobs"]][0] == (1, os.cpu_count())
+    assert all(m["tok_per_s"] > 0 for m in report["jobs"])
+    estimate = report["grid_estimate"]
+    assert {row["all"]["steps"] for row in estimate} == {len(list(bench.grids.steps(bench.GRID, bench.GRID.runs)))}
+    assert all(0 < row["left"]["hours"] < row["all"]["hours"] for row in estimate)
+    table = (tmp_path / "b.md").read_text()
+    assert "### The default grid on this machine: " + hardware.machine_name("cpu") in table
+    assert bench.BASELINE + " |" in table and "the whole grid" in table
+
+
+def test_bench_reads_lengths_as_tokens_and_refuses_bad_input_in_one_line(tmp_path):
+    assert bench.parse_args([]).lengths == [192, 384, 768, 1536, 3072, 6144]
+    assert bench.parse_args(["--lengths", "384,6144"]).lengths == [384, 6144]
+    assert "--out must end in .json" in error_of(bench.main, ["--out", str(tmp_path / "b.txt")])
+    assert "--report needs the JSON" in error_of(bench.main, ["--report", "--out", str(tmp_path / "none.json")])
 
 
 def test_the_reference_gpt_has_the_default_models_trained_parameter_count():
