@@ -321,11 +321,11 @@ def parse_args(argv):
     args.passkey_args = GRID.passkey_args + ["--trials", str(args.trials)] * bool(args.trials)
     args.bench = not args.no_bench
 
-    def section(name):  # seed 0 of every row first; on a GPU the widest first within a seed
-        chosen = [run for run in GRID.runs if run.section == name]
-        return [(run.name, run.args, name) for run in sorted(chosen, key=lambda run: (run.name[-1], -width_of(run.args)))]
-
-    known = [(run.name, run.args, "check") for run in GRID.runs if run.name in CHECK] + section("ladder") + section("rival")
+    # the ladder's and the rivals' runs: seed 0 of every row first, and within a seed the widest first
+    more = sorted((run for run in GRID.runs if run.section in ("ladder", "rival")),
+                  key=lambda run: (run.name[-1], -width_of(run.args)))
+    known = [(run.name, run.args, "check") for run in GRID.runs if run.name in CHECK] \
+        + [(run.name, run.args, run.section) for run in more]
     for extra in args.extra:
         name, _, text = extra.partition("=")
         if not name or not text or os.path.basename(name) != name or name in (".", ".."):

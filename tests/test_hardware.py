@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import fope_gpt
+from fope_gpt import FOPE_DEPLOYED, POSITION_EMBEDDINGS
+
 import analyze
 from experiments import bench
 from lib import checkpoint
@@ -86,15 +89,18 @@ def test_asking_for_cuda_without_a_gpu_is_one_clear_line(tmp_path, script):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_model_computes_the_same_on_the_gpu_as_on_the_cpu():
+@pytest.mark.parametrize("variant", [dict(pe=pe) for pe in POSITION_EMBEDDINGS] + [dict(pe="fope", **FOPE_DEPLOYED)],
+                         ids=lambda v: "-".join(map(str, v.values())))
+def test_the_model_computes_the_same_on_the_gpu_as_on_the_cpu(variant, monkeypatch):
     from test_fope import tiny_config, spread_weights
-    from fope_gpt import GPT
-    for pe in ("rope", "fope", "alibi"):
-        model = spread_weights(GPT(tiny_config(pe=pe))).eval()
-        idx = torch.randint(0, 61, (2, 64))
-        on_cpu = model(idx)[0]
-        on_gpu = model.to("cuda")(idx.to("cuda"))[0].cpu()
-        assert torch.allclose(on_cpu, on_gpu, atol=1e-3, rtol=1e-3), pe
+    monkeypatch.setattr(fope_gpt, "BIAS_ELEMENTS", 2 * 64 * 9)  # a bias goes in blocks of queries, as at 16x train_len
+    torch.manual_seed(0)
+    model = spread_weights(fope_gpt.GPT(tiny_config(**variant))).eval()
+    idx = torch.randint(0, 61, (2, 64))
+    on_cpu, greedy_cpu = model(idx)[0], model.generate(idx[:, :20], 8)
+    model.to("cuda")
+    assert torch.allclose(on_cpu, model(idx.to("cuda"))[0].cpu(), atol=1e-3, rtol=1e-3)
+    assert torch.equal(greedy_cpu, model.generate(idx[:, :20].to("cuda"), 8).cpu())  # the KV cache on the GPU
 
 
 # -----------------------------------------------------------------------------
