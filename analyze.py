@@ -285,7 +285,6 @@ def write_outputs(results, out_dir):
         text = json.dumps({"checkpoints": results}, allow_nan=False)
     except ValueError:  # a bare NaN is not JSON
         raise UserError("an analysis gave a number that is not finite, so nothing is written") from None
-    write_atomically(Path(out_dir) / "analysis.json", text.encode())
     drawn = {"pair_norms": draw_pair_norms, "spectrum": draw_spectra, "logit_vs_distance": draw_logits,
              "retrieval_attention": draw_retrieval_attention}
     coefficients = os.path.join(out_dir, "fope_coefficients.png")
@@ -295,8 +294,9 @@ def write_outputs(results, out_dir):
         os.remove(coefficients)  # left by an analysis of other checkpoints: it would not match analysis.json
     for name, draw in drawn.items():
         fig = draw(results, labels)
-        fig.savefig(os.path.join(out_dir, f"{name}.png"), dpi=110)
+        write_atomically(os.path.join(out_dir, f"{name}.png"), lambda f: fig.savefig(f, format="png", dpi=110))
         pyplot().close(fig)
+    write_atomically(Path(out_dir) / "analysis.json", text.encode())  # last: the figures it describes are there
 
 
 def main(argv=None):
@@ -334,7 +334,8 @@ def analyze_all(args):
             model, enc, lengths, args.passkey_trials, passkey.TRIAL_SEED, args.device) if args.passkey_trials else None
         results.append(result)
         print(f"{path} [{model.config.pe}]: analysed layer {args.layer}, head {args.head}, pair {pair}", flush=True)
-    write_outputs(results, args.out_dir)
+    with cli.uninterrupted(cli.WRITTEN):  # a stop waits for the JSON and every figure
+        write_outputs(results, args.out_dir)
     print(f"wrote {args.out_dir}/analysis.json and figures")
 
 

@@ -184,11 +184,12 @@ def evaluate_all(args):
         results.append(result)
 
     report = {"mode": args.mode, "lengths": lengths, "dtype": args.dtype, "max_tokens": args.max_tokens, "checkpoints": results}
-    write_atomically(Path(args.out), (json.dumps(report, indent=2) + "\n").encode())
     png = Path(args.out).with_suffix(".png")
     what = f"perplexity on {Path(args.text).name}" if args.text else "validation perplexity"
     fig = draw(results, f"{what} ({args.mode})", "ppl")
-    fig.savefig(png, dpi=120)
+    with cli.uninterrupted(cli.WRITTEN):  # a stop waits for the JSON and its figure
+        write_atomically(Path(args.out), (json.dumps(report, indent=2) + "\n").encode())
+        write_atomically(png, lambda f: fig.savefig(f, format="png", dpi=120))
     pyplot().close(fig)
     print(f"wrote {args.out} and {png}")
 

@@ -132,14 +132,17 @@ def evaluate(model, batches, settings, device):
 
 def main(argv=None):
     """Train one run. The errors a user can fix end in one line on stderr and a non-zero exit
-    (cli.run); the run folder's lock is released however the run ends (after a kill -9, the
+    (cli.run), and so does a stop (Ctrl-C, SIGTERM), saying where the run stopped and where its
+    checkpoint is; the run folder's lock is released however the run ends (after a kill -9, the
     next run finds it stale)."""
+    progress = runs.Progress()
     with contextlib.ExitStack() as held:
-        cli.run("train.py", lambda: train(argv, held))
+        cli.run("train.py", lambda: train(argv, held, progress), stopped=progress.stop_line)
 
 
-def train(argv, held):
-    """The run itself; `held` keeps the run folder's lock until main() ends."""
+def train(argv, held, progress):
+    """The run itself; `held` keeps the run folder's lock until main() ends, `progress` says where
+    the run is when it is stopped."""
     settings, run_dir, ckpt_path, resumed = settings_of_run(argv)
     rank, world, device = start_processes(settings["device"])
     asked = settings["dtype"]
@@ -172,10 +175,10 @@ def train(argv, held):
     earlier = {"seconds": 0.0, "machines": []}  # what processes before this one spent training the run, and where
     if resumed is not None:
         step, val_loss = restore(resumed, model, optimizer, batches, ckpt_path)
-        earlier = resumed["trained"]
+        earlier, progress.saved = resumed["trained"], step
     elif settings["init_from"]:
         start_from_checkpoint(model, settings["init_from"], settings["fope_grow"], prepared)
-    first_step = step
+    first_step = progress.step = step
     if step >= settings["max_steps"]:
         if leader:
             print(f"{run_dir}: already finished ({step} steps, val loss {val_loss:.4f})")
@@ -198,13 +201,16 @@ def train(argv, held):
                 "machines": list(dict.fromkeys([*earlier["machines"], this_machine]))}
 
     def checkpoint():
-        save_checkpoint(ckpt_path, {
-            "model_config": dataclasses.asdict(config), "train_config": settings,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "rng": {"torch": torch.get_rng_state(), "batches": batches.state()},
-            "tokenizer": tokenizer_state(prepared.enc), "data": prepared.meta, "val_loss": val_loss,
-            "trained": trained(),
-        })
+        """The checkpoint, and where the run is: a stop waits for both."""
+        with cli.uninterrupted():
+            save_checkpoint(ckpt_path, {
+                "model_config": dataclasses.asdict(config), "train_config": settings,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "rng": {"torch": torch.get_rng_state(), "batches": batches.state()},
+                "tokenizer": tokenizer_state(prepared.enc), "data": prepared.meta, "val_loss": val_loss,
+                "trained": trained(),
+            })
+            progress.saved = step
 
     train_step = torch.compile(model) if settings["compile"] else model
     if world > 1:
@@ -240,6 +246,7 @@ def train(argv, held):
             optimizer.zero_grad(set_to_none=True)
             step += 1
             steps_timed += 1
+            progress.step = step
 
             if step % settings["log_interval"] == 0 or step == settings["max_steps"]:
                 if world > 1:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 from lib import data
 from lib import files
@@ -35,6 +36,20 @@ def run_of(path):
     """The run a checkpoint belongs to: the name of its folder, out_dir/<run>/ckpt.pt (train.py
     names a run with settings.run_name)."""
     return os.path.basename(os.path.dirname(os.path.abspath(path)))
+
+
+@dataclass
+class Progress:
+    """Where a training process is, for the line that a stop (Ctrl-C, SIGTERM) ends it with."""
+    step: int = None   # steps done; None before training began
+    saved: int = None  # the step of the run's checkpoint on disk; None while there is none
+
+    def stop_line(self, signal_name):
+        """'stopped at step 12 (SIGINT); the checkpoint is at step 10; continue with --resume'."""
+        where = "stopped before training began" if self.step is None else f"stopped at step {self.step}"
+        if self.saved is None:
+            return f"{where} ({signal_name}); no checkpoint was written, so the run starts over when run again"
+        return f"{where} ({signal_name}); the checkpoint is at step {self.saved}; continue with --resume"
 
 
 def clock(seconds):

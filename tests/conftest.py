@@ -93,6 +93,18 @@ def error_of(main, argv):
     return message
 
 
+def stop_of(main, argv, capsys):
+    """(exit status, its line) of a script's main that a stop (Ctrl-C, SIGTERM) ends: one line on
+    stderr, after at most the token cache's progress line, and no traceback (any other exception
+    would fail the test with its own)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("using cached ") for line in lines[:-1]), lines
+    return exit_info.value.code, lines[-1]
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """One tiny training run, shared by the tests that only read its results."""

@@ -189,7 +189,7 @@ def test_a_second_train_py_on_the_same_run_is_refused_before_touching_anything(t
     args = tiny_run_args(tmp_path, "--max_steps", "100000", "--eval_interval", "100000", "--log_interval", "100000")
     lock = tmp_path / "out" / "tiny" / "train.lock"
     first = subprocess.Popen([sys.executable, str(HERE / "train.py"), *args], cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while not (lock.exists() and lock.read_text().strip()) and first.poll() is None and time.time() < deadline:
@@ -200,8 +200,13 @@ def test_a_second_train_py_on_the_same_run_is_refused_before_touching_anything(t
         assert second.returncode == 1 and "Traceback" not in second.stderr
         assert second.stderr.count("\n") == 1 and f"being written by process {first.pid}" in second.stderr
         assert first.poll() is None and lock.read_text() == f"{first.pid}\n"  # the first run goes on
+        first.send_signal(signal.SIGTERM)  # as a scheduler ends a run: one line, where it stopped, the lock released
+        assert first.wait(timeout=60) == 143
+        assert re.fullmatch(r"train\.py: stopped (at step \d+|before training began) \(SIGTERM\); no checkpoint was written, so the run "
+                            r"starts over when run again\n", first.stderr.read())
+        assert not lock.exists()
     finally:
-        first.send_signal(signal.SIGKILL)
+        first.kill()
         first.wait()
 
 
