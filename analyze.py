@@ -314,24 +314,30 @@ def analyze_all(args):
         if message:
             raise UserError(f"{path}: {message}")
         enc = runs.load_tokenizer(path, state, model)
-        loaded.append((path, state, model, enc, runs.load_validation(path, state, args.data_dir)))
+        tokens = runs.load_validation(path, state, args.data_dir)
+        train_len = model.config.train_len
+        asked = args.text_tokens or 4 * train_len
+        used = spectra.text_windows(tokens, train_len, asked).numel()  # whole windows of the split: what is used
+        if used != asked:
+            print(f"{path}: q/k statistics on {used:,} validation tokens, not {asked:,}: the split has "
+                  f"{len(tokens):,}, in windows of train_len {train_len}", flush=True)
+        plan = {"text_tokens": used, "max_distance": args.max_distance or 16 * train_len,
+                "lengths": (args.lengths or cli.evaluation_lengths(train_len)) if args.passkey_trials else []}
+        loaded.append((path, state, model, enc, tokens, plan))
     check_writable_folder(args.out_dir)
 
     results = []
-    for path, state, model, enc, tokens in loaded:
-        train_len = model.config.train_len
+    for path, state, model, enc, tokens, plan in loaded:
         pair = spectra.default_pair(model, args.layer) if args.pair is None else args.pair
         result = {"path": path, "run": runs.run_of(path),
-                  "pe": model.config.pe, "train_len": train_len, "step": state["step"],
+                  "pe": model.config.pe, "train_len": model.config.train_len, "step": state["step"],
                   "model_config": state["model_config"], "train_config": state.get("train_config", {}),
-                  "layer": args.layer, "head": args.head, "pair": pair}
-        result["text_tokens"] = args.text_tokens or 4 * train_len
-        result["max_distance"] = args.max_distance or 16 * train_len
+                  "layer": args.layer, "head": args.head, "pair": pair,
+                  "text_tokens": plan["text_tokens"], "max_distance": plan["max_distance"]}
         result.update(spectra.analyze(model, tokens, args.layer, args.head, pair,
-                              result["text_tokens"], result["max_distance"]))
-        lengths = args.lengths or cli.evaluation_lengths(train_len)
+                                      result["text_tokens"], result["max_distance"]))
         result["retrieval_attention"] = retrieval.retrieval_attention(
-            model, enc, lengths, args.passkey_trials, passkey.TRIAL_SEED, args.device) if args.passkey_trials else None
+            model, enc, plan["lengths"], args.passkey_trials, passkey.TRIAL_SEED, args.device) if args.passkey_trials else None
         results.append(result)
         print(f"{path} [{model.config.pe}]: analysed layer {args.layer}, head {args.head}, pair {pair}", flush=True)
     with cli.uninterrupted(cli.WRITTEN):  # a stop waits for the JSON and every figure

@@ -159,6 +159,8 @@ def evaluate_all(args):
         if max(lengths) > len(tokens):
             what = f"the text {args.text}" if args.text else "the validation split"
             raise UserError(f"{path}: length {max(lengths)} is larger than {what} ({len(tokens)} tokens)")
+        if args.max_tokens > len(tokens):
+            print(f"{path}: evaluating all {len(tokens):,} tokens of the text (--max_tokens {args.max_tokens:,})")
     check_writable_folder(os.path.dirname(os.path.abspath(args.out)))
 
     results = []
