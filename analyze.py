@@ -36,6 +36,7 @@ import numpy as np
 
 from lib import cli
 from lib import hardware
+from lib import memory
 from lib import passkey
 from lib import retrieval
 from lib import runs
@@ -259,9 +260,9 @@ def parse_args(argv):
     parser.add_argument("--layer", type=int, default=0, help="layer for the spectrum and logit analyses")
     parser.add_argument("--head", type=int, default=0, help="head for the spectrum analysis")
     parser.add_argument("--pair", type=int, help="rotary pair (default: intended period closest to train_len/4)")
-    parser.add_argument("--text_tokens", type=int, help="validation tokens for q/k statistics (default: 4 x train_len)")
-    parser.add_argument("--max_distance", type=int, help="largest distance for the logits (default: 16 x train_len)")
-    parser.add_argument("--passkey_trials", type=int, default=20,
+    parser.add_argument("--text_tokens", type=cli.parse_int, help="validation tokens for q/k statistics (default: 4 x train_len)")
+    parser.add_argument("--max_distance", type=cli.parse_int, help="largest distance for the logits (default: 16 x train_len)")
+    parser.add_argument("--passkey_trials", type=cli.parse_int, default=20,
                         help="passkey prompts per length for the retrieval attention (0: skip it)")
     cli.add_lengths_option(parser, "prompt lengths of the retrieval attention", of_train_len="each checkpoint's train_len")
     parser.add_argument("--data_dir", default="data", help="where the token caches of the validation splits are")
@@ -305,7 +306,8 @@ def main(argv=None):
 
 
 def analyze_all(args):
-    """Check every checkpoint, its data and the output folder, then analyse and write."""
+    """Check every checkpoint, its data, what the analyses will take in memory and the output folder,
+    then analyse and write."""
     # every check first, so that bad input never overwrites earlier results nor costs the work
     loaded = []
     for path in args.ckpt:
@@ -323,6 +325,10 @@ def analyze_all(args):
                   f"{len(tokens):,}, in windows of train_len {train_len}", flush=True)
         plan = {"text_tokens": used, "max_distance": args.max_distance or 16 * train_len,
                 "lengths": (args.lengths or cli.evaluation_lengths(train_len)) if args.passkey_trials else []}
+        need, host = memory.analysis_bytes(model.config, plan["text_tokens"], plan["max_distance"], plan["lengths"],
+                                           args.passkey_trials)
+        memory.check(f"analysing {path}", need, args.device, "give fewer --text_tokens, a shorter --max_distance "
+                     "or shorter --lengths", host)
         loaded.append((path, state, model, enc, tokens, plan))
     check_writable_folder(args.out_dir)
 

@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lib import cli
 from lib import data
 from lib import hardware
+from lib import memory
 from lib import passkey
 from lib import runs
 from lib import settings as run_settings
@@ -149,6 +150,7 @@ def train(argv, held, progress):
     settings["dtype"] = hardware.resolve_dtype(asked, device)  # the run keeps what "auto" chose
     if settings["batch_size"] % world:
         raise UserError(f"--batch_size {settings['batch_size']} must be divisible by the {world} processes")
+    memory.check_training(settings, world, device)  # before anything is allocated, read or written
     rows = slice(rank * settings["batch_size"] // world, (rank + 1) * settings["batch_size"] // world)
     leader = rank == 0  # the one process that prints, logs and writes checkpoints
     if leader:

@@ -5,6 +5,7 @@ cli.py: what the scripts' command lines share.
                                "<script>: error: <what went wrong>", on stderr and exit status 1; Ctrl-C
                                (SIGINT) or SIGTERM with one line saying where it stopped, exit 130 or 143
     uninterrupted()            a block that a stop does not cut short: outputs written as a whole
+    parse_int                  argparse type: an integer, also in exponent notation ("1e12")
     HelpFormatter              --help prints the script's docstring as written and every option's default
     add_device_option          --device, for every script that runs a model
     add_dtype_option           --dtype, for the scripts that may autocast
@@ -87,6 +88,21 @@ def uninterrupted(done=None):
         raise Stopped(held[0], done and done.format(signal.Signals(held[0]).name))
 
 
+def parse_int(text):
+    """argparse type: an integer, also one written in exponent notation ("1e12", "2.5e3")."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    return int(value)
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help prints the script's docstring as it is written, and after the help of every option
     that is not required its default, unless the help already says what the default is."""
@@ -127,8 +143,8 @@ def evaluation_lengths(train_len, longest=16):
 def parse_lengths(text):
     """argparse type: '128,256,512' -> [128, 256, 512] (sorted, without repeats, each >= 2)."""
     try:
-        lengths = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
+        lengths = sorted({parse_int(part) for part in text.split(",") if part.strip()})
+    except argparse.ArgumentTypeError:
         lengths = []
     if not lengths or lengths[0] < 2:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers of at least 2, got {text!r}")
