@@ -144,7 +144,7 @@ def main(argv=None):
 def train(argv, held, progress):
     """The run itself; `held` keeps the run folder's lock until main() ends, `progress` says where
     the run is when it is stopped."""
-    settings, run_dir, ckpt_path, resumed = settings_of_run(argv)
+    settings, run_dir, ckpt_path, resumed, seen = settings_of_run(argv)
     rank, world, device = start_processes(settings["device"])
     asked = settings["dtype"]
     settings["dtype"] = hardware.resolve_dtype(asked, device)  # the run keeps what "auto" chose
@@ -155,6 +155,7 @@ def train(argv, held, progress):
     leader = rank == 0  # the one process that prints, logs and writes checkpoints
     if leader:
         held.enter_context(run_lock(run_dir))  # before anything is written: data cache or run folder
+        runs.check_unchanged(ckpt_path, seen)  # another process may have finished or saved the run meanwhile
         why = ("native bf16 here" if settings["dtype"] == "bf16" else "no native bf16 here") if asked == "auto" else "as asked"
         print(f"run {run_dir}: {settings['pe']} on {device}" + (f" x {world} processes" if world > 1 else "")
               + f", precision {settings['dtype']} ({why})", flush=True)
@@ -299,15 +300,15 @@ def settings_of_run(argv):
     run_dir = os.path.join(settings["out_dir"], name)
     ckpt_path = runs.checkpoint_path(settings["out_dir"], name)
 
-    resumed = None
+    resumed, seen = None, runs.file_identity(ckpt_path)  # checked again under the run's lock
     if args.resume:
         resumed = runs.checkpoint_to_resume(ckpt_path)
         settings = run_settings.resumed_settings(resumed["train_config"], given, ckpt_path)
-    elif os.path.exists(ckpt_path):
+    elif seen is not None:
         raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or --run_name to start another run")
     # config.json and the checkpoint record the run's name, and the schedule's length, as resolved
     settings = {**settings, "run": name, "decay_steps": run_settings.schedule_steps(settings)}
-    return settings, run_dir, ckpt_path, resumed
+    return settings, run_dir, ckpt_path, resumed, seen
 
 
 

@@ -52,6 +52,29 @@ class Progress:
         return f"{where} ({signal_name}); the checkpoint is at step {self.saved}; continue with --resume"
 
 
+def file_identity(path):
+    """(inode, modification time, size) of a file, None if there is none: a file replaced or
+    rewritten since (write_atomically makes a new inode) has another identity."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def check_unchanged(ckpt_path, seen):
+    """Under the run's lock: the checkpoint is as it was when the run looked at it (file_identity
+    `seen`), so that a run finished or saved by another process meanwhile is neither overwritten by
+    a new run nor continued from an older state. Raises UserError."""
+    now = file_identity(ckpt_path)
+    if now == seen:
+        return
+    if seen is None:
+        raise files.UserError(f"{ckpt_path} exists: another process wrote it while this one started; pass "
+                              f"--resume to continue it, or --run_name to start another run")
+    raise files.UserError(f"{ckpt_path} was rewritten by another process while this one started: run the command again")
+
+
 def clock(seconds):
     """Seconds as h:mm:ss."""
     seconds = int(seconds)
