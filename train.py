@@ -191,7 +191,6 @@ def train(argv, held, progress):
     if leader:
         os.makedirs(run_dir, exist_ok=True)
         runs.truncate_log(log_path, step)
-        write_atomically(os.path.join(run_dir, runs.CONFIG_NAME), json.dumps(settings, indent=2).encode())
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {len(prepared.train) / 1e6:.2f}M training tokens"
               + (f", resuming at step {step}" if step else ""), flush=True)
 
@@ -204,8 +203,10 @@ def train(argv, held, progress):
                 "machines": list(dict.fromkeys([*earlier["machines"], this_machine]))}
 
     def checkpoint():
-        """The checkpoint, and where the run is: a stop waits for both."""
+        """config.json and the checkpoint, as a whole (a stop waits for them): config.json is only
+        rewritten by a run that gets as far as a checkpoint."""
         with cli.uninterrupted():
+            write_atomically(os.path.join(run_dir, runs.CONFIG_NAME), json.dumps(settings, indent=2).encode())
             save_checkpoint(ckpt_path, {
                 "model_config": dataclasses.asdict(config), "train_config": settings,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,

@@ -14,6 +14,7 @@ main (cli.run) turns into one line.
 
 import hashlib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -188,7 +189,18 @@ def checkpoint_to_resume(path):
     if missing:
         raise CheckpointError(f"cannot resume: {path} has no {', '.join(missing)} (checkpoint.py lists what train.py "
                               f"writes); it can be evaluated but not continued")
+    trained, val_loss = state["trained"], state.get("val_loss")
+    if not (isinstance(trained, dict) and is_number(trained.get("seconds")) and isinstance(trained.get("machines"), list)):
+        raise CheckpointError(f"cannot resume: {path} is damaged: its trained is {str(trained)[:60]!r}, not the time "
+                              f"and machines of its training")
+    if not is_number(val_loss):
+        raise CheckpointError(f"cannot resume: {path} is damaged: its val_loss is {str(val_loss)[:60]!r}, not a number")
     return state
+
+
+def is_number(value):
+    """Whether a value is a finite int or float (a bool is not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def training_time(path):
@@ -203,22 +215,23 @@ def training_time(path):
 def truncate_log(path, step):
     """On resume, drop log lines written after the checkpoint's step: they will be redone. So
     is a last line without its newline, cut short by a crash or a full disk (always after the
-    checkpoint: a checkpoint is written after the lines of its step)."""
+    checkpoint: a checkpoint is written after the lines of its step). A log with nothing to drop
+    is left as it is."""
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8", errors="replace") as f:  # a power loss can leave any bytes at the end
         lines = f.readlines()
-    if lines and not lines[-1].endswith("\n"):
-        lines.pop()
+    whole = lines[:-1] if lines and not lines[-1].endswith("\n") else lines
     kept = []
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(whole, 1):
         try:
             if json.loads(line)["step"] <= step:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             raise CheckpointError(f"{path} line {number} is not a log record: repair or delete that line, "
                                   f"then resume again") from None
-    files.write_atomically(path, "".join(kept).encode())
+    if kept != lines:
+        files.write_atomically(path, "".join(kept).encode())
 
 
 # -----------------------------------------------------------------------------

@@ -154,8 +154,11 @@ def break_shape(state):
     (lambda state: state.update(model_config="nonsense", model={}), "lacks"),
     (lambda state: state["train_config"].pop("decay_steps"), "does not hold this train.py's settings"),
     (lambda state: state.pop("trained"), "has no trained"),
+    (lambda state: state.update(step="10"), "its step is '10', not a count of steps"),
+    (lambda state: state.update(val_loss=None), "its val_loss is 'None', not a number"),
+    (lambda state: state.update(trained={"seconds": "long"}), "its trained is"),
 ], ids=["wrong-shape", "extra-key", "no-optimizer", "no-train_config", "bad-optimizer", "no-weights",
-        "settings-of-another-train.py", "no-training-time"])
+        "settings-of-another-train.py", "no-training-time", "step-not-a-count", "no-val_loss", "bad-training-time"])
 def test_resume_from_a_damaged_checkpoint_is_one_line_and_changes_nothing(trained_run, tmp_path, damage, named):
     run_dir = copy_run(trained_run, tmp_path)
     rewrite_checkpoint(run_dir / "ckpt.pt", damage)
@@ -270,6 +273,7 @@ DAMAGES = {
     "foreign-model_config": (lambda state: state["model_config"].update(xpos_scale=512), "differ in xpos_scale"),
     "other-data": (lambda state: state["data"].update(hash="0" * 64),
                    "differs from the one the checkpoint was trained on"),
+    "step-not-a-count": (lambda state: state.update(step=torch.tensor(30)), "not a count of steps"),
 }
 
 

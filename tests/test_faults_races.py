@@ -68,3 +68,14 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(trained_run, tmp
     assert saves == [10, 20] and sorted(os.listdir(run_dir)) == ["ckpt.pt", "config.json", "log.jsonl"]  # no .tmp, no lock
     kept = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))
     assert kept["step"] == 10 and kept["val_loss"] == [val for step, _, val in logged_losses(run_dir) if val][0]
+
+
+def test_a_resume_refused_after_its_checks_keeps_config_json_and_the_checkpoint(trained_run, tmp_path, monkeypatch):
+    run_dir = tmp_path / "out" / "tiny"
+    shutil.copytree(trained_run[1], run_dir)
+    monkeypatch.setattr(train, "learning_rate", lambda step, settings: float("nan"))  # the first update diverges
+    before = {name: (run_dir / name).stat().st_mtime_ns for name in ("config.json", "ckpt.pt")}
+    message = error_of(train.main, tiny_run_args(trained_run[0], "--out_dir", str(tmp_path / "out"), "--resume",
+                                                 "--max_steps", "40"))
+    assert message.startswith("train.py: error: loss became nan at step 32; the last good checkpoint")
+    assert {name: (run_dir / name).stat().st_mtime_ns for name in before} == before  # written by a checkpoint only
