@@ -27,17 +27,17 @@ from lib import memory
 def requests(trained_run, tmp_path):
     """script -> (its main, arguments, what the refusal names): sizes no machine has."""
     ckpt, data = str(trained_run[1] / "ckpt.pt"), ["--data_dir", str(trained_run[0] / "data")]
-    out = str(tmp_path / "out")
+    out, cpu = str(tmp_path / "out"), ["--device", "cpu"]  # a GPU would map its own memory under the limit
     return {
-        "train-batch_size": (train.main, tiny_run_args(tmp_path, "--batch_size", "1e12"),
+        "train-batch_size": (train.main, tiny_run_args(tmp_path, "--batch_size", "1e12", *cpu),
                              "a training step of --batch_size 1000000000000 x --train_len 32"),
-        "train-train_len": (train.main, tiny_run_args(tmp_path, "--train_len", "1e9"), "--train_len 1000000000"),
-        "train-n_embd": (train.main, tiny_run_args(tmp_path, "--n_embd", "1048576"), "n_embd 1048576"),
-        "eval_passkey": (eval_passkey.main, ["--ckpt", ckpt, "--lengths", "10000000", "--out", f"{out}/p.json"],
+        "train-train_len": (train.main, tiny_run_args(tmp_path, "--train_len", "1e9", *cpu), "--train_len 1000000000"),
+        "train-n_embd": (train.main, tiny_run_args(tmp_path, "--n_embd", "1048576", *cpu), "n_embd 1048576"),
+        "eval_passkey": (eval_passkey.main, ["--ckpt", ckpt, "--lengths", "10000000", "--out", f"{out}/p.json", *cpu],
                          f"answering {ckpt}'s 100 prompts at length 10000000 (1 sequence a forward)"),
-        "analyze": (analyze.main, ["--ckpt", ckpt, "--max_distance", "1e9", "--out_dir", out, *data],
+        "analyze": (analyze.main, ["--ckpt", ckpt, "--max_distance", "1e9", "--out_dir", out, *data, *cpu],
                     f"analysing {ckpt}"),
-        "sample": (sample.main, ["--ckpt", ckpt, "--max_new_tokens", "1e9"], "a sample of 1 prompt tokens and "
+        "sample": (sample.main, ["--ckpt", ckpt, "--max_new_tokens", "1e9", *cpu], "a sample of 1 prompt tokens and "
                                                                              "1,000,000,000 new ones"),
     }
 
