@@ -260,8 +260,10 @@ def parse_args(argv):
     parser.add_argument("--layer", type=int, default=0, help="layer for the spectrum and logit analyses")
     parser.add_argument("--head", type=int, default=0, help="head for the spectrum analysis")
     parser.add_argument("--pair", type=int, help="rotary pair (default: intended period closest to train_len/4)")
-    parser.add_argument("--text_tokens", type=cli.parse_int, help="validation tokens for q/k statistics (default: 4 x train_len)")
-    parser.add_argument("--max_distance", type=cli.parse_int, help="largest distance for the logits (default: 16 x train_len)")
+    parser.add_argument("--text_tokens", type=cli.parse_int,
+                        help="validation tokens for q/k statistics (default: 4 x train_len)")
+    parser.add_argument("--max_distance", type=cli.parse_int,
+                        help="largest distance for the logits (default: 16 x train_len)")
     parser.add_argument("--passkey_trials", type=cli.parse_int, default=20,
                         help="passkey prompts per length for the retrieval attention (0: skip it)")
     cli.add_lengths_option(parser, "prompt lengths of the retrieval attention", of_train_len="each checkpoint's train_len")
@@ -343,7 +345,8 @@ def analyze_all(args):
         result.update(spectra.analyze(model, tokens, args.layer, args.head, pair,
                                       result["text_tokens"], result["max_distance"]))
         result["retrieval_attention"] = retrieval.retrieval_attention(
-            model, enc, plan["lengths"], args.passkey_trials, passkey.TRIAL_SEED, args.device) if args.passkey_trials else None
+            model, enc, plan["lengths"], args.passkey_trials, passkey.TRIAL_SEED, args.device
+        ) if args.passkey_trials else None
         results.append(result)
         print(f"{path} [{model.config.pe}]: analysed layer {args.layer}, head {args.head}, pair {pair}", flush=True)
     with cli.uninterrupted(cli.WRITTEN):  # a stop waits for the JSON and every figure

@@ -132,18 +132,16 @@ def evaluate(model, batches, settings, device):
 
 
 def main(argv=None):
-    """Train one run. The errors a user can fix end in one line on stderr and a non-zero exit
-    (cli.run), and so does a stop (Ctrl-C, SIGTERM), saying where the run stopped and where its
-    checkpoint is; the run folder's lock is released however the run ends (after a kill -9, the
-    next run finds it stale)."""
+    """Train one run. The errors a user can fix, and a stop (Ctrl-C, SIGTERM: where the run stopped),
+    end in one line on stderr and a non-zero exit (cli.run); the run folder's lock is released
+    however the run ends (after a kill -9, the next run finds it stale)."""
     progress = runs.Progress()
     with contextlib.ExitStack() as held:
         cli.run("train.py", lambda: train(argv, held, progress), stopped=progress.stop_line)
 
 
 def train(argv, held, progress):
-    """The run itself; `held` keeps the run folder's lock until main() ends, `progress` says where
-    the run is when it is stopped."""
+    """The run itself; `held` keeps the run folder's lock until main() ends, `progress` where it is."""
     settings, run_dir, ckpt_path, resumed, seen = settings_of_run(argv)
     rank, world, device = start_processes(settings["device"])
     asked = settings["dtype"]
@@ -203,8 +201,7 @@ def train(argv, held, progress):
                 "machines": list(dict.fromkeys([*earlier["machines"], this_machine]))}
 
     def checkpoint():
-        """config.json and the checkpoint, as a whole (a stop waits for them): config.json is only
-        rewritten by a run that gets as far as a checkpoint."""
+        """config.json and the checkpoint (a stop waits for both): a run refused earlier changes neither."""
         with cli.uninterrupted():
             write_atomically(os.path.join(run_dir, runs.CONFIG_NAME), json.dumps(settings, indent=2).encode())
             save_checkpoint(ckpt_path, {

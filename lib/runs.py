@@ -190,7 +190,8 @@ def checkpoint_to_resume(path):
         raise CheckpointError(f"cannot resume: {path} has no {', '.join(missing)} (checkpoint.py lists what train.py "
                               f"writes); it can be evaluated but not continued")
     trained, val_loss = state["trained"], state.get("val_loss")
-    if not (isinstance(trained, dict) and is_number(trained.get("seconds")) and isinstance(trained.get("machines"), list)):
+    if not (isinstance(trained, dict) and is_number(trained.get("seconds"))
+            and isinstance(trained.get("machines"), list)):
         raise CheckpointError(f"cannot resume: {path} is damaged: its trained is {str(trained)[:60]!r}, not the time "
                               f"and machines of its training")
     if not is_number(val_loss):

@@ -205,8 +205,8 @@ def test_a_second_train_py_on_the_same_run_is_refused_before_touching_anything(t
         assert first.poll() is None and lock.read_text() == f"{first.pid}\n"  # the first run goes on
         first.send_signal(signal.SIGTERM)  # as a scheduler ends a run: one line, where it stopped, the lock released
         assert first.wait(timeout=60) == 143
-        assert re.fullmatch(r"train\.py: stopped (at step \d+|before training began) \(SIGTERM\); no checkpoint was written, so the run "
-                            r"starts over when run again\n", first.stderr.read())
+        assert re.fullmatch(r"train\.py: stopped (at step \d+|before training began) \(SIGTERM\); no checkpoint "
+                            r"was written, so the run starts over when run again\n", first.stderr.read())
         assert not lock.exists()
     finally:
         first.kill()
@@ -356,13 +356,15 @@ def test_default_outputs_are_untracked_and_the_grids_name_theirs(tmp_path):
 def test_a_request_larger_than_the_data_is_recorded_and_printed_as_used(trained_run, tmp_path, monkeypatch, capsys):
     val_tokens = json.loads((trained_run[0] / "data" / "corpus-txt-bpe-300" / "meta.json").read_text())["val_tokens"]
     ckpt, data = str(trained_run[1] / "ckpt.pt"), ["--data_dir", str(trained_run[0] / "data")]
-    eval_ppl.main(["--ckpt", ckpt, "--lengths", "16", "--max_tokens", "1000000000", "--out", str(tmp_path / "p.json"), *data])
+    eval_ppl.main(["--ckpt", ckpt, "--lengths", "16", "--max_tokens", "1000000000", "--out", str(tmp_path / "p.json"),
+                   *data])
     assert json.loads((tmp_path / "p.json").read_text())["checkpoints"][0]["text_tokens"] == val_tokens
     assert f"evaluating all {val_tokens:,} tokens of the text (--max_tokens 1,000,000,000)" in capsys.readouterr().out
     analysed = {}  # what the q/k statistics were computed on, and what analysis.json would record
     monkeypatch.setattr(analyze.spectra, "analyze", lambda *args: analysed.update(text_tokens=args[5]) or {})
     monkeypatch.setattr(analyze, "write_outputs", lambda results, out_dir: analysed.update(record=results[0]))
-    analyze.main(["--ckpt", ckpt, "--text_tokens", "100000000", "--passkey_trials", "0", "--out_dir", str(tmp_path), *data])
+    analyze.main(["--ckpt", ckpt, "--text_tokens", "100000000", "--passkey_trials", "0", "--out_dir", str(tmp_path),
+                  *data])
     used = val_tokens // 32 * 32  # whole windows of train_len
     assert analysed["text_tokens"] == analysed["record"]["text_tokens"] == used
     assert f"q/k statistics on {used:,} validation tokens, not 100,000,000" in capsys.readouterr().out

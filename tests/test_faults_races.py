@@ -62,10 +62,12 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(trained_run, tmp
 
     monkeypatch.setattr(checkpoint.torch, "save", disk_full_at_the_second)
     run_dir = tmp_path / "out" / "tiny"
-    message = error_of(train.main, tiny_run_args(trained_run[0], "--out_dir", str(tmp_path / "out"), "--max_steps", "20"))
+    message = error_of(train.main, tiny_run_args(trained_run[0], "--out_dir", str(tmp_path / "out"),
+                                                 "--max_steps", "20"))
     assert message == (f"train.py: error: could not write checkpoint {run_dir / 'ckpt.pt'}: No space left on device; "
                        f"the previous checkpoint is kept")
-    assert saves == [10, 20] and sorted(os.listdir(run_dir)) == ["ckpt.pt", "config.json", "log.jsonl"]  # no .tmp, no lock
+    assert saves == [10, 20]
+    assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "config.json", "log.jsonl"]  # no .tmp, no lock
     kept = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))
     assert kept["step"] == 10 and kept["val_loss"] == [val for step, _, val in logged_losses(run_dir) if val][0]
 

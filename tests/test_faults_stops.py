@@ -27,7 +27,8 @@ def stop_with(signum):
 
 
 STOPPED_WORK = {  # script -> (its main, the work a signal interrupts, arguments besides --ckpt, the signal)
-    "eval_ppl": (eval_ppl.main, (eval_ppl, "chunked_ppl"), ["--lengths", "16", "--out", "{out}/r.json"], signal.SIGTERM),
+    "eval_ppl": (eval_ppl.main, (eval_ppl, "chunked_ppl"), ["--lengths", "16", "--out", "{out}/r.json"],
+                 signal.SIGTERM),
     "eval_passkey": (eval_passkey.main, (eval_passkey, "answer_prompts"),
                      ["--lengths", "1024", "--trials", "2", "--out", "{out}/r.json"], signal.SIGINT),
     "analyze": (analyze.main, (analyze.spectra, "analyze"), ["--out_dir", "{out}"], signal.SIGINT),
@@ -36,7 +37,8 @@ STOPPED_WORK = {  # script -> (its main, the work a signal interrupts, arguments
 
 
 @pytest.mark.parametrize("script", STOPPED_WORK)
-def test_a_stopped_evaluation_says_so_in_one_line_and_writes_nothing(trained_run, tmp_path, monkeypatch, capsys, script):
+def test_a_stopped_evaluation_says_so_in_one_line_and_writes_nothing(trained_run, tmp_path, monkeypatch, capsys,
+                                                                     script):
     main, (owner, work), argv, signum = STOPPED_WORK[script]
     monkeypatch.setattr(owner, work, stop_with(signum))
     out = tmp_path / "results"
@@ -74,4 +76,5 @@ def test_training_stopped_before_it_began_says_so_and_leaves_no_run_folder(tmp_p
     code, err = stop_of(train.main, tiny_run_args(tmp_path), capsys)
     assert code == 143 and err == ("train.py: stopped before training began (SIGTERM); no checkpoint was written, "
                                    "so the run starts over when run again")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "out"] and not list((tmp_path / "out").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "out"]
+    assert not list((tmp_path / "out").iterdir())  # the run folder made for the lock is gone with it
