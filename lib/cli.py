@@ -60,7 +60,7 @@ def run(script, work, stopped=nothing_written):
         print(f"{script}: {stop.note if getattr(stop, 'note', None) else stopped(name)}", file=sys.stderr, flush=True)
         sys.exit(128 + signum)
     finally:
-        if main_thread:
+        if main_thread and previous is not None:  # None: a handler not installed from Python, left as it is
             signal.signal(signal.SIGTERM, previous)
 
 
@@ -83,7 +83,7 @@ def uninterrupted(done=None):
         yield
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
     if held:
         raise Stopped(held[0], done and done.format(signal.Signals(held[0]).name))
 

@@ -162,9 +162,12 @@ def available(device):
         pass
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
-        with open("/proc/self/statm") as f:
-            used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        found.append((max(0, soft - used), "left under the address-space limit (ulimit -v)"))
+        try:
+            with open("/proc/self/statm") as f:
+                used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            found.append((max(0, soft - used), "left under the address-space limit (ulimit -v)"))
+        except (OSError, ValueError):
+            pass
     return min(found) if found else (None, None)
 
 
