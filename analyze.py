@@ -36,6 +36,7 @@ import numpy as np
 
 from lib import cli
 from lib import hardware
+from lib import memory
 from lib import passkey
 from lib import retrieval
 from lib import runs
@@ -259,9 +260,11 @@ def parse_args(argv):
     parser.add_argument("--layer", type=int, default=0, help="layer for the spectrum and logit analyses")
     parser.add_argument("--head", type=int, default=0, help="head for the spectrum analysis")
     parser.add_argument("--pair", type=int, help="rotary pair (default: intended period closest to train_len/4)")
-    parser.add_argument("--text_tokens", type=int, help="validation tokens for q/k statistics (default: 4 x train_len)")
-    parser.add_argument("--max_distance", type=int, help="largest distance for the logits (default: 16 x train_len)")
-    parser.add_argument("--passkey_trials", type=int, default=20,
+    parser.add_argument("--text_tokens", type=cli.parse_int,
+                        help="validation tokens for q/k statistics (default: 4 x train_len)")
+    parser.add_argument("--max_distance", type=cli.parse_int,
+                        help="largest distance for the logits (default: 16 x train_len)")
+    parser.add_argument("--passkey_trials", type=cli.parse_int, default=20,
                         help="passkey prompts per length for the retrieval attention (0: skip it)")
     cli.add_lengths_option(parser, "prompt lengths of the retrieval attention", of_train_len="each checkpoint's train_len")
     parser.add_argument("--data_dir", default="data", help="where the token caches of the validation splits are")
@@ -285,7 +288,6 @@ def write_outputs(results, out_dir):
         text = json.dumps({"checkpoints": results}, allow_nan=False)
     except ValueError:  # a bare NaN is not JSON
         raise UserError("an analysis gave a number that is not finite, so nothing is written") from None
-    write_atomically(Path(out_dir) / "analysis.json", text.encode())
     drawn = {"pair_norms": draw_pair_norms, "spectrum": draw_spectra, "logit_vs_distance": draw_logits,
              "retrieval_attention": draw_retrieval_attention}
     coefficients = os.path.join(out_dir, "fope_coefficients.png")
@@ -295,8 +297,9 @@ def write_outputs(results, out_dir):
         os.remove(coefficients)  # left by an analysis of other checkpoints: it would not match analysis.json
     for name, draw in drawn.items():
         fig = draw(results, labels)
-        fig.savefig(os.path.join(out_dir, f"{name}.png"), dpi=110)
+        write_atomically(os.path.join(out_dir, f"{name}.png"), lambda f: fig.savefig(f, format="png", dpi=110))
         pyplot().close(fig)
+    write_atomically(Path(out_dir) / "analysis.json", text.encode())  # last: the figures it describes are there
 
 
 def main(argv=None):
@@ -305,7 +308,8 @@ def main(argv=None):
 
 
 def analyze_all(args):
-    """Check every checkpoint, its data and the output folder, then analyse and write."""
+    """Check every checkpoint, its data, what the analyses will take in memory and the output folder,
+    then analyse and write."""
     # every check first, so that bad input never overwrites earlier results nor costs the work
     loaded = []
     for path in args.ckpt:
@@ -314,27 +318,39 @@ def analyze_all(args):
         if message:
             raise UserError(f"{path}: {message}")
         enc = runs.load_tokenizer(path, state, model)
-        loaded.append((path, state, model, enc, runs.load_validation(path, state, args.data_dir)))
+        tokens = runs.load_validation(path, state, args.data_dir)
+        train_len = model.config.train_len
+        asked = args.text_tokens or 4 * train_len
+        used = spectra.text_windows(tokens, train_len, asked).numel()  # whole windows of the split: what is used
+        if used != asked:
+            print(f"{path}: q/k statistics on {used:,} validation tokens, not {asked:,}: the split has "
+                  f"{len(tokens):,}, in windows of train_len {train_len}", flush=True)
+        plan = {"text_tokens": used, "max_distance": args.max_distance or 16 * train_len,
+                "lengths": (args.lengths or cli.evaluation_lengths(train_len)) if args.passkey_trials else []}
+        need, host = memory.analysis_bytes(model.config, plan["text_tokens"], plan["max_distance"], plan["lengths"],
+                                           args.passkey_trials)
+        memory.check(f"analysing {path}", need, args.device, "give fewer --text_tokens, a shorter --max_distance "
+                     "or shorter --lengths", host)
+        loaded.append((path, state, model, enc, tokens, plan))
     check_writable_folder(args.out_dir)
 
     results = []
-    for path, state, model, enc, tokens in loaded:
-        train_len = model.config.train_len
+    for path, state, model, enc, tokens, plan in loaded:
         pair = spectra.default_pair(model, args.layer) if args.pair is None else args.pair
         result = {"path": path, "run": runs.run_of(path),
-                  "pe": model.config.pe, "train_len": train_len, "step": state["step"],
+                  "pe": model.config.pe, "train_len": model.config.train_len, "step": state["step"],
                   "model_config": state["model_config"], "train_config": state.get("train_config", {}),
-                  "layer": args.layer, "head": args.head, "pair": pair}
-        result["text_tokens"] = args.text_tokens or 4 * train_len
-        result["max_distance"] = args.max_distance or 16 * train_len
+                  "layer": args.layer, "head": args.head, "pair": pair,
+                  "text_tokens": plan["text_tokens"], "max_distance": plan["max_distance"]}
         result.update(spectra.analyze(model, tokens, args.layer, args.head, pair,
-                              result["text_tokens"], result["max_distance"]))
-        lengths = args.lengths or cli.evaluation_lengths(train_len)
+                                      result["text_tokens"], result["max_distance"]))
         result["retrieval_attention"] = retrieval.retrieval_attention(
-            model, enc, lengths, args.passkey_trials, passkey.TRIAL_SEED, args.device) if args.passkey_trials else None
+            model, enc, plan["lengths"], args.passkey_trials, passkey.TRIAL_SEED, args.device
+        ) if args.passkey_trials else None
         results.append(result)
         print(f"{path} [{model.config.pe}]: analysed layer {args.layer}, head {args.head}, pair {pair}", flush=True)
-    write_outputs(results, args.out_dir)
+    with cli.uninterrupted(cli.WRITTEN):  # a stop waits for the JSON and every figure
+        write_outputs(results, args.out_dir)
     print(f"wrote {args.out_dir}/analysis.json and figures")
 
 

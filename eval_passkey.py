@@ -29,6 +29,7 @@ import torch
 
 from lib import cli
 from lib import hardware
+from lib import memory
 from lib.files import UserError, check_writable_folder, write_atomically
 from lib.passkey import (MAX_KEY, NEEDLE, NEEDLE_FURTHER, build_prompt, completion_text, feasible_lengths,
                      needle_repeat_digits, score, shortest_prompt_len, teacher_forced_digits, TRIAL_SEED,
@@ -71,7 +72,7 @@ def parse_args(argv=None):
 
 def positive_int(text):
     """argparse type: an integer >= 1."""
-    value = int(text)
+    value = cli.parse_int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
@@ -222,6 +223,12 @@ def evaluate_all(args):
     runs = [load_run(path, args.device, args.overrides) for path in args.ckpt]  # all checked before any work
     lengths = args.lengths or cli.evaluation_lengths(max(run["train_len"] for run in runs))
     for run in runs:
+        def need(length, config=run["model"].config):  # the prompts of a length, and a batch of them answered
+            batch = args.batch_size or max(1, TOKENS_PER_FORWARD // length)
+            return memory.generation_bytes(config, batch, length), 8 * (args.trials + batch) * length, batch
+
+        memory.check_lengths(f"answering {run['path']}'s {args.trials} prompts", lengths, args.device, need,
+                             "give shorter --lengths, fewer --trials or a smaller --batch_size")
         if not feasible_lengths(run["enc"], lengths, args.seed, args.trials):
             raise UserError(f"no length in {','.join(map(str, lengths))} can hold the fixed text "
                      f"of {run['path']}'s prompts ({shortest_prompt_len(run['enc'], MAX_KEY)} tokens with a "
@@ -245,12 +252,15 @@ def evaluate_all(args):
         text = json.dumps(results, indent=2, allow_nan=False)
     except ValueError:  # a bare NaN is not JSON
         raise UserError("a result is not a finite number, so nothing is written") from None
-    write_atomically(args.out, (text + "\n").encode())  # never half-written
     accuracy_png = args.out.with_name(args.out.stem + ".png")
     heatmap_png = args.out.with_name(args.out.stem + "_heatmap.png")
-    for fig, png in ((draw_accuracy(records, labels, lengths), accuracy_png),
-                     (draw_heatmaps(records, labels, lengths, args.depth_buckets), heatmap_png)):
-        fig.savefig(png, dpi=120, bbox_inches="tight")
+    figures = ((draw_accuracy(records, labels, lengths), accuracy_png),
+               (draw_heatmaps(records, labels, lengths, args.depth_buckets), heatmap_png))
+    with cli.uninterrupted(cli.WRITTEN):  # a stop waits for the JSON and its figures, each never half-written
+        write_atomically(args.out, (text + "\n").encode())
+        for fig, png in figures:
+            write_atomically(png, lambda f, fig=fig: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+    for fig, _ in figures:
         plt.close(fig)
     print(f"wrote {args.out}, {accuracy_png}, {heatmap_png}")
 

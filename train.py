@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lib import cli
 from lib import data
 from lib import hardware
+from lib import memory
 from lib import passkey
 from lib import runs
 from lib import settings as run_settings
@@ -131,25 +132,28 @@ def evaluate(model, batches, settings, device):
 
 
 def main(argv=None):
-    """Train one run. The errors a user can fix end in one line on stderr and a non-zero exit
-    (cli.run); the run folder's lock is released however the run ends (after a kill -9, the
-    next run finds it stale)."""
+    """Train one run. The errors a user can fix, and a stop (Ctrl-C, SIGTERM: where the run stopped),
+    end in one line on stderr and a non-zero exit (cli.run); the run folder's lock is released
+    however the run ends (after a kill -9, the next run finds it stale)."""
+    progress = runs.Progress()
     with contextlib.ExitStack() as held:
-        cli.run("train.py", lambda: train(argv, held))
+        cli.run("train.py", lambda: train(argv, held, progress), stopped=progress.stop_line)
 
 
-def train(argv, held):
-    """The run itself; `held` keeps the run folder's lock until main() ends."""
-    settings, run_dir, ckpt_path, resumed = settings_of_run(argv)
+def train(argv, held, progress):
+    """The run itself; `held` keeps the run folder's lock until main() ends, `progress` where it is."""
+    settings, run_dir, ckpt_path, resumed, seen = settings_of_run(argv)
     rank, world, device = start_processes(settings["device"])
     asked = settings["dtype"]
     settings["dtype"] = hardware.resolve_dtype(asked, device)  # the run keeps what "auto" chose
     if settings["batch_size"] % world:
         raise UserError(f"--batch_size {settings['batch_size']} must be divisible by the {world} processes")
+    memory.check_training(settings, world, device)  # before anything is allocated, read or written
     rows = slice(rank * settings["batch_size"] // world, (rank + 1) * settings["batch_size"] // world)
     leader = rank == 0  # the one process that prints, logs and writes checkpoints
     if leader:
         held.enter_context(run_lock(run_dir))  # before anything is written: data cache or run folder
+        runs.check_unchanged(ckpt_path, seen)  # another process may have finished or saved the run meanwhile
         why = ("native bf16 here" if settings["dtype"] == "bf16" else "no native bf16 here") if asked == "auto" else "as asked"
         print(f"run {run_dir}: {settings['pe']} on {device}" + (f" x {world} processes" if world > 1 else "")
               + f", precision {settings['dtype']} ({why})", flush=True)
@@ -172,10 +176,10 @@ def train(argv, held):
     earlier = {"seconds": 0.0, "machines": []}  # what processes before this one spent training the run, and where
     if resumed is not None:
         step, val_loss = restore(resumed, model, optimizer, batches, ckpt_path)
-        earlier = resumed["trained"]
+        earlier, progress.saved = resumed["trained"], step
     elif settings["init_from"]:
         start_from_checkpoint(model, settings["init_from"], settings["fope_grow"], prepared)
-    first_step = step
+    first_step = progress.step = step
     if step >= settings["max_steps"]:
         if leader:
             print(f"{run_dir}: already finished ({step} steps, val loss {val_loss:.4f})")
@@ -185,7 +189,6 @@ def train(argv, held):
     if leader:
         os.makedirs(run_dir, exist_ok=True)
         runs.truncate_log(log_path, step)
-        write_atomically(os.path.join(run_dir, runs.CONFIG_NAME), json.dumps(settings, indent=2).encode())
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {len(prepared.train) / 1e6:.2f}M training tokens"
               + (f", resuming at step {step}" if step else ""), flush=True)
 
@@ -198,13 +201,17 @@ def train(argv, held):
                 "machines": list(dict.fromkeys([*earlier["machines"], this_machine]))}
 
     def checkpoint():
-        save_checkpoint(ckpt_path, {
-            "model_config": dataclasses.asdict(config), "train_config": settings,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "rng": {"torch": torch.get_rng_state(), "batches": batches.state()},
-            "tokenizer": tokenizer_state(prepared.enc), "data": prepared.meta, "val_loss": val_loss,
-            "trained": trained(),
-        })
+        """config.json and the checkpoint (a stop waits for both): a run refused earlier changes neither."""
+        with cli.uninterrupted():
+            write_atomically(os.path.join(run_dir, runs.CONFIG_NAME), json.dumps(settings, indent=2).encode())
+            save_checkpoint(ckpt_path, {
+                "model_config": dataclasses.asdict(config), "train_config": settings,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "rng": {"torch": torch.get_rng_state(), "batches": batches.state()},
+                "tokenizer": tokenizer_state(prepared.enc), "data": prepared.meta, "val_loss": val_loss,
+                "trained": trained(),
+            })
+            progress.saved = step
 
     train_step = torch.compile(model) if settings["compile"] else model
     if world > 1:
@@ -240,6 +247,7 @@ def train(argv, held):
             optimizer.zero_grad(set_to_none=True)
             step += 1
             steps_timed += 1
+            progress.step = step
 
             if step % settings["log_interval"] == 0 or step == settings["max_steps"]:
                 if world > 1:
@@ -290,15 +298,15 @@ def settings_of_run(argv):
     run_dir = os.path.join(settings["out_dir"], name)
     ckpt_path = runs.checkpoint_path(settings["out_dir"], name)
 
-    resumed = None
+    resumed, seen = None, runs.file_identity(ckpt_path)  # checked again under the run's lock
     if args.resume:
         resumed = runs.checkpoint_to_resume(ckpt_path)
         settings = run_settings.resumed_settings(resumed["train_config"], given, ckpt_path)
-    elif os.path.exists(ckpt_path):
+    elif seen is not None:
         raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or --run_name to start another run")
     # config.json and the checkpoint record the run's name, and the schedule's length, as resolved
     settings = {**settings, "run": name, "decay_steps": run_settings.schedule_steps(settings)}
-    return settings, run_dir, ckpt_path, resumed
+    return settings, run_dir, ckpt_path, resumed, seen
 
 
 

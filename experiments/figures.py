@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import grid_results  # noqa: E402
+from lib.files import write_atomically  # noqa: E402
 
 
 def draw(section, metrics, results, lengths):
@@ -51,6 +52,6 @@ def draw(section, metrics, results, lengths):
 
 
 def save(fig, path):
-    """Write a figure drawn by draw() and free it."""
-    fig.savefig(path, dpi=120)
+    """Write a figure drawn by draw() (atomically: never half a PNG) and free it."""
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)

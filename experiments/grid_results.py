@@ -2,9 +2,16 @@
 grid_results.py: a grid's saved evaluation JSON as the report reads it: every entry's records
 (load_results), its runs grouped into the sections, curves and table rows the report shows
 (report_sections: a method's seeds form one curve), and the values a curve or a cell stands on.
+
+Every file the report reads comes through one validating loader (load_results, load_analysis,
+load_measured): a record that is not what the report expects (not JSON, a wrong type, a missing
+key, a number that is not finite, a foreign file) stops it with one line naming the file and the
+key, before anything is written.
 """
 
 import json
+import math
+import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -121,21 +128,176 @@ def head_dim_groups(grid, compared):
 
 def load_results(grid, results_grid):
     """{entry: {kind: record or None}} from the evaluation JSON files, for each of KINDS that the
-    grid evaluates the entry with."""
+    grid evaluates the entry with; every record checked (evaluation_records)."""
     results = {entry: {} for entry in grids.entries(grid)}
     for kind, _, entry, _ in grids.steps(grid, grid.runs):
-        if kind not in KINDS:
-            continue
-        path = grids.result_path(results_grid, kind, entry)
-        script = "eval_passkey.py" if kind == "passkey" else "eval_ppl.py"
-        try:
-            with open(path) as f:
-                results[entry][kind] = json.load(f)["checkpoints"][0]
-        except FileNotFoundError:
-            results[entry][kind] = None
-        except (ValueError, KeyError, IndexError):
-            raise UserError(f"{path} is not an evaluation result of {script}: delete it to evaluate again") from None
+        if kind in KINDS:
+            path = grids.result_path(results_grid, kind, entry)
+            results[entry][kind] = evaluation_records(path, kind)[0] if os.path.exists(path) else None
     return results
+
+
+# -----------------------------------------------------------------------------
+# the validating loader: every value the report (or grids.record_is_current) reads, checked
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+EXPECTED = {  # name -> (test, in words)
+    "text": (lambda v: isinstance(v, str), "text"),
+    "count": (lambda v: is_int(v) and v >= 1, "a positive integer"),
+    "index": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "number": (is_number, "a finite number"),
+    "positive": (lambda v: is_number(v) and v > 0, "a finite number > 0"),
+    "fraction": (lambda v: is_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
+    "record": (lambda v: isinstance(v, dict), "a record {...}"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+}
+
+
+def refuse(path, key, problem):
+    return UserError(f"{path}: {key or 'the file'} {problem}, which the report cannot read: make it again with "
+                     f"the script that writes it, or delete it")
+
+
+def take(path, record, key, where, expected, optional=False):
+    """record[key], checked to be `expected` (a name in EXPECTED); None if optional and null."""
+    name = f"{where}[{key!r}]"
+    if key not in record:
+        raise refuse(path, name, "is missing")
+    value = record[key]
+    if value is None and optional:
+        return None
+    test, words = EXPECTED[expected]
+    if not test(value):
+        raise refuse(path, name, f"is {str(value)[:40]!r}, not {words}")
+    return value
+
+
+def take_curve(path, record, key, where, expected):
+    """A curve {"<length>": value}, every value `expected`."""
+    curve = take(path, record, key, where, "record")
+    for length in curve:
+        if not length.isdigit():
+            raise refuse(path, f"{where}[{key!r}]", f"has the key {length[:20]!r}, not a length")
+        take(path, curve, length, f"{where}[{key!r}]", expected)
+    return curve
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as error:  # not JSON (cut short?), or not UTF-8
+        raise refuse(path, None, f"is not JSON ({str(error).splitlines()[0][:60]})") from None
+
+
+def checkpoint_records(path):
+    """The list of checkpoint records of an evaluation or analysis JSON, each a record with the
+    run's name, train_len, step and the settings it was trained with."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise refuse(path, None, f"holds {type(data).__name__}, not the record of an evaluation")
+    records = take(path, data, "checkpoints", "", "list")
+    if not records:
+        raise refuse(path, "['checkpoints']", "is empty")
+    for index, record in enumerate(records):
+        where = f"['checkpoints'][{index}]"
+        if not isinstance(record, dict):
+            raise refuse(path, where, f"is {str(record)[:40]!r}, not a record")
+        take(path, record, "run", where, "text")
+        take(path, record, "train_len", where, "count")
+        take(path, record, "step", where, "index")
+        config = take(path, record, "train_config", where, "record")
+        for key, expected in (("dtype", "text"), ("max_steps", "count"), ("decay_steps", "index")):
+            take(path, config, key, f"{where}['train_config']", expected)
+    return records
+
+
+def evaluation_records(path, kind):
+    """The checked records of an evaluation JSON of eval_ppl.py (kind "ppl" or "sotu") or
+    eval_passkey.py ("passkey")."""
+    records = checkpoint_records(path)
+    for index, record in enumerate(records):
+        where = f"['checkpoints'][{index}]"
+        if kind == "passkey":
+            take_curve(path, record, "accuracy", where, "fraction")
+            take(path, record, "trials", where, "count")
+            if "diagnostics" in record:
+                diagnostics = take(path, record, "diagnostics", where, "record")
+                for key in ("first_digit_accuracy", "later_digit_accuracy", "repeat_later_digits",
+                            "repeat_later_digits_further"):
+                    take(path, diagnostics, key, f"{where}['diagnostics']", "fraction")
+        else:
+            take_curve(path, record, "ppl", where, "positive")
+            take_curve(path, record, "ppl_ratio", where, "positive")
+            take(path, record, "eval_dtype", where, "text")
+    return records
+
+
+def load_analysis(results_grid):
+    """The checked records of the grid's analysis (analyze.py's analysis.json); [] without one."""
+    path = grids.result_path(results_grid, "analysis", None)
+    if not os.path.exists(path):
+        return []
+    records = checkpoint_records(path)
+    for index, record in enumerate(records):
+        where = f"['checkpoints'][{index}]"
+        found = take(path, record, "retrieval_attention", where, "record", optional=True)
+        if found is None or "skipped" in found:
+            continue
+        where += "['retrieval_attention']"
+        for key in ("layer", "head", "reference_length", "trials"):
+            take(path, found, key, where, "index")
+        lengths = take(path, found, "lengths", where, "record")
+        if str(found["reference_length"]) not in lengths:
+            raise refuse(path, f"{where}['lengths']", f"lacks the reference length {found['reference_length']}")
+        for length in lengths:
+            at = take(path, lengths, length, f"{where}['lengths']", "record")
+            for key, expected in (("mean_weight", "number"), ("mean_entropy", "number"),
+                                  ("first_digit_accuracy", "fraction")):
+                take(path, at, key, f"{where}['lengths'][{length!r}]", expected)
+            for key in ("mean_weight_near", "mean_weight_far"):
+                take(path, at, key, f"{where}['lengths'][{length!r}]", "number", optional=True)
+    return records
+
+
+def load_measured(results_grid):
+    """({step title: record} from steps.jsonl, environment.json's record), checked; None when either
+    file is missing. A step finished twice counts its last line."""
+    steps_path, environment_path = (os.path.join(results_grid, name) for name in ("steps.jsonl", "environment.json"))
+    if not (os.path.exists(steps_path) and os.path.exists(environment_path)):
+        return None
+    records = {}
+    with open(steps_path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise refuse(f"{steps_path} line {number}", None, "is not JSON") from None
+            where = f"line {number}: "
+            if not isinstance(record, dict):
+                raise refuse(steps_path, f"line {number}", "is not a record")
+            title = take(steps_path, record, "step", where, "text")
+            take(steps_path, record, "seconds", where, "number")
+            if title.startswith("train "):
+                take(steps_path, record, "earlier_seconds", where, "number", optional=True)
+                machines = take(steps_path, record, "machines", where, "list")
+                if not all(isinstance(machine, str) for machine in machines):
+                    raise refuse(steps_path, f"{where}['machines']", "holds something other than text")
+            records[title] = record
+    environment = read_json(environment_path)
+    if not isinstance(environment, dict):
+        raise refuse(environment_path, None, "is not a record")
+    for key in ("python", "torch"):
+        take(environment_path, environment, key, "", "text")
+    return records, environment
 
 
 def values_at(results, entries, metric, length):

@@ -6,20 +6,23 @@ README.md; nothing it writes is typed by hand.
 
     python -m experiments.report                   # the default grid
     python -m experiments.report --grid bpe256     # another grid (see grids.py)
+    python -m experiments.report --results_dir /elsewhere          # a copy: its tables, README untouched
+    python -m experiments.report --results_dir /elsewhere --readme /elsewhere/README.md
 
-Run on a fresh clone, it rewrites README.md and results/ byte for byte as they are committed.
+Run on a fresh clone, it rewrites README.md and results/ byte for byte as they are committed. The
+README's block is rewritten only from the repository's own results/, or into the README --readme
+names. Every record is read and checked (grid_results.py) before anything is written.
 """
 
 import argparse
-import json
 import os
 import shlex
 import statistics
 
 from experiments import figures
 from experiments import grids
-from experiments.grid_results import (METRICS, group_by_method, has_results, load_results, report_sections,
-                                      section_entries, train_lens, values_at)
+from experiments.grid_results import (METRICS, group_by_method, has_results, load_analysis, load_measured,
+                                      load_results, report_sections, section_entries, train_lens, values_at)
 from lib import cli
 from lib import runs
 from lib.files import UserError, write_atomically
@@ -140,7 +143,7 @@ def retrieval_reading(found, train_len):
 def retrieval_markdown(results_grid, figure_dir):
     """The retrieval-attention table of the grid's analysis (analyze.py), with a verdict per run;
     empty when the grid has no analysis yet."""
-    records = [r for r in grids.saved_records(grids.result_path(results_grid, "analysis", None))
+    records = [r for r in load_analysis(results_grid)
                if r.get("retrieval_attention") and "skipped" not in r["retrieval_attention"]]
     if not records:
         return []
@@ -196,13 +199,10 @@ def grid_steps(grid, results_grid):
 def measured_markdown(grid, results_grid):
     """What the grid's finished steps cost and where they ran, from steps.jsonl and
     environment.json (empty when either is missing). A step finished twice counts its last run."""
-    try:
-        with open(os.path.join(results_grid, "steps.jsonl")) as f:
-            records = {record["step"]: record for record in map(json.loads, f)}
-        with open(os.path.join(results_grid, "environment.json")) as f:
-            environment = json.load(f)
-    except FileNotFoundError:
+    measured = load_measured(results_grid)
+    if measured is None:
         return []
+    records, environment = measured
     steps = grid_steps(grid, results_grid)
     timed = [title for title, _ in steps if title in records]
     in_part = [title.split(maxsplit=1)[1] for title in timed
@@ -320,38 +320,48 @@ def update_readme(path, block, name="results"):
 
 
 def write_report(grid_name, results_grid, readme=README):
-    """Every figure, results.md and (for the headline grid) the README's table, from saved JSON."""
+    """Every figure, results.md and (for the headline grid) the README's table (into `readme`; None:
+    no README), from saved JSON: every record is read, checked and turned into Markdown first, so
+    that a bad one stops the report before it writes anything."""
     grid = grids.GRIDS[grid_name]
     results = load_results(grid, results_grid)
     if not any(record for kinds in results.values() for record in kinds.values()):
         raise UserError(f"no evaluation results in {results_grid}: run the grid first")
     sections = report_sections(grid)
-    for section in sections:
-        if has_results(section, results):
-            for name, metrics in section.figures:
-                figures.save(figures.draw(section, metrics, results, grid.lengths), os.path.join(results_grid, name))
-    measured = measured_markdown(grid, results_grid)
+    retrieval = retrieval_markdown(results_grid, "")  # the analysis is checked before grid_steps reads it
+    markdown = report_markdown(grid_name, grid, sections, results, "", measured_markdown(grid, results_grid), retrieval)
+    headline = headline_markdown(grid, results) if grid_name == HEADLINE_GRID else None
+    drawn = [(figures.draw(section, metrics, results, grid.lengths), os.path.join(results_grid, name))
+             for section in sections if has_results(section, results) for name, metrics in section.figures]
     markdown_path = os.path.join(results_grid, "results.md")
-    write_atomically(markdown_path, (f"### Results of the {grid_name} grid\n\n"
-                                          + report_markdown(grid_name, grid, sections, results, "", measured,
-                                                            retrieval_markdown(results_grid, ""))
-                                          + "\n").encode())
-    print(f"wrote {markdown_path} and its figures")
-    if grid_name == HEADLINE_GRID and readme:
-        print(update_readme(readme, headline_markdown(grid, results), "headline"))
+    with cli.uninterrupted(cli.WRITTEN):  # a stop waits for the figures, results.md and the README
+        for fig, path in drawn:
+            figures.save(fig, path)
+        write_atomically(markdown_path, f"### Results of the {grid_name} grid\n\n{markdown}\n".encode())
+        print(f"wrote {markdown_path} and its figures")
+        if headline is not None and readme:
+            print(update_readme(readme, headline, "headline"))
+        elif headline is not None:
+            print(f"left {README} as it is: these results are not the repository's results/ (--readme names a "
+                  f"README to update)")
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--grid", choices=sorted(grids.GRIDS), default="default", help="which grid")
     parser.add_argument("--results_dir", default="results", help="the grid's results are in RESULTS_DIR/<grid>/")
+    parser.add_argument("--readme", help="the README whose headline block the headline grid's table replaces "
+                        "(default: README.md of the repository, when RESULTS_DIR is its results/; else none)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     """Write the report; missing or damaged results and I/O errors end in one line (cli.run)."""
     args = parse_args(argv)
-    cli.run("report.py", lambda: write_report(args.grid, os.path.abspath(os.path.join(args.results_dir, args.grid))))
+    own = os.path.realpath(args.results_dir) == os.path.realpath(os.path.join(HERE, "results"))
+    readme = args.readme or (README if own else None)
+    cli.run("report.py", lambda: write_report(args.grid, os.path.abspath(os.path.join(args.results_dir, args.grid)),
+                                              readme))
 
 
 if __name__ == "__main__":

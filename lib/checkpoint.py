@@ -62,6 +62,9 @@ def load_checkpoint(path, map_location="cpu"):
     missing = [k for k in ("model_config", "model", "step") if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} is not a fope-gpt checkpoint (missing {', '.join(missing)})")
+    step = state["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"checkpoint {path} is damaged: its step is {str(step)[:40]!r}, not a count of steps")
     return state
 
 

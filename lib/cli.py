@@ -2,7 +2,10 @@
 cli.py: what the scripts' command lines share.
 
     run(script, work)          call work(); a UserError or an OSError ends the script with one line,
-                               "<script>: error: <what went wrong>", on stderr and exit status 1
+                               "<script>: error: <what went wrong>", on stderr and exit status 1; Ctrl-C
+                               (SIGINT) or SIGTERM with one line saying where it stopped, exit 130 or 143
+    uninterrupted()            a block that a stop does not cut short: outputs written as a whole
+    parse_int                  argparse type: an integer, also in exponent notation ("1e12")
     HelpFormatter              --help prints the script's docstring as written and every option's default
     add_device_option          --device, for every script that runs a model
     add_dtype_option           --dtype, for the scripts that may autocast
@@ -13,20 +16,91 @@ cli.py: what the scripts' command lines share.
 """
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 
 from fope_gpt import ROPE_SCALINGS, GPTConfig
 from lib import hardware
 from lib.files import UserError, error_line
 
 
-def run(script, work):
+class Stopped(BaseException):
+    """A stop asked for by a signal: SIGTERM where the script is, or a signal held by uninterrupted()
+    until its block was done (`note` then says what the block finished)."""
+
+    def __init__(self, signum, note=None):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.note = signum, note
+
+
+def stopped_by_sigterm(signum, frame):
+    raise Stopped(signum)
+
+
+def nothing_written(signal_name):
+    return f"stopped ({signal_name}); nothing was written"
+
+
+def run(script, work, stopped=nothing_written):
     """work(), with the errors a user can fix (UserError, and OSError: a full disk, a folder
-    that cannot be written) ending the script in one line on stderr, exit status 1."""
+    that cannot be written) ending the script in one line on stderr, exit status 1; and a stop
+    (Ctrl-C, SIGTERM) in one line, `stopped(signal name)`, exit status 128 + the signal's number.
+    Every file a script writes goes through files.write_atomically, so a stop leaves none half-written."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stopped_by_sigterm) if main_thread else None
     try:
         return work()
     except (UserError, OSError) as error:
         sys.exit(f"{script}: error: {error_line(error)}")
+    except (KeyboardInterrupt, Stopped) as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        print(f"{script}: {stop.note if getattr(stop, 'note', None) else stopped(name)}", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+    finally:
+        if main_thread and previous is not None:  # None: a handler not installed from Python, left as it is
+            signal.signal(signal.SIGTERM, previous)
+
+
+WRITTEN = "stopped ({}) after writing its results"
+
+
+@contextlib.contextmanager
+def uninterrupted(done=None):
+    """Run the block to its end whatever signal comes: SIGINT and SIGTERM are held meanwhile and
+    raised after it as Stopped, with the note `done` (e.g. WRITTEN; "{}": the signal's name), so
+    that a stop never leaves a script's outputs half-old, half-new, nor a checkpoint without its
+    bookkeeping. Without a note, run()'s own `stopped` says where the script stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = {signum: signal.signal(signum, lambda number, frame: held.append(number))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    if held:
+        raise Stopped(held[0], done and done.format(signal.Signals(held[0]).name))
+
+
+def parse_int(text):
+    """argparse type: an integer, also one written in exponent notation ("1e12", "2.5e3")."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    return int(value)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -69,8 +143,8 @@ def evaluation_lengths(train_len, longest=16):
 def parse_lengths(text):
     """argparse type: '128,256,512' -> [128, 256, 512] (sorted, without repeats, each >= 2)."""
     try:
-        lengths = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
+        lengths = sorted({parse_int(part) for part in text.split(",") if part.strip()})
+    except argparse.ArgumentTypeError:
         lengths = []
     if not lengths or lengths[0] < 2:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers of at least 2, got {text!r}")

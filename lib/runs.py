@@ -14,8 +14,10 @@ main (cli.run) turns into one line.
 
 import hashlib
 import json
+import math
 import os
 import sys
+from dataclasses import dataclass
 
 from lib import data
 from lib import files
@@ -35,6 +37,43 @@ def run_of(path):
     """The run a checkpoint belongs to: the name of its folder, out_dir/<run>/ckpt.pt (train.py
     names a run with settings.run_name)."""
     return os.path.basename(os.path.dirname(os.path.abspath(path)))
+
+
+@dataclass
+class Progress:
+    """Where a training process is, for the line that a stop (Ctrl-C, SIGTERM) ends it with."""
+    step: int = None   # steps done; None before training began
+    saved: int = None  # the step of the run's checkpoint on disk; None while there is none
+
+    def stop_line(self, signal_name):
+        """'stopped at step 12 (SIGINT); the checkpoint is at step 10; continue with --resume'."""
+        where = "stopped before training began" if self.step is None else f"stopped at step {self.step}"
+        if self.saved is None:
+            return f"{where} ({signal_name}); no checkpoint was written, so the run starts over when run again"
+        return f"{where} ({signal_name}); the checkpoint is at step {self.saved}; continue with --resume"
+
+
+def file_identity(path):
+    """(inode, modification time, size) of a file, None if there is none: a file replaced or
+    rewritten since (write_atomically makes a new inode) has another identity."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def check_unchanged(ckpt_path, seen):
+    """Under the run's lock: the checkpoint is as it was when the run looked at it (file_identity
+    `seen`), so that a run finished or saved by another process meanwhile is neither overwritten by
+    a new run nor continued from an older state. Raises UserError."""
+    now = file_identity(ckpt_path)
+    if now == seen:
+        return
+    if seen is None:
+        raise files.UserError(f"{ckpt_path} exists: another process wrote it while this one started; pass "
+                              f"--resume to continue it, or --run_name to start another run")
+    raise files.UserError(f"{ckpt_path} was rewritten by another process while this one started: run the command again")
 
 
 def clock(seconds):
@@ -150,7 +189,19 @@ def checkpoint_to_resume(path):
     if missing:
         raise CheckpointError(f"cannot resume: {path} has no {', '.join(missing)} (checkpoint.py lists what train.py "
                               f"writes); it can be evaluated but not continued")
+    trained, val_loss = state["trained"], state.get("val_loss")
+    if not (isinstance(trained, dict) and is_number(trained.get("seconds"))
+            and isinstance(trained.get("machines"), list)):
+        raise CheckpointError(f"cannot resume: {path} is damaged: its trained is {str(trained)[:60]!r}, not the time "
+                              f"and machines of its training")
+    if not is_number(val_loss):
+        raise CheckpointError(f"cannot resume: {path} is damaged: its val_loss is {str(val_loss)[:60]!r}, not a number")
     return state
+
+
+def is_number(value):
+    """Whether a value is a finite int or float (a bool is not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def training_time(path):
@@ -165,22 +216,23 @@ def training_time(path):
 def truncate_log(path, step):
     """On resume, drop log lines written after the checkpoint's step: they will be redone. So
     is a last line without its newline, cut short by a crash or a full disk (always after the
-    checkpoint: a checkpoint is written after the lines of its step)."""
+    checkpoint: a checkpoint is written after the lines of its step). A log with nothing to drop
+    is left as it is."""
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8", errors="replace") as f:  # a power loss can leave any bytes at the end
         lines = f.readlines()
-    if lines and not lines[-1].endswith("\n"):
-        lines.pop()
+    whole = lines[:-1] if lines and not lines[-1].endswith("\n") else lines
     kept = []
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(whole, 1):
         try:
             if json.loads(line)["step"] <= step:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             raise CheckpointError(f"{path} line {number} is not a log record: repair or delete that line, "
                                   f"then resume again") from None
-    files.write_atomically(path, "".join(kept).encode())
+    if kept != lines:
+        files.write_atomically(path, "".join(kept).encode())
 
 
 # -----------------------------------------------------------------------------

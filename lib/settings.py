@@ -179,8 +179,8 @@ def parse_args(argv=None, description=None):
         elif key in CHOICES:
             parser.add_argument(flag(key), dest=key, choices=CHOICES[key], help=words)
         else:
-            parser.add_argument(flag(key), dest=key, type=type(default), metavar=type(default).__name__.upper(),
-                                help=words)
+            parser.add_argument(flag(key), dest=key, type=cli.parse_int if isinstance(default, int) else type(default),
+                                metavar=type(default).__name__.upper(), help=words)
     parser.set_defaults(**{k: None for k in DEFAULTS})
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}

@@ -5,8 +5,15 @@ prepare_data() trains or loads the tokenizer (a byte-level BPE trained on the tr
 tokenizer.py, or GPT-2's), tokenizes the train and validation documents, and writes them as
 uint16/uint32 token files that training reads through np.memmap. The cache is rebuilt whenever the
 source text or the settings change.
+
+Its meta.json holds the sha256 of every file it describes (CHECKED), and every load checks them and
+that every id is in the vocabulary, so a file changed since (other ids of the same size, a damaged
+tokenizer) is refused in one line rather than trained or measured on. One process at a time builds
+a cache folder (its build.lock); the others wait, then use what it built.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import re
@@ -23,6 +30,8 @@ from lib.files import write_atomically
 from lib.tokenizer import EOT, build_encoding, encoding_from_ranks_file, ranks_to_text, train_bpe
 
 FORMAT_VERSION = 1  # bump when the cache layout or the text cleaning (data.py) changes
+CHECKED = ("train.bin", "val.bin", "tokenizer.tiktoken")  # the files meta.json holds a checksum of
+LOCK_NAME = "build.lock"
 
 
 # ---------------------------------------------------------------------------
@@ -88,8 +97,18 @@ def encode_documents(enc, documents, eot):
     return ids
 
 
+def sha256_of(path):
+    """The sha256 of a file, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_valid_meta(folder, digest):
-    """Return the cached meta.json if it matches digest and its files are complete, else None."""
+    """Return the cached meta.json if it matches digest and its files are complete (have the sizes
+    it records: a build cut short is rebuilt), else None."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
         itemsize = np.dtype(meta["dtype"]).itemsize
@@ -103,18 +122,61 @@ def read_valid_meta(folder, digest):
 
 
 def load_prepared(folder, meta):
-    """Open a complete cache folder."""
-    enc = encoding_from_ranks_file(
-        folder / "tokenizer.tiktoken", meta["pattern"], {EOT: meta["eot"]}, meta["tokenizer_name"]
-    )
+    """Open a complete cache folder, its files checked against meta.json (raises DataError)."""
+    rebuild = f"delete the folder {folder} to rebuild the cache"
+    checksums = meta.get("checksums") if isinstance(meta.get("checksums"), dict) else {}
+    for name in CHECKED:
+        if sha256_of(folder / name) != checksums.get(name):
+            raise DataError(f"token cache file {folder / name} has changed since the cache was written (its sha256 "
+                            f"is not the one in meta.json): {rebuild}")
+    try:
+        enc = encoding_from_ranks_file(
+            folder / "tokenizer.tiktoken", meta["pattern"], {EOT: meta["eot"]}, meta["tokenizer_name"]
+        )
+    except (ValueError, KeyError, TypeError) as error:  # base64, a rank, or the pattern
+        raise DataError(f"token cache file {folder / 'tokenizer.tiktoken'} is not a tokenizer "
+                        f"({type(error).__name__}): {rebuild}") from None
+    if enc.n_vocab != meta["vocab_size"]:
+        raise DataError(f"token cache file {folder / 'tokenizer.tiktoken'} has {enc.n_vocab} tokens, but meta.json "
+                        f"says {meta['vocab_size']}: {rebuild}")
+    splits = {split: np.memmap(folder / f"{split}.bin", dtype=meta["dtype"], mode="r") for split in ("train", "val")}
+    for split, ids in splits.items():
+        top = int(ids.max())
+        if top >= meta["vocab_size"]:
+            raise DataError(f"token cache file {folder / f'{split}.bin'} holds id {top}, outside the vocabulary of "
+                            f"{meta['vocab_size']} tokens: {rebuild}")
     return PreparedData(
-        train=np.memmap(folder / "train.bin", dtype=meta["dtype"], mode="r"),
-        val=np.memmap(folder / "val.bin", dtype=meta["dtype"], mode="r"),
+        train=splits["train"],
+        val=splits["val"],
         meta=meta,
         enc=enc,
         eot=meta["eot"],
         vocab_size=meta["vocab_size"],
     )
+
+
+@contextlib.contextmanager
+def build_lock(folder, log):
+    """Hold `folder`/build.lock while the block runs: one process at a time builds a cache folder,
+    the others wait here (then find it built). The lock is the kernel's (flock): it goes with the
+    process however that ends, so a killed build never leaves it held."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_NAME, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process that is building {folder}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def add_checksums(folder, meta, log):
+    """A cache written before meta.json held checksums, which cannot be rebuilt offline (a streamed
+    data set): record its files' checksums as they are now."""
+    meta = {**meta, "checksums": {name: sha256_of(folder / name) for name in CHECKED}}
+    write_atomically(folder / "meta.json", json.dumps(meta, indent=2).encode())
+    log(f"recorded the checksums of {folder} in its meta.json")
+    return meta
 
 
 def make_tokenizer(tokenizer, vocab_size, train_texts, log):
@@ -147,9 +209,10 @@ def build_cache(folder, settings, digest, documents, log):
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "meta.json").unlink(missing_ok=True)  # while rewriting, the folder must not look valid
-    write_atomically(folder / "tokenizer.tiktoken", ranks_to_text(enc._mergeable_ranks).encode("ascii"))
-    write_atomically(folder / "train.bin", train_ids.tobytes())
-    write_atomically(folder / "val.bin", val_ids.tobytes())
+    contents = {"tokenizer.tiktoken": ranks_to_text(enc._mergeable_ranks).encode("ascii"),
+                "train.bin": train_ids.tobytes(), "val.bin": val_ids.tobytes()}
+    for name, content in contents.items():
+        write_atomically(folder / name, content)
     meta = {
         **settings,
         "source": source,
@@ -163,6 +226,7 @@ def build_cache(folder, settings, digest, documents, log):
         "train_chars": train_chars,
         "val_chars": val_chars,
         "hash": digest,
+        "checksums": {name: hashlib.sha256(content).hexdigest() for name, content in contents.items()},
     }
     if settings["dataset"] == "shakespeare":
         meta["held_out_plays"] = HELD_OUT_PLAYS
@@ -212,9 +276,16 @@ def prepare_data(
     name = dataset if dataset == "shakespeare" or dataset.startswith("hf:") else Path(dataset).name
     folder = Path(cache_dir) / f"{slugify(name)}-{tokenizer}-{vocab_size}"
 
-    meta = read_valid_meta(folder, digest)
-    if meta is None:
-        meta = build_cache(folder, settings, digest, documents or load_documents(dataset, hf_tokens), log)
-    else:
+    meta, built = read_valid_meta(folder, digest), False
+    if meta is None or "checksums" not in meta:
+        with build_lock(folder, log):
+            meta = read_valid_meta(folder, digest)  # another process may have built it while this one waited
+            if meta is not None and "checksums" not in meta and dataset.startswith("hf:"):
+                meta = add_checksums(folder, meta, log)
+            elif meta is None or "checksums" not in meta:  # a cache from before checksums is rebuilt
+                meta = build_cache(folder, settings, digest, documents or load_documents(dataset, hf_tokens), log)
+                built = True
+    prepared = load_prepared(folder, meta)
+    if not built:
         log(f"using cached {folder}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens")
-    return load_prepared(folder, meta)
+    return prepared

@@ -3,8 +3,10 @@ What the test files share: a tiny corpus and a tiny training run, a script run a
 runs it, and the checks that a failure is one line and leaves every existing file as it was.
 """
 
+import contextlib
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +93,33 @@ def error_of(main, argv):
     message = exit_info.value.code
     assert isinstance(message, str) and "\n" not in message.strip(), message
     return message
+
+
+def stop_of(main, argv, capsys):
+    """(exit status, its line) of a script's main that a stop (Ctrl-C, SIGTERM) ends: one line on
+    stderr, after at most the token cache's progress line, and no traceback (any other exception
+    would fail the test with its own)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("using cached ") for line in lines[:-1]), lines
+    return exit_info.value.code, lines[-1]
+
+
+@contextlib.contextmanager
+def address_space_limit(extra=2 * 2**30):
+    """While the block runs, this process may map only `extra` bytes more than it maps now
+    (RLIMIT_AS, as ulimit -v): a request that a memory check should refuse but does not fails at
+    the limit instead of filling a shared machine's memory."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + extra, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 @pytest.fixture(scope="session")

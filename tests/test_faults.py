@@ -154,8 +154,11 @@ def break_shape(state):
     (lambda state: state.update(model_config="nonsense", model={}), "lacks"),
     (lambda state: state["train_config"].pop("decay_steps"), "does not hold this train.py's settings"),
     (lambda state: state.pop("trained"), "has no trained"),
+    (lambda state: state.update(step="10"), "its step is '10', not a count of steps"),
+    (lambda state: state.update(val_loss=None), "its val_loss is 'None', not a number"),
+    (lambda state: state.update(trained={"seconds": "long"}), "its trained is"),
 ], ids=["wrong-shape", "extra-key", "no-optimizer", "no-train_config", "bad-optimizer", "no-weights",
-        "settings-of-another-train.py", "no-training-time"])
+        "settings-of-another-train.py", "no-training-time", "step-not-a-count", "no-val_loss", "bad-training-time"])
 def test_resume_from_a_damaged_checkpoint_is_one_line_and_changes_nothing(trained_run, tmp_path, damage, named):
     run_dir = copy_run(trained_run, tmp_path)
     rewrite_checkpoint(run_dir / "ckpt.pt", damage)
@@ -189,7 +192,7 @@ def test_a_second_train_py_on_the_same_run_is_refused_before_touching_anything(t
     args = tiny_run_args(tmp_path, "--max_steps", "100000", "--eval_interval", "100000", "--log_interval", "100000")
     lock = tmp_path / "out" / "tiny" / "train.lock"
     first = subprocess.Popen([sys.executable, str(HERE / "train.py"), *args], cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while not (lock.exists() and lock.read_text().strip()) and first.poll() is None and time.time() < deadline:
@@ -200,8 +203,13 @@ def test_a_second_train_py_on_the_same_run_is_refused_before_touching_anything(t
         assert second.returncode == 1 and "Traceback" not in second.stderr
         assert second.stderr.count("\n") == 1 and f"being written by process {first.pid}" in second.stderr
         assert first.poll() is None and lock.read_text() == f"{first.pid}\n"  # the first run goes on
+        first.send_signal(signal.SIGTERM)  # as a scheduler ends a run: one line, where it stopped, the lock released
+        assert first.wait(timeout=60) == 143
+        assert re.fullmatch(r"train\.py: stopped (at step \d+|before training began) \(SIGTERM\); no checkpoint "
+                            r"was written, so the run starts over when run again\n", first.stderr.read())
+        assert not lock.exists()
     finally:
-        first.send_signal(signal.SIGKILL)
+        first.kill()
         first.wait()
 
 
@@ -265,6 +273,7 @@ DAMAGES = {
     "foreign-model_config": (lambda state: state["model_config"].update(xpos_scale=512), "differ in xpos_scale"),
     "other-data": (lambda state: state["data"].update(hash="0" * 64),
                    "differs from the one the checkpoint was trained on"),
+    "step-not-a-count": (lambda state: state.update(step=torch.tensor(30)), "not a count of steps"),
 }
 
 
@@ -338,3 +347,24 @@ def test_default_outputs_are_untracked_and_the_grids_name_theirs(tmp_path):
             elif kind != "train":
                 out = command[command.index("--out") + 1]
                 assert os.path.abspath(out) == grids.result_path(str(tmp_path / "results"), kind, entry)
+
+
+# =============================================================================
+# a request clamped to what the data has is recorded and printed as used
+
+
+def test_a_request_larger_than_the_data_is_recorded_and_printed_as_used(trained_run, tmp_path, monkeypatch, capsys):
+    val_tokens = json.loads((trained_run[0] / "data" / "corpus-txt-bpe-300" / "meta.json").read_text())["val_tokens"]
+    ckpt, data = str(trained_run[1] / "ckpt.pt"), ["--data_dir", str(trained_run[0] / "data")]
+    eval_ppl.main(["--ckpt", ckpt, "--lengths", "16", "--max_tokens", "1000000000", "--out", str(tmp_path / "p.json"),
+                   *data])
+    assert json.loads((tmp_path / "p.json").read_text())["checkpoints"][0]["text_tokens"] == val_tokens
+    assert f"evaluating all {val_tokens:,} tokens of the text (--max_tokens 1,000,000,000)" in capsys.readouterr().out
+    analysed = {}  # what the q/k statistics were computed on, and what analysis.json would record
+    monkeypatch.setattr(analyze.spectra, "analyze", lambda *args: analysed.update(text_tokens=args[5]) or {})
+    monkeypatch.setattr(analyze, "write_outputs", lambda results, out_dir: analysed.update(record=results[0]))
+    analyze.main(["--ckpt", ckpt, "--text_tokens", "100000000", "--passkey_trials", "0", "--out_dir", str(tmp_path),
+                  *data])
+    used = val_tokens // 32 * 32  # whole windows of train_len
+    assert analysed["text_tokens"] == analysed["record"]["text_tokens"] == used
+    assert f"q/k statistics on {used:,} validation tokens, not 100,000,000" in capsys.readouterr().out

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -76,17 +77,19 @@ def test_a_short_training_run_lowers_the_loss_and_leaves_a_checkpoint(trained_ru
     assert model(torch.zeros(1, 100, dtype=torch.long))[0].shape == (1, 100, state["model_config"]["vocab_size"])
 
 
-def test_a_stopped_and_resumed_run_repeats_the_uninterrupted_losses(trained_run, tmp_path, monkeypatch):
+def test_a_stopped_and_resumed_run_repeats_the_uninterrupted_losses(trained_run, tmp_path, monkeypatch, capsys):
     uninterrupted = logged_losses(trained_run[1])
     save = train.save_checkpoint
 
-    def save_then_stop(path, state):  # the process dies right after its first checkpoint
+    def save_then_stop(path, state):  # Ctrl-C while the first checkpoint is written: the stop waits for it
+        signal.raise_signal(signal.SIGINT)
         save(path, state)
-        raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stop:
         train.main(tiny_run_args(tmp_path, "--pe", "fope"))
+    assert stop.value.code == 130 and capsys.readouterr().err == (
+        "train.py: stopped at step 10 (SIGINT); the checkpoint is at step 10; continue with --resume\n")
     monkeypatch.setattr(train, "save_checkpoint", save)
     run_dir = tmp_path / "out" / "tiny"
     stopped_at = checkpoint.load_checkpoint(str(run_dir / "ckpt.pt"))

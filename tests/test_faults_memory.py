@@ -1,0 +1,120 @@
+"""
+Memory checked before work: every script estimates the peak memory of what it is asked (memory.py)
+and refuses, in one line with the estimate and what the machine has, a request that cannot fit,
+before it allocates or writes anything and within seconds. The estimates are held against peaks
+measured on a CPU, within a factor of 1.5.
+"""
+
+import ctypes
+import gc
+import os
+import shutil
+import time
+
+import pytest
+import torch
+
+import analyze
+import eval_passkey
+import eval_ppl
+import sample
+import train
+from conftest import address_space_limit, error_of, snapshot, tiny_run_args
+from fope_gpt import GPT, GPTConfig
+from lib import memory
+
+
+def requests(trained_run, tmp_path):
+    """script -> (its main, arguments, what the refusal names): sizes no machine has."""
+    ckpt, data = str(trained_run[1] / "ckpt.pt"), ["--data_dir", str(trained_run[0] / "data")]
+    out, cpu = str(tmp_path / "out"), ["--device", "cpu"]  # a GPU would map its own memory under the limit
+    return {
+        "train-batch_size": (train.main, tiny_run_args(tmp_path, "--batch_size", "1e12", *cpu),
+                             "a training step of --batch_size 1000000000000 x --train_len 32"),
+        "train-train_len": (train.main, tiny_run_args(tmp_path, "--train_len", "1e9", *cpu), "--train_len 1000000000"),
+        "train-n_embd": (train.main, tiny_run_args(tmp_path, "--n_embd", "1048576", *cpu), "n_embd 1048576"),
+        "eval_passkey": (eval_passkey.main, ["--ckpt", ckpt, "--lengths", "10000000", "--out", f"{out}/p.json", *cpu],
+                         f"answering {ckpt}'s 100 prompts at length 10000000 (1 sequence a forward)"),
+        "analyze": (analyze.main, ["--ckpt", ckpt, "--max_distance", "1e9", "--out_dir", out, *data, *cpu],
+                    f"analysing {ckpt}"),
+        "sample": (sample.main, ["--ckpt", ckpt, "--max_new_tokens", "1e9", *cpu], "a sample of 1 prompt tokens and "
+                                                                             "1,000,000,000 new ones"),
+    }
+
+
+@pytest.mark.parametrize("request_name", ["train-batch_size", "train-train_len", "train-n_embd", "eval_passkey",
+                                          "analyze", "sample"])
+def test_a_request_no_machine_can_hold_is_refused_at_once_with_the_estimate(trained_run, tmp_path, request_name):
+    main, argv, named = requests(trained_run, tmp_path)[request_name]
+    before = snapshot(tmp_path)
+    start = time.time()
+    with address_space_limit():  # should the check not refuse, the allocation fails here, not the machine
+        message = error_of(main, argv)
+    assert time.time() - start < 5
+    assert ": error: " in message and named in message and " of memory (estimate), more than the " in message
+    assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()  # no run folder, no cache, no results
+
+
+def test_an_evaluation_that_cannot_fit_is_refused_before_the_first_length(trained_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "available", lambda device: (10**6, "available (as this test pretends)"))
+    message = error_of(eval_ppl.main, ["--ckpt", str(trained_run[1] / "ckpt.pt"), "--lengths", "16,512",
+                                       "--data_dir", str(trained_run[0] / "data"), "--out", str(tmp_path / "p.json")])
+    assert message.startswith(f"eval_ppl.py: error: evaluating {trained_run[1] / 'ckpt.pt'} at length 512 (")
+    assert message.endswith("more than the 1 MB available (as this test pretends); give shorter --lengths or fewer "
+                            "--batch_tokens")
+    assert not list(tmp_path.iterdir())
+    # the issue's length: longer than this validation split, refused for that in one line
+    message = error_of(eval_ppl.main, ["--ckpt", str(trained_run[1] / "ckpt.pt"), "--lengths", "200000",
+                                       "--data_dir", str(trained_run[0] / "data"), "--out", str(tmp_path / "p.json")])
+    assert "length 200000 is larger than the validation split" in message
+
+
+def test_a_resume_that_cannot_fit_changes_nothing(trained_run, tmp_path, monkeypatch):
+    run_dir = tmp_path / "out" / "tiny"
+    shutil.copytree(trained_run[1], run_dir)
+    monkeypatch.setattr(memory, "available", lambda device: (10**6, "available (as this test pretends)"))
+    before = snapshot(run_dir)
+    message = error_of(train.main, tiny_run_args(trained_run[0], "--out_dir", str(tmp_path / "out"), "--resume",
+                                                 "--max_steps", "40"))
+    assert "a training step of --batch_size 4 x --train_len 32" in message
+    assert snapshot(run_dir) == before  # config.json and the log as they were
+
+
+def peak_of(work):
+    """The largest resident set while work() runs, beyond what was resident before it (Linux: VmHWM,
+    reset through /proc/self/clear_refs; freed memory handed back to the system first)."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+    def resident(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+    before = resident("VmRSS:")
+    work()
+    return resident("VmHWM:") - before
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures peaks with Linux's clear_refs")
+def test_the_estimates_are_within_a_factor_of_one_and_a_half_of_the_measured_peaks():
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, vocab_size=300, pe="fope", train_len=128)
+
+    def train_step():  # of 16 sequences: the weights, their gradients and AdamW's moments, the activations
+        model = GPT(config)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
+        x = torch.randint(0, 300, (16, config.train_len))
+        model(x, x)[1].backward()
+        optimizer.step()
+
+    model, threads = GPT(config).eval(), torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared machine, two threads only wait for each other
+    try:
+        measured = {"training": (peak_of(train_step), memory.training_bytes(config, 16)),
+                    "generation": (peak_of(lambda: model.generate(torch.randint(0, 300, (4, 1024)), 2)),
+                                   memory.generation_bytes(config, 4, 1024))}
+    finally:
+        torch.set_num_threads(threads)
+    for what, (peak, estimate) in measured.items():
+        assert 1 / 1.5 < estimate / peak < 1.5, (what, peak, estimate)
