@@ -1,0 +1,170 @@
+"""
+bench_report.py: what bench.py's measurements say, measuring nothing: the ratios, the Markdown tables,
+and the default grid's wall time on this machine from the measured rates: every step of
+experiments/grids.py DEFAULT timed from the measured training and evaluation rates and scheduled as
+`python -m experiments.reproduce --jobs N` runs them (jobs.simulate), all of it and what results/default
+still lacks.
+"""
+
+import json
+import os
+
+import torch
+
+from experiments import grids, jobs
+from lib.files import UserError
+
+BASELINE = "reference"  # the plain GPT's row in the tables (bench.py's ReferenceGPT)
+GRID = grids.DEFAULT
+STARTUP_S = 5.0  # a step's process start (Python, torch, the checkpoint) in the grid's estimate
+
+def flag_value(args, flag, default):
+    """The value of `flag` in a list of command-line arguments (the last one given)."""
+    values = [value for key, value in zip(args, args[1:]) if key == flag]
+    return type(default)(values[-1]) if values else default
+
+
+def nearest(table, length):
+    """The row of a {length: row} table measured at the length nearest `length` (in ratio)."""
+    return table[min(table, key=lambda measured: abs(torch.log(torch.tensor(int(measured) / length)).item()))]
+
+
+def step_seconds(kind, run, entry, per_job, speed, evals, factors):
+    """A step's seconds on one process: `per_job` the grid model's training tokens/s there, `speed`
+    its rate over the rate evaluations were measured at; a run's position embedding and width scale
+    both as they scale training (factors)."""
+    values = grids.run_settings(GRID, run)[0]
+    factor = factors["pe"].get(values["pe"], 1.0) * factors["width"].get(values["n_embd"], 1.0)
+    if kind == "train":
+        return STARTUP_S + values["max_steps"] * values["batch_size"] * values["train_len"] / per_job * factor
+    if kind == "analysis":
+        return factors["analysis_s"] / speed
+    rates = evals.get(values["pe"]) or evals["rope"]
+    if kind == "passkey":
+        trials = flag_value(GRID.passkey_args, "--trials", 100)
+        tokens = {n: trials * n for n in GRID.lengths if n > values["train_len"] // 2}  # half train_len holds no prompt
+        tokens[values["train_len"]] += 3 * 64 * values["train_len"]  # the copying diagnostics
+    else:
+        most = flag_value(GRID.ppl_args if kind == "ppl" else GRID.sotu_args, "--max_tokens", 131072)
+        tokens = {n: most // n * n for n in GRID.lengths}
+    return STARTUP_S + sum(count / (nearest(rates, n)["tok_per_s"] * speed) for n, count in tokens.items()) * factor
+
+
+def grid_estimate(configs, base, evals, factors, results_grid, out_grid):
+    """Hours of the whole default grid, and of the steps results_grid still lacks, with each
+    configuration of processes measured: every step timed by step_seconds and scheduled as
+    reproduce.py runs them (jobs.simulate)."""
+    from experiments import reproduce
+    parts = {"all": reproduce.plan(GRID, GRID.runs, out_grid + "-none", results_grid + "-none")}
+    try:
+        parts["left"] = reproduce.plan(GRID, GRID.runs, out_grid, results_grid)
+    except (reproduce.GridError, UserError) as error:
+        print(f"bench.py: the steps left are not estimated: {error}")
+    found = []
+    for config in configs:
+        speed = config["tok_per_s_per_job"] / base["tok_per_s_per_job"]
+        row = {"jobs": config["jobs"], "threads": config["threads"]}
+        for part, planned in parts.items():
+            steps, by_title = reproduce.job_steps(GRID, GRID.runs, planned, out_grid, config["jobs"])
+            seconds = {step.name: step_seconds(step.kind, by_title[step.name], step.name.split(maxsplit=1)[1],
+                                               config["tok_per_s_per_job"], speed, evals, factors) for step in steps}
+            row[part] = {"steps": len(steps), "hours": jobs.simulate(steps, config["jobs"], seconds) / 3600}
+        found.append(row)
+    return found
+
+
+def analysis_seconds(results_grid):
+    """The analysis step's last measured seconds (steps.jsonl; 600 where none was measured)."""
+    try:
+        with open(os.path.join(results_grid, "steps.jsonl")) as f:
+            timed = [json.loads(line)["seconds"] for line in f if line.startswith('{"step": "analysis')]
+    except (OSError, ValueError, KeyError):
+        timed = []
+    return timed[-1] if timed else 600.0
+
+
+def grid_markdown(report):
+    m, estimate = report["machine"], {(r["jobs"], r["threads"]): r for r in report["grid_estimate"]}
+    load = report["load_average"]
+    shared = load["start"] > 0.5
+    lines = ["", f"### The default grid on this machine: {m['name']}, {m['cores']} cores", "",
+             f"Training of the grid's model (RoPE, float32, batch {report['batch_size']}) by processes side by side, "
+             "started together; the grid's wall time from these rates, every step of experiments/grids.py DEFAULT scheduled "
+             "as `python -m experiments.reproduce --jobs N` runs them. Load average (1 min) at the start "
+             f"{load['start']:.2f}, at the end {load['end']:.2f}"
+             + (": the machine was shared with other work while this ran, so the rates are low and their ratios "
+                "uncertain." if shared else " (bench.py's own processes included)."), "",
+             "| processes × threads | training tok/s together | per process | the whole grid | what results/default "
+             "lacks |", "|---|---|---|---|---|"]
+    default = jobs.default_jobs(m["device"])
+    for config in report["jobs"]:
+        row = estimate[(config["jobs"], config["threads"])]
+        part = [f"{row[p]['hours']:.1f} h ({row[p]['steps']} steps)" if p in row else "–" for p in ("all", "left")]
+        is_default = (config["jobs"], config["threads"]) == (default, jobs.threads_per_job(default))
+        mark = " (reproduce.py's default)" if is_default else ""
+        lines.append(f"| {config['jobs']} × {config['threads']}{mark} | {config['tok_per_s']:,.0f} | "
+                     f"{config['tok_per_s_per_job']:,.0f} | {part[0]} | {part[1]} |")
+    lines += ["", "The estimate's assumptions: a run's training takes its tokens at the rate measured for RoPE with as "
+              "many processes, times its position embedding's float32 step time over RoPE's (above) and its width's "
+              f"step time over 256's ({', '.join(f'{w}: {f:.2f}' for w, f in report['factors']['width'].items())}, "
+              f"{report['factors']['width_from']}); an evaluation its tokens at the rates above (the nearest length "
+              "measured), scaled as training by the width and by the rate of a process among N; the fine-tunes at "
+              f"pre-training's rate; {STARTUP_S:.0f} s to start a process; the analysis its last measured time "
+              f"({report['factors']['analysis_s']:.0f} s, results/default/steps.jsonl)."]
+    return lines
+
+
+# -----------------------------------------------------------------------------
+# the tables
+
+
+def ratios(rows, modes, longest):
+    """The comparisons the benchmark exists for, each from this run's own times."""
+    found = {}
+    pes = [name for name in rows if name != BASELINE]
+    for mode in modes:
+        for pe in pes:
+            if BASELINE in rows:
+                found[f"{pe} / reference, training tok/s ({mode})"] = (rows[pe][mode]["tok_per_s"]
+                                                                        / rows[BASELINE][mode]["tok_per_s"])
+            if pe != "rope" and "rope" in rows:
+                found[f"{pe} / rope, training step time ({mode})"] = rows[pe][mode]["step_s"] / rows["rope"][mode]["step_s"]
+    if "rope" in rows and "eval" in rows["rope"]:
+        for pe in pes:
+            if pe != "rope":
+                at, rope = rows[pe]["eval"][str(longest)], rows["rope"]["eval"][str(longest)]
+                found[f"{pe} / rope, evaluation time @{longest}"] = rope["tok_per_s"] / at["tok_per_s"]
+                if at["peak_memory_mb"] and rope["peak_memory_mb"]:
+                    found[f"{pe} / rope, evaluation peak memory @{longest}"] = at["peak_memory_mb"] / rope["peak_memory_mb"]
+    return found
+
+
+def markdown(report):
+    cfg, rows, m, modes = report["config"], report["results"], report["machine"], report["modes"]
+    lines = [f"The default grid's model ({cfg['n_layer']} layers, {cfg['n_embd']} wide, {cfg['n_head']} heads, "
+             f"train_len {cfg['train_len']}, vocab {cfg['vocab_size']}, batch {report['batch_size']}) on {m['name']} "
+             f"({m['device']}, {m['cores']} cores, {m['threads']} threads), torch {m['torch']}. GEMM peak: "
+             f"{report['gemm_peak_tflops']['fp32']:.2f} TFLOP/s float32, {report['gemm_peak_tflops']['bf16']:.2f} bf16; "
+             f"train.py's --dtype auto picks {report['dtype']} here, the grids pin fp32. `{BASELINE}` is the plain GPT of "
+             f"the same shape in bench.py." + (" Measured with --quick: rough numbers." if report["quick"] else ""), ""]
+    lines += ["| model | " + " | ".join(f"train tok/s {mode}" for mode in modes) + " | "
+              + " | ".join(f"MFU {mode}" for mode in modes) + " |", "|---" * (1 + 2 * len(modes)) + "|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[mode]['tok_per_s']:,.0f}" for mode in modes) + " | "
+                     + " | ".join(f"{row[mode]['mfu']:.1%}" for mode in modes) + " |")
+    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {name} | {value:.3f} |" for name, value in
+                                                        report["ratios"].items()]
+    evaluated = {name: row["eval"] for name, row in rows.items() if "eval" in row}
+    if evaluated:
+        lengths = list(next(iter(evaluated.values())))
+        lines += ["", f"Evaluation: forward only, float32, batch 1, {report['eval_threads']} thread(s), each position "
+                  "embedding in a fresh process (peak: its resident memory, or GPU allocations).", "",
+                  "| pe | " + " | ".join(f"eval tok/s @{n}" for n in lengths) + " | "
+                  + " | ".join(f"peak MB @{n}" for n in lengths) + " |", "|" + "---|" * (1 + 2 * len(lengths))]
+        for name, evals in evaluated.items():
+            lines.append(f"| {name} | " + " | ".join(f"{evals[n]['tok_per_s']:,.0f}" for n in lengths) + " | "
+                         + " | ".join(f"{evals[n]['peak_memory_mb']:,.0f}" if evals[n]["peak_memory_mb"] else "–"
+                                      for n in lengths) + " |")
+    if report.get("jobs"):
+        lines += estimate.grid_markdown(report)
+    return "\n".join(lines) + "\n"
