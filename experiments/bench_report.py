@@ -166,5 +166,5 @@ def markdown(report):
                          + " | ".join(f"{evals[n]['peak_memory_mb']:,.0f}" if evals[n]["peak_memory_mb"] else "–"
                                       for n in lengths) + " |")
     if report.get("jobs"):
-        lines += estimate.grid_markdown(report)
+        lines += grid_markdown(report)
     return "\n".join(lines) + "\n"
