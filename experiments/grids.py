@@ -169,10 +169,9 @@ def shakespeare_grid(about, training, ppl_args, full, extra_lengths=()):
 # half train_len (192) holds none: perplexity only there.
 DEFAULT = shakespeare_grid(
     about="The CPU model of train.py on Shakespeare at byte level (train.py --preset retrieval), trained at "
-          "384 bytes and evaluated to 16x; perplexities are per byte. Estimated time on 2 CPU cores at about "
-          "6.4k tokens/s in float32: 25 runs x 56 min of training, 4 fine-tunes x 4 min, 38 evaluations x "
-          "(1-5 min perplexity + 2-13 min passkey, ALiBi's the slowest); about 27 hours in all (about 35 at 4.4k tokens/s, over 60 "
-          "on an AVX2-only CPU).",
+          "384 bytes and evaluated to 16x; perplexities are per byte. Its wall time on a machine is measured, "
+          "not typed: `python -m experiments.bench` estimates it from that machine's rates for each --jobs "
+          "(results/bench.md), and what the committed steps took is below.",
     training=["--preset", "retrieval", *CPU_PRECISION],
     # the authors' chunked protocol on the first 131 072 validation bytes (about 35k BPE-4096 tokens of text)
     ppl_args=["--max_tokens", "131072", *CPU_PRECISION],
