@@ -295,7 +295,10 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     accuracy = {entry: json.loads((results / "passkey" / f"{entry}.json").read_text())["checkpoints"][0]["accuracy"]
                 for entry in ("rope-s0", "rope-s1", "fope-s0")}
     rows = table_rows(markdown, "Passkey accuracy")
-    assert rows["fope (1 of 2 seeds)"] == ["–"] + [f"{accuracy['fope-s0'][str(n)]:.0%}" for n in grid.lengths[1:]]
+    one_run = json.loads((results / "passkey" / "fope-s0.json").read_text())["checkpoints"][0]  # with its interval
+    assert rows["fope (1 of 2 seeds)"] == ["–"] + [
+        f"{accuracy['fope-s0'][str(n)]:.0%} ({low:.0%}–{high:.0%})"
+        for n, (low, high) in ((n, grid_results.passkey_interval(one_run, n)) for n in grid.lengths[1:])]
     both = [[accuracy[e][str(n)] for e in ("rope-s0", "rope-s1")] for n in grid.lengths[1:]]
     assert rows["rope (2 seeds)"] == ["–"] + [f"{statistics.mean(v):.0%} ({min(v):.0%}–{max(v):.0%})" for v in both]
     assert f"Measured: {len(steps)} of the grid's {len(steps)} steps took" in markdown  # wall time, from steps.jsonl
