@@ -1,7 +1,8 @@
 """
 figures.py: the figures of a grid's report, one per section (grid_results.report_sections):
 perplexity and passkey accuracy against the evaluation length, a curve per method, and each
-passkey point with its run's 95% Wilson interval.
+passkey point with its run's 95% Wilson interval; draw_runs and set_value_axis are shared with
+gpu_runs.py's figure of the model sizes.
 """
 
 import statistics
@@ -30,8 +31,8 @@ def draw(section, metrics, results, lengths):
                 continue
             xs = [n for n, _ in points]
             count = max(len(values) for _, values in points)
-            line, = ax.plot(xs, [statistics.mean(v) for _, v in points], marker="o",
-                            label=f"{label} ({count} seeds)" if count > 1 else label)
+            line, = ax.plot(xs, [statistics.mean(v) for _, v in points], label=f"{label} ({count} seeds)" if count > 1
+                            else label, **{"marker": "o", **section.styles.get(label, {})})
             if count > 1:
                 ax.fill_between(xs, [min(v) for _, v in points], [max(v) for _, v in points],
                                 color=line.get_color(), alpha=0.2)

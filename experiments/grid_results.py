@@ -16,7 +16,7 @@ import os
 import re
 import shlex
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from experiments import grids
 from fope_gpt import kept_frequencies
@@ -40,6 +40,7 @@ class Section:
     text: str
     groups: dict         # curve label -> entries (the seeds it averages)
     figures: list        # (PNG file name, metrics drawn, one panel each)
+    styles: dict = field(default_factory=dict)  # curve label -> matplotlib line settings; default: matplotlib's
 
 
 def method_of(entry):
@@ -56,7 +57,8 @@ def group_by_method(entries):
 
 
 def report_sections(grid):
-    """The sections the grid has runs for, in reading order."""
+    """The sections of the grid's runs, in reading order (the rivals and the model-size ladder,
+    shown beside runs made on a GPU, are gpu_runs.py's)."""
     main = [run.name for run in grid.runs if run.section == "main"]
     ablations = [run.name for run in grid.runs if run.section == "ablation"]
     finetunes = [run for run in grid.runs if run.section == "finetune"]
@@ -86,14 +88,6 @@ def report_sections(grid):
             "K is the number of frequencies FoPE keeps at train_len.",
             head_dim_groups(grid, [run for run in grid.runs if run.name in ("rope-s0", "fope-s0")] + headdim),
             [("headdim.png", ["ppl_ratio", "accuracy"])]))
-    for name, title, text in (
-            ("rival", "Rivals", "What the field did after FoPE, at the default size: `fope-deployed` FoPE as Intern-S1-Pro "
-             "deploys it (`--fope_variant deployed`), `cope` RoPE with CoPE's soft clip, `rope-qknorm` RoPE with QK-norm."),
-            ("ladder", "Model size", "RoPE, FoPE and ALiBi at width 128 (2 heads) and 512 (8 heads) beside the main runs' "
-             "256: head_dim 64 at every width.")):
-        chosen = [run.name for run in grid.runs if run.section == name]
-        if chosen:
-            sections.append(Section(title, text, group_by_method(chosen), [(f"{name}.png", ["ppl_ratio", "accuracy"])]))
     if grid.extensions:
         sections.append(Section(
             "Context extension without training",

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from experiments import figures
+from experiments import gpu_runs
 from experiments import grid_results
 from experiments import grids
 from experiments import report
@@ -336,7 +337,8 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
                     assert xs == [n for n, _ in expected] and ys == pytest.approx([y for _, y in expected]), (name, label)
     assert (HERE / "README.md").read_bytes() == readme  # the README shows the headline grid only
     # the headline table counts the seeds behind each row and names the runs it still lacks
-    headline = report.headline_markdown(grid, grid_results.load_results(grid, str(results)))
+    headline = report.headline_markdown(grid, grid_results.load_results(grid, str(results)),
+                                        gpu_runs.load(str(tmp_path), "quick"))
     assert "| FoPE (1 of 2 seeds) | 1.00 |" in headline and "| RoPE (2 seeds) | 1.00 (1.00–1.00) |" in headline
     assert "Runs: RoPE: rope-s0, rope-s1; FoPE: fope-s0; CF only: fope-nofs-s0. Not yet evaluated: fope-s1." in headline
 
