@@ -242,10 +242,13 @@ def saved_precision(results):
     return f"The saved runs were trained in {trained} and their perplexity computed in {evaluated}; passkey in fp32."
 
 
-def report_markdown(grid_name, grid, results, measured, body):
-    """The report's Markdown: what the grid ran and how, `measured` from measured_markdown, then
-    `body`, the lines of its sections."""
-    lines = [f"Grid `{grid_name}` of `experiments/grids.py`. {grid.about}", "",
+def report_markdown(grid_name, grid, results, has_readings, measured, body):
+    """The report's Markdown: what the grid ran and how, a link to its typed readings (has_readings:
+    readings.md is beside results.md), `measured` from measured_markdown, then `body`, the lines of
+    its sections."""
+    readings = ["Readings of these results, typed and checked against the JSON by tests/test_readings.py: "
+                "[readings.md](readings.md).", ""] if has_readings else []
+    lines = [f"Grid `{grid_name}` of `experiments/grids.py`. {grid.about}", "", *readings,
              f"Training: train.py's defaults with `{shlex.join(grid.training)}` "
              f"(per run: see `{grid_name.upper()}` in experiments/grids.py). Perplexity: eval_ppl.py "
              f"{shlex.join(grid.ppl_args) or '(every validation token)'}; passkey: eval_passkey.py "
@@ -331,7 +334,8 @@ def write_report(grid_name, results_grid, readme=README):
     retrieval = retrieval_markdown(results_grid, "")  # the analysis is checked before grid_steps reads it
     body = [line for section in sections for line in section_markdown(section, shown, grid.lengths, "")]
     body += gpu_runs.scale_markdown(grid, shown, scale, "") + diagnostics_markdown(results) + retrieval
-    markdown = report_markdown(grid_name, grid, results, measured_markdown(grid, results_grid), body)
+    markdown = report_markdown(grid_name, grid, results, os.path.exists(os.path.join(results_grid, "readings.md")),
+                               measured_markdown(grid, results_grid), body)
     headline = headline_markdown(grid, results, gpu) if grid_name == HEADLINE_GRID else None
     drawn = [(figures.draw(section, metrics, shown, grid.lengths), os.path.join(results_grid, name))
              for section in sections if has_results(section, shown) for name, metrics in section.figures]
