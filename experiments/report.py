@@ -39,7 +39,7 @@ HEADLINE_ROWS = {"RoPE": ("rope", ""), "FoPE": ("fope", ""), "ALiBi": ("alibi", 
                  "CF only": ("fope-nofs", "FoPE without its Fourier series (clipped RoPE)"),
                  "FS only": ("fope-nocf", "FoPE without its clip floor"),
                  "FoPE as deployed": ("fope-deployed", "FoPE as Intern-S1-Pro deploys it (one coefficient set for the "
-                                      "model, no head_dim/4 cap, QK-norm)"),
+                                      "model, no head_dim/4 cap, padded pairs an identity, gain 0.5, QK-norm)"),
                  "CoPE": ("cope", "RoPE with CoPE's soft clip (the band FoPE clips tapered to zero)"),
                  "RoPE + QK-norm": ("rope-qknorm", "")}
 HEADLINE_MULTIPLES = (1, 2, 4, 16)
