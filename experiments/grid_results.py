@@ -1,7 +1,8 @@
 """
 grid_results.py: a grid's saved evaluation JSON as the report reads it: every entry's records
 (load_results), its runs grouped into the sections, curves and table rows the report shows
-(report_sections: a method's seeds form one curve), and the values a curve or a cell stands on.
+(report_sections: a method's seeds form one curve), the values a curve or a cell stands on, a
+passkey accuracy's 95% Wilson interval (wilson_interval), and how a table cell writes them.
 
 Every file the report reads comes through one validating loader (load_results, load_analysis,
 load_measured): a record that is not what the report expects (not JSON, a wrong type, a missing
@@ -14,7 +15,8 @@ import math
 import os
 import re
 import shlex
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 
 from experiments import grids
 from fope_gpt import kept_frequencies
@@ -38,6 +40,7 @@ class Section:
     text: str
     groups: dict         # curve label -> entries (the seeds it averages)
     figures: list        # (PNG file name, metrics drawn, one panel each)
+    styles: dict = field(default_factory=dict)  # curve label -> matplotlib line settings; default: matplotlib's
 
 
 def method_of(entry):
@@ -54,7 +57,8 @@ def group_by_method(entries):
 
 
 def report_sections(grid):
-    """The sections the grid has runs for, in reading order."""
+    """The sections of the grid's runs, in reading order (the rivals and the model-size ladder,
+    shown beside runs made on a GPU, are gpu_runs.py's)."""
     main = [run.name for run in grid.runs if run.section == "main"]
     ablations = [run.name for run in grid.runs if run.section == "ablation"]
     finetunes = [run for run in grid.runs if run.section == "finetune"]
@@ -84,14 +88,6 @@ def report_sections(grid):
             "K is the number of frequencies FoPE keeps at train_len.",
             head_dim_groups(grid, [run for run in grid.runs if run.name in ("rope-s0", "fope-s0")] + headdim),
             [("headdim.png", ["ppl_ratio", "accuracy"])]))
-    for name, title, text in (
-            ("rival", "Rivals", "What the field did after FoPE, at the default size: `fope-deployed` FoPE as Intern-S1-Pro "
-             "deploys it (`--fope_variant deployed`), `cope` RoPE with CoPE's soft clip, `rope-qknorm` RoPE with QK-norm."),
-            ("ladder", "Model size", "RoPE, FoPE and ALiBi at width 128 (2 heads) and 512 (8 heads) beside the main runs' "
-             "256: head_dim 64 at every width.")):
-        chosen = [run.name for run in grid.runs if run.section == name]
-        if chosen:
-            sections.append(Section(title, text, group_by_method(chosen), [(f"{name}.png", ["ppl_ratio", "accuracy"])]))
     if grid.extensions:
         sections.append(Section(
             "Context extension without training",
@@ -305,6 +301,58 @@ def values_at(results, entries, metric, length):
     kind, key, _ = METRICS[metric]
     records = [results[entry][kind] for entry in entries if results[entry].get(kind)]
     return [record[key][str(length)] for record in records if str(length) in record[key]]
+
+
+def wilson_interval(successes, trials, z=1.96):
+    """(lowest, highest) share of the 95% Wilson score interval (z = 1.96) of `successes` out of
+    `trials`: unlike the normal approximation it stays within 0..1 and is not empty at 0 or at
+    every trial (0 of 100: 0 to 0.037)."""
+    share, z_squared = successes / trials, z * z
+    centre = (share + z_squared / (2 * trials)) / (1 + z_squared / trials)
+    half_width = z * math.sqrt(share * (1 - share) / trials + z_squared / (4 * trials * trials)) / (1 + z_squared / trials)
+    # exactly 0 with no success and 1 with every trial a success, where rounding would leave 1e-17 off
+    return (0.0 if successes == 0 else centre - half_width), (1.0 if successes == trials else centre + half_width)
+
+
+def passkey_interval(record, length):
+    """The 95% Wilson interval of a passkey record's accuracy at one length, over its trials (prompts)."""
+    trials = record["trials"]
+    return wilson_interval(round(record["accuracy"][str(length)] * trials), trials)
+
+
+def accuracy_intervals(results, entries, length):
+    """(entry, accuracy, lowest, highest) at one length for each entry whose passkey record has it."""
+    records = [(entry, results[entry]["passkey"]) for entry in entries if results[entry].get("passkey")]
+    return [(entry, record["accuracy"][str(length)], *passkey_interval(record, length))
+            for entry, record in records if str(length) in record["accuracy"]]
+
+
+def format_value(metric, value):
+    """Accuracy in percent, ratios with two decimals, perplexity with one."""
+    key = METRICS[metric][1]
+    return f"{value:.0%}" if key == "accuracy" else f"{value:.2f}" if key == "ppl_ratio" else f"{value:.1f}"
+
+
+def spread_cell(results, entries, metric, length):
+    """A table cell: 'mean (min–max)' of a metric over entries (the seeds of a method); where one
+    entry has it, its value, and for passkey accuracy its 95% Wilson interval 'acc (lo–hi)'; '–'
+    where none has it."""
+    values = values_at(results, entries, metric, length)
+    if not values:
+        return "–"
+    cell = format_value(metric, statistics.mean(values))
+    if len(values) > 1:
+        return cell + f" ({format_value(metric, min(values))}–{format_value(metric, max(values))})"
+    if metric == "accuracy":
+        (_, _, lowest, highest), = accuracy_intervals(results, entries, length)
+        return cell + f" ({format_value(metric, lowest)}–{format_value(metric, highest)})"
+    return cell
+
+
+def in_words(items, last="and"):
+    """'1, 2, 4 and 16'."""
+    items = list(items)
+    return f"{', '.join(items[:-1])} {last} {items[-1]}" if len(items) > 1 else "".join(items)
 
 
 def train_lens(results, entries):

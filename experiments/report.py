@@ -11,18 +11,20 @@ README.md; nothing it writes is typed by hand.
 
 Run on a fresh clone, it rewrites README.md and results/ byte for byte as they are committed. The
 README's block is rewritten only from the repository's own results/, or into the README --readme
-names. Every record is read and checked (grid_results.py) before anything is written.
+names. Every record is read and checked (grid_results.py) before anything is written. The runs that
+experiments/gpu_check.py made on a GPU (results/gpu/) stand beside the CPU grid in the sections on
+rivals and model size and in the headline rows no CPU run stands on yet (gpu_runs.py).
 """
 
 import argparse
 import os
 import shlex
-import statistics
 
 from experiments import figures
+from experiments import gpu_runs
 from experiments import grids
-from experiments.grid_results import (METRICS, group_by_method, has_results, load_analysis, load_measured,
-                                      load_results, report_sections, section_entries, train_lens, values_at)
+from experiments.grid_results import (METRICS, group_by_method, has_results, in_words, load_analysis, load_measured,
+                                      load_results, report_sections, section_entries, spread_cell, train_lens)
 from lib import cli
 from lib import runs
 from lib.files import UserError, write_atomically
@@ -30,30 +32,19 @@ from lib.files import UserError, write_atomically
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 README = os.path.join(HERE, "README.md")
 HEADLINE_GRID = "default"  # the grid whose headline table README.md shows
-# The README's one table: the main methods and FoPE's two parts alone (row label -> method, and what
+# The README's one table: the main methods, FoPE's two parts alone and its rivals (row label -> method, and what
 # the caption says a label means where it is not a method's name), at four of the grid's lengths
 # (multiples of train_len: 8x is left out for a table that fits a screen).
 HEADLINE_ROWS = {"RoPE": ("rope", ""), "FoPE": ("fope", ""), "ALiBi": ("alibi", ""), "NoPE": ("nope", ""),
                  "CF only": ("fope-nofs", "FoPE without its Fourier series (clipped RoPE)"),
-                 "FS only": ("fope-nocf", "FoPE without its clip floor")}
+                 "FS only": ("fope-nocf", "FoPE without its clip floor"),
+                 "FoPE as deployed": ("fope-deployed", "FoPE as Intern-S1-Pro deploys it (one coefficient set for the "
+                                      "model, no head_dim/4 cap, padded pairs an identity, gain 0.5, QK-norm)"),
+                 "CoPE": ("cope", "RoPE with CoPE's soft clip (the band FoPE clips tapered to zero)"),
+                 "RoPE + QK-norm": ("rope-qknorm", "")}
 HEADLINE_MULTIPLES = (1, 2, 4, 16)
 TABLE_TITLES = {"ppl": "Perplexity", "ppl_ratio": "Perplexity ratio to train_len", "accuracy": "Passkey accuracy",
                 "sotu_ppl": "Perplexity on sotu", "sotu_ratio": "Perplexity ratio to train_len on sotu"}
-
-
-def format_value(metric, value):
-    """Accuracy in percent, ratios with two decimals, perplexity with one."""
-    key = METRICS[metric][1]
-    return f"{value:.0%}" if key == "accuracy" else f"{value:.2f}" if key == "ppl_ratio" else f"{value:.1f}"
-
-
-def spread_cell(results, entries, metric, length):
-    """'mean (min–max)' of a metric over entries (the seeds of a method), '–' where none has it."""
-    values = values_at(results, entries, metric, length)
-    cell = format_value(metric, statistics.mean(values)) if values else "–"
-    if len(values) > 1:
-        cell += f" ({format_value(metric, min(values))}–{format_value(metric, max(values))})"
-    return cell
 
 
 def table(section, metric, results, lengths):
@@ -251,58 +242,67 @@ def saved_precision(results):
     return f"The saved runs were trained in {trained} and their perplexity computed in {evaluated}; passkey in fp32."
 
 
-def report_markdown(grid_name, grid, sections, results, figure_dir, measured, retrieval):
-    """The report's Markdown; figure links start with figure_dir; `measured` from measured_markdown,
-    `retrieval` from retrieval_markdown."""
-    lines = [f"Grid `{grid_name}` of `experiments/grids.py`. {grid.about}", "",
+def report_markdown(grid_name, grid, results, has_readings, measured, body):
+    """The report's Markdown: what the grid ran and how, a link to its typed readings (has_readings:
+    readings.md is beside results.md), `measured` from measured_markdown, then `body`, the lines of
+    its sections."""
+    readings = ["Readings of these results, typed and checked against the JSON by tests/test_readings.py: "
+                "[readings.md](readings.md).", ""] if has_readings else []
+    lines = [f"Grid `{grid_name}` of `experiments/grids.py`. {grid.about}", "", *readings,
              f"Training: train.py's defaults with `{shlex.join(grid.training)}` "
              f"(per run: see `{grid_name.upper()}` in experiments/grids.py). Perplexity: eval_ppl.py "
              f"{shlex.join(grid.ppl_args) or '(every validation token)'}; passkey: eval_passkey.py "
              f"{shlex.join(grid.passkey_args)}. {saved_precision(results)} Generated by "
-             f"`python -m experiments.report --grid {grid_name}` from the evaluation JSON.", "", *measured]
-    for section in sections:
-        lines += section_markdown(section, results, grid.lengths, figure_dir)
-    return "\n".join(lines + diagnostics_markdown(results) + retrieval)
+             f"`python -m experiments.report --grid {grid_name}` from the evaluation JSON.", "",
+             "In the tables a cell of several seeds is their mean (lowest–highest); a passkey cell of one run is its "
+             "accuracy (its 95% Wilson interval over the run's prompts). In the figures each run's passkey accuracy "
+             "carries that interval as an error bar.", "", *measured]
+    return "\n".join(lines + body)
 
 
-def headline_markdown(grid, results):
+def headline_markdown(grid, results, gpu):
     """Perplexity ratio to train_len and passkey accuracy, 'mean (lowest–highest)' over the seeds
-    evaluated so far, for the rows of HEADLINE_ROWS that the grid has."""
+    evaluated so far, for the rows of HEADLINE_ROWS that the grid has; a row with no CPU run
+    evaluated yet stands on the GPU's runs of its method where there are some (gpu_runs.stand_ins)."""
     groups = group_by_method(run.name for run in grid.runs)
     planned = {label: groups[method] for label, (method, _) in HEADLINE_ROWS.items() if method in groups}
     # a row stands on the runs with both evaluations; a partly finished grid says how many it has
     rows = {label: [entry for entry in entries if results[entry].get("ppl") and results[entry].get("passkey")]
             for label, entries in planned.items()}
+    stood_in = {label: gpu_runs.stand_ins(gpu, planned[label]) for label, entries in rows.items() if not entries}
+    stood_in = {label: keys for label, keys in stood_in.items() if keys}
+    rows.update(stood_in)
+    shown = {**results, **gpu.results}
     evaluated = [entry for entries in rows.values() for entry in entries]
     if not evaluated:
         return f"No run of the headline grid `{HEADLINE_GRID}` has both evaluations yet."
-    train_len = train_lens(results, evaluated)[0]
+    train_len = train_lens(shown, evaluated)[0]
     lengths = [m * train_len for m in HEADLINE_MULTIPLES]
     lines = ["| | " + " | ".join(f"ppl ratio {m}×" for m in HEADLINE_MULTIPLES) + " | "
              + " | ".join(f"passkey {m}×" for m in HEADLINE_MULTIPLES) + " |",
              "|---" * (1 + 2 * len(lengths)) + "|"]
     for label, entries in rows.items():
-        cells = [spread_cell(results, entries, metric, length) for metric in ("ppl_ratio", "accuracy") for length in lengths]
-        lines.append(f"| {row_label(label, len(entries), len(planned[label]))} | " + " | ".join(cells) + " |")
+        cells = [spread_cell(shown, entries, metric, length) for metric in ("ppl_ratio", "accuracy") for length in lengths]
+        name = gpu_runs.stand_in_label(gpu, label, entries) if label in stood_in else \
+            row_label(label, len(entries), len(planned[label]))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     runs_behind = "; ".join(f"{label}: {', '.join(entries) or 'none yet'}" for label, entries in rows.items())
     missing = [entry for label, entries in planned.items() for entry in entries if entry not in rows[label]]
     if missing:
         runs_behind += f". Not yet evaluated: {', '.join(missing)}"
-    trials = sorted({results[entry]["passkey"]["trials"] for entry in evaluated})
+    trials = sorted({shown[entry]["passkey"]["trials"] for entry in evaluated})
     meanings = "; ".join(f"{label}: {meaning}" for label, (_, meaning) in HEADLINE_ROWS.items()
                          if meaning and label in rows)
+    one_run = "; a passkey cell of one run: its accuracy (its 95% Wilson interval)" * any(
+        len(entries) == 1 for entries in rows.values())
     return "\n".join(lines + [
         "", f"Perplexity at T over perplexity at train_len = {train_len}, and passkey accuracy "
         f"({in_words(map(str, trials), 'or')} prompts a length), at T = {in_words(map(str, HEADLINE_MULTIPLES))} "
-        f"× train_len; mean (lowest–highest) over seeds. {meanings + '. ' if meanings else ''}"
-        f"{saved_precision(results)} Runs: {runs_behind}. Generated by `python -m experiments.report` from the JSON in "
-        f"results/{HEADLINE_GRID}/; the full tables are in results/{HEADLINE_GRID}/results.md."])
-
-
-def in_words(items, last="and"):
-    """'1, 2, 4 and 16'."""
-    items = list(items)
-    return f"{', '.join(items[:-1])} {last} {items[-1]}" if len(items) > 1 else "".join(items)
+        f"× train_len; mean (lowest–highest) over seeds{one_run}. {meanings + '. ' if meanings else ''}"
+        f"{gpu_runs.stand_in_note(gpu, stood_in, HEADLINE_GRID)}"
+        f"{saved_precision(shown)} Runs: {runs_behind}. Generated by `python -m experiments.report` from the JSON in "
+        f"results/{HEADLINE_GRID}/{' and results/gpu/' * bool(stood_in)}; the full tables are in "
+        f"results/{HEADLINE_GRID}/results.md."])
 
 
 def update_readme(path, block, name="results"):
@@ -327,12 +327,21 @@ def write_report(grid_name, results_grid, readme=README):
     results = load_results(grid, results_grid)
     if not any(record for kinds in results.values() for record in kinds.values()):
         raise UserError(f"no evaluation results in {results_grid}: run the grid first")
-    sections = report_sections(grid)
+    gpu = gpu_runs.load(os.path.dirname(results_grid), grid_name)
+    shown = {**results, **gpu.results}  # the grid's entries, and the GPU's runs beside them
+    sections = report_sections(grid) + gpu_runs.rival_sections(grid, results, gpu)
+    scale = gpu_runs.scale_rows(grid, results, gpu)
     retrieval = retrieval_markdown(results_grid, "")  # the analysis is checked before grid_steps reads it
-    markdown = report_markdown(grid_name, grid, sections, results, "", measured_markdown(grid, results_grid), retrieval)
-    headline = headline_markdown(grid, results) if grid_name == HEADLINE_GRID else None
-    drawn = [(figures.draw(section, metrics, results, grid.lengths), os.path.join(results_grid, name))
-             for section in sections if has_results(section, results) for name, metrics in section.figures]
+    body = [line for section in sections for line in section_markdown(section, shown, grid.lengths, "")]
+    body += gpu_runs.scale_markdown(grid, shown, scale, "") + diagnostics_markdown(results) + retrieval
+    markdown = report_markdown(grid_name, grid, results, os.path.exists(os.path.join(results_grid, "readings.md")),
+                               measured_markdown(grid, results_grid), body)
+    headline = headline_markdown(grid, results, gpu) if grid_name == HEADLINE_GRID else None
+    drawn = [(figures.draw(section, metrics, shown, grid.lengths), os.path.join(results_grid, name))
+             for section in sections if has_results(section, shown) for name, metrics in section.figures]
+    if any(row.keys for row in scale):
+        drawn.append((gpu_runs.draw_scale(shown, scale, gpu_runs.ladder_train_len(grid)),
+                      os.path.join(results_grid, "scale.png")))
     markdown_path = os.path.join(results_grid, "results.md")
     with cli.uninterrupted(cli.WRITTEN):  # a stop waits for the figures, results.md and the README
         for fig, path in drawn:

@@ -5,7 +5,9 @@ and it rewrites the README's headline block only from the repository's own resul
 """
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +17,7 @@ from conftest import HERE, error_of, snapshot
 
 def change_json(relative, change):
     def damage(results):
-        path = results / relative
+        path = Path(os.path.normpath(results / relative))  # '../gpu/...': the GPU's runs beside the grid
         data = json.loads(path.read_text())
         path.write_text(json.dumps(change(data)))
         return path
@@ -65,21 +67,30 @@ CASES = {
     "foreign-analysis": (write("analysis/analysis.json", '{"figures": 5}'), "['checkpoints'] is missing"),
     "analysis-without-lengths": (change_json("analysis/analysis.json", first(("retrieval_attention", "lengths"), {})),
                                  "lacks the reference length"),
+    "gpu-accuracy-above-1": (change_json("../gpu/passkey/cope-s0.json", first(("accuracy", "768"), 1.5)),
+                             "['checkpoints'][0]['accuracy']['768'] is '1.5', not a number from 0 to 1"),
+    "gpu-summary-without-runs": (change_json("../gpu_check_more.json", lambda data: {**data, "runs": None}),
+                                 "['runs'] is 'None', not a record"),
 }
 
 
 @pytest.fixture(scope="module")
 def committed_results(tmp_path_factory):
-    """A copy of the committed default grid's JSON (the figures and results.md left out)."""
-    copy = tmp_path_factory.mktemp("results") / "default"
-    shutil.copytree(HERE / "results" / "default", copy, ignore=shutil.ignore_patterns("*.png", "*.md"))
+    """A copy of what the report reads from the committed results/: the default grid's JSON and
+    readings (its figures and results.md left out), the GPU's evaluations and their summaries."""
+    copy = tmp_path_factory.mktemp("results")
+    shutil.copytree(HERE / "results" / "default", copy / "default",
+                    ignore=shutil.ignore_patterns("*.png", "results.md"))
+    shutil.copytree(HERE / "results" / "gpu", copy / "gpu")
+    for summary in (HERE / "results").glob("gpu_check*.json"):
+        shutil.copy(summary, copy)
     return copy
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_a_record_the_report_cannot_read_stops_it_before_it_writes(committed_results, tmp_path, case):
     results = tmp_path / "default"
-    shutil.copytree(committed_results, results)
+    shutil.copytree(committed_results, tmp_path, dirs_exist_ok=True)
     damage, named = CASES[case]
     path = damage(results)
     readme, before = (HERE / "README.md").read_bytes(), snapshot(tmp_path)
@@ -93,7 +104,7 @@ def test_a_record_the_report_cannot_read_stops_it_before_it_writes(committed_res
 def test_a_report_on_results_outside_the_repository_leaves_the_readme_alone(committed_results, tmp_path, capsys,
                                                                            monkeypatch):
     results = tmp_path / "default"
-    shutil.copytree(committed_results, results)
+    shutil.copytree(committed_results, tmp_path, dirs_exist_ok=True)
     readme = (HERE / "README.md").read_bytes()
     report.main(["--results_dir", str(tmp_path)])
     assert (HERE / "README.md").read_bytes() == readme

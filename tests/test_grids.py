@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from experiments import figures
+from experiments import gpu_runs
 from experiments import grid_results
 from experiments import grids
 from experiments import report
@@ -295,7 +296,10 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     accuracy = {entry: json.loads((results / "passkey" / f"{entry}.json").read_text())["checkpoints"][0]["accuracy"]
                 for entry in ("rope-s0", "rope-s1", "fope-s0")}
     rows = table_rows(markdown, "Passkey accuracy")
-    assert rows["fope (1 of 2 seeds)"] == ["–"] + [f"{accuracy['fope-s0'][str(n)]:.0%}" for n in grid.lengths[1:]]
+    one_run = json.loads((results / "passkey" / "fope-s0.json").read_text())["checkpoints"][0]  # with its interval
+    assert rows["fope (1 of 2 seeds)"] == ["–"] + [
+        f"{accuracy['fope-s0'][str(n)]:.0%} ({low:.0%}–{high:.0%})"
+        for n, (low, high) in ((n, grid_results.passkey_interval(one_run, n)) for n in grid.lengths[1:])]
     both = [[accuracy[e][str(n)] for e in ("rope-s0", "rope-s1")] for n in grid.lengths[1:]]
     assert rows["rope (2 seeds)"] == ["–"] + [f"{statistics.mean(v):.0%} ({min(v):.0%}–{max(v):.0%})" for v in both]
     assert f"Measured: {len(steps)} of the grid's {len(steps)} steps took" in markdown  # wall time, from steps.jsonl
@@ -333,7 +337,8 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
                     assert xs == [n for n, _ in expected] and ys == pytest.approx([y for _, y in expected]), (name, label)
     assert (HERE / "README.md").read_bytes() == readme  # the README shows the headline grid only
     # the headline table counts the seeds behind each row and names the runs it still lacks
-    headline = report.headline_markdown(grid, grid_results.load_results(grid, str(results)))
+    headline = report.headline_markdown(grid, grid_results.load_results(grid, str(results)),
+                                        gpu_runs.load(str(tmp_path), "quick"))
     assert "| FoPE (1 of 2 seeds) | 1.00 |" in headline and "| RoPE (2 seeds) | 1.00 (1.00–1.00) |" in headline
     assert "Runs: RoPE: rope-s0, rope-s1; FoPE: fope-s0; CF only: fope-nofs-s0. Not yet evaluated: fope-s1." in headline
 

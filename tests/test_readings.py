@@ -1,29 +1,43 @@
-"""The typed readings hold against the saved results. README's answer and the readings of
-results/default/results.md say things in words (who is ahead, what stays flat); each such claim is
-checked here against the committed JSON of the runs it names, so a new run that overturns one fails
-the suite instead of leaving a false sentence behind."""
+"""The typed readings hold against the saved results. README's answer and the readings of the
+default grid (results/default/readings.md) say things in words (who is ahead, what stays flat);
+each such claim is checked here against the committed JSON of the runs it names (the CPU grid's in
+results/default/, the GPU's in results/gpu/), so a new run that overturns one fails the suite
+instead of leaving a false sentence behind."""
 
 import json
 from pathlib import Path
 
 import pytest
 
+from experiments.grid_results import passkey_interval
+
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "default"
+GPU = RESULTS.parent / "gpu"  # the runs experiments/gpu_check.py made on one H200
 TRAIN_LEN = 384
 SEEDS = (0, 1, 2)
 
 
-def record(kind, run):
-    with open(RESULTS / kind / f"{run}.json") as f:
+def record(kind, run, results=RESULTS):
+    with open(results / kind / f"{run}.json") as f:
         return json.load(f)["checkpoints"][0]
 
 
-def accuracy(method, seed, multiple):
-    return record("passkey", f"{method}-s{seed}")["accuracy"][str(int(multiple * TRAIN_LEN))]
+def accuracy(method, seed, multiple, results=RESULTS):
+    return record("passkey", f"{method}-s{seed}", results)["accuracy"][str(int(multiple * TRAIN_LEN))]
 
 
-def ratio(method, seed, multiple=16, kind="ppl"):
-    return record(kind, f"{method}-s{seed}")["ppl_ratio"][str(multiple * TRAIN_LEN)]
+def ratio(method, seed, multiple=16, kind="ppl", results=RESULTS):
+    return record(kind, f"{method}-s{seed}", results)["ppl_ratio"][str(multiple * TRAIN_LEN)]
+
+
+def interval(run, multiple, results=RESULTS):
+    """The 95% Wilson interval of a run's passkey accuracy at a multiple of train_len."""
+    return passkey_interval(record("passkey", run, results), int(multiple * TRAIN_LEN))
+
+
+def apart(first, second):
+    """Whether two intervals do not overlap."""
+    return first[1] < second[0] or second[1] < first[0]
 
 
 @pytest.mark.parametrize("method", ["rope", "fope", "alibi"])
@@ -35,6 +49,20 @@ def test_nope_retrieves_at_most_a_sixth_of_the_keys_even_within_train_len():
     assert all(accuracy("nope", seed, multiple) <= 0.16 for seed in SEEDS for multiple in (0.75, 1))
 
 
+def test_nope_finds_the_needle_but_copies_only_some_of_the_later_digits():
+    found = [record("passkey", f"nope-s{seed}")["diagnostics"] for seed in SEEDS]
+    assert all(d["length"] == TRAIN_LEN for d in found)
+    first, later = [d["first_digit_accuracy"] for d in found], [d["later_digit_accuracy"] for d in found]
+    assert f"{min(first):.0%}" == "89%" and max(first) == 1.0
+    assert (f"{min(later):.0%}", f"{max(later):.0%}", f"{later[0]:.0%}") == ("41%", "56%", "41%")  # nope-s0: 41%
+
+
+def test_fope_keeps_most_keys_at_2x_on_every_seed_and_alibi_on_two():
+    assert all(accuracy("fope", seed, 2) > 0.5 for seed in SEEDS)
+    assert [accuracy("alibi", seed, 2) > 0.5 for seed in SEEDS] == [True, False, True]
+    assert accuracy("alibi", 1, 2) == 0.41
+
+
 @pytest.mark.parametrize("method", ["rope", "fope-nocf"])  # RoPE, and FoPE without its clip floor (FS only)
 def test_without_a_clip_no_key_is_retrieved_past_train_len(method):
     assert all(accuracy(method, seed, multiple) == 0.0 for seed in SEEDS for multiple in (2, 4, 8, 16))
@@ -44,6 +72,11 @@ def test_alibi_retrieves_more_keys_than_fope_from_4x_on_every_seed():
     for multiple in (4, 8, 16):
         assert all(accuracy("alibi", seed, multiple) > accuracy("fope", seed, multiple) for seed in SEEDS), multiple
     assert max(accuracy("fope", seed, 16) for seed in SEEDS) < min(accuracy("alibi", seed, 16) for seed in SEEDS)
+
+
+def test_at_4x_the_per_seed_gap_between_alibi_and_fope_is_clear_on_two_seeds_of_three():
+    assert (accuracy("fope", 1, 4), accuracy("alibi", 1, 4)) == (0.12, 0.2)
+    assert [apart(interval(f"fope-s{seed}", 4), interval(f"alibi-s{seed}", 4)) for seed in SEEDS] == [True, False, True]
 
 
 def test_perplexity_past_train_len_rope_grows_several_fold_fope_by_a_quarter_alibi_not_at_all():
@@ -65,3 +98,60 @@ def test_on_the_second_corpus_the_order_past_train_len_is_the_same():
     assert max(sotu["fope"]) < min(sotu["nope"]) and max(sotu["nope"]) < min(sotu["rope"])
     alibi = [ratio("alibi", seed, kind="sotu") for seed in SEEDS]
     assert min(alibi) <= min(sotu["fope"]) and max(sotu["fope"]) <= max(alibi)  # FoPE's range inside ALiBi's
+
+
+# -----------------------------------------------------------------------------
+# the GPU's seed 0 (results/gpu/): one seed each, hints
+
+
+def test_on_the_gpu_the_same_seed_is_another_run_within_the_cpu_seeds_spread():
+    assert (accuracy("fope", 0, 2, GPU), accuracy("fope", 0, 2)) == (0.86, 0.63)
+    assert apart(interval("fope-s0", 2, GPU), interval("fope-s0", 2))
+    for method in ("rope", "fope", "alibi"):
+        for multiple in (2, 4):
+            seeds = [accuracy(method, seed, multiple) for seed in SEEDS]
+            assert min(seeds) <= accuracy(method, 0, multiple, GPU) <= max(seeds), (method, multiple)
+    alibi = [ratio("alibi", seed) for seed in SEEDS]
+    assert min(alibi) <= ratio("alibi", 0, results=GPU) <= max(alibi)
+    for method, shown in (("rope", "8.10"), ("fope", "1.20")):
+        assert f"{ratio(method, 0, results=GPU):.2f}" == shown
+        assert ratio(method, 0, results=GPU) < min(ratio(method, seed) for seed in SEEDS)
+
+
+def test_fope_as_deployed_retrieves_fewer_keys_than_fope_on_the_same_gpu():
+    assert (accuracy("fope-deployed", 0, 2, GPU), accuracy("fope", 0, 2, GPU)) == (0.23, 0.86)
+    assert apart(interval("fope-deployed-s0", 2, GPU), interval("fope-s0", 2, GPU))
+    assert all(accuracy("fope-deployed", 0, multiple, GPU) == 0.0 for multiple in (4, 8, 16))
+    assert (f"{ratio('fope-deployed', 0, results=GPU):.2f}", f"{ratio('fope', 0, results=GPU):.2f}") == ("1.46", "1.20")
+
+
+def test_cope_extrapolates_as_rope_does_and_qk_norm_flattens_ropes_perplexity_without_retrieval():
+    for method in ("cope", "rope-qknorm"):
+        assert all(accuracy(method, 0, multiple, GPU) == 0.0 for multiple in (2, 4, 8, 16)), method
+    cope, rope, fope = (ratio(method, 0, results=GPU) for method in ("cope", "rope", "fope"))
+    assert (f"{cope:.2f}", f"{rope:.2f}") == ("8.43", "8.10") and abs(cope - rope) < abs(cope - fope)
+    assert f"{ratio('rope-qknorm', 0, results=GPU):.2f}" == "2.44" and ratio("rope-qknorm", 0, results=GPU) < rope
+    assert [f"{ratio('fope-nofs', seed):.2f}" for seed in SEEDS] == ["1.31", "1.39", "1.26"]  # the hard floor alone
+
+
+def test_at_width_128_fope_trails_alibi_far_at_256_close_on_the_gpu():
+    assert (accuracy("fope-w128", 0, 2, GPU), accuracy("alibi-w128", 0, 2, GPU)) == (0.23, 0.91)
+    assert (accuracy("fope-w128", 0, 4, GPU), accuracy("alibi-w128", 0, 4, GPU)) == (0.01, 0.39)
+    assert apart(interval("fope-w128-s0", 2, GPU), interval("alibi-w128-s0", 2, GPU))
+    assert apart(interval("fope-w128-s0", 4, GPU), interval("alibi-w128-s0", 4, GPU))
+    assert accuracy("fope-w128", 0, 1, GPU) == 0.93
+    assert accuracy("rope-w128", 0, 1, GPU) == accuracy("alibi-w128", 0, 1, GPU) == 1.0
+    assert (accuracy("fope", 0, 2, GPU), accuracy("alibi", 0, 2, GPU)) == (0.86, 0.88)
+    assert (accuracy("fope", 0, 4, GPU), accuracy("alibi", 0, 4, GPU)) == (0.35, 0.42)
+    for multiple in (2, 4):
+        assert not apart(interval("fope-s0", multiple, GPU), interval("alibi-s0", multiple, GPU))
+    assert f"{ratio('fope-w128', 0, results=GPU):.2f}" == f"{ratio('fope', 0, results=GPU):.2f}" == "1.20"
+    assert f"{ratio('rope-w128', 0, results=GPU):.2f}" == "9.95"
+
+
+def test_width_512_was_not_evaluated():
+    summary = json.loads((RESULTS.parent / "gpu_check.json").read_text())
+    for method in ("rope", "fope", "alibi"):
+        run = summary["runs"][f"{method}-w512-s0"]
+        assert run["status"] == "stopped" and run["steps"] < summary["settings"]["max_steps"]
+        assert not (GPU / "passkey" / f"{method}-w512-s0.json").exists()
