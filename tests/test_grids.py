@@ -340,7 +340,7 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     headline = report.headline_markdown(grid, grid_results.load_results(grid, str(results)),
                                         gpu_runs.load(str(tmp_path), "quick"))
     assert "| FoPE (1 of 2 seeds) | 1.00 |" in headline and "| RoPE (2 seeds) | 1.00 (1.00–1.00) |" in headline
-    assert "Runs: RoPE: rope-s0, rope-s1; FoPE: fope-s0; CF only: fope-nofs-s0. Not yet evaluated: fope-s1." in headline
+    assert "Runs: RoPE rope-s0/s1; FoPE fope-s0; CF only fope-nofs-s0. Not yet evaluated: fope-s1." in headline
 
     # a partial invocation runs only what it names
     result = run_script("experiments.reproduce", "--quick", "--only", "fope-s1", "--out_dir", tmp_path, "--results_dir", tmp_path,

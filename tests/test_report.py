@@ -2,7 +2,8 @@
 What the report (report.py, grid_results.py, figures.py, gpu_runs.py) makes of the committed
 default grid and the GPU's runs beside it, read back against the saved JSON: each run's passkey
 accuracy with its 95% Wilson interval in tables and figures, the headline's rows that stand on GPU
-runs until CPU runs replace them, and the Model size table and figure.
+runs until CPU runs replace them, the Model size table and figure, and the README's paragraphs on the
+machines (bench.json, gpu_check*.json).
 """
 
 import json
@@ -10,6 +11,7 @@ import shutil
 
 import pytest
 
+from experiments import bench_report
 from experiments import figures
 from experiments import gpu_runs
 from experiments import grid_results
@@ -17,6 +19,7 @@ from experiments import grids
 from experiments import report
 from experiments.grid_results import wilson_interval
 from conftest import HERE, error_of, plotted_lines
+from lib.files import UserError
 
 RESULTS = HERE / "results"
 
@@ -130,9 +133,9 @@ def test_the_headline_takes_a_rival_from_the_gpu_until_the_cpu_grid_has_one(defa
         cells = rows[f"{label} (1 seed, {key.split(' (')[1][:-1]})"]
         assert cells[3] == f"{ppl['ppl_ratio']['6144']:.2f}"
         assert cells[5] == f"{passkey['accuracy']['768']:.0%} ({low:.0%}–{high:.0%})"
-        assert f"{label}: {key}" in headline
-    assert "| RoPE (3 seeds) |" in headline and "H200 (results/gpu/)" in headline
-    assert "shows that GPU's rope-s0, fope-s0 and alibi-s0 next to the CPU seeds" in headline
+        assert f"{label} {key}" in headline  # the run behind the row, in the caption
+    assert "| RoPE (3 seeds) |" in headline and "Rows marked H200: no CPU run evaluated yet" in headline
+    assert "sets that GPU's rope-s0, fope-s0 and alibi-s0 beside the CPU seeds" in headline
 
     # once a CPU seed of CoPE is evaluated its row stands on the CPU grid, the others stay on the GPU
     for folder in ("default", "gpu"):
@@ -148,7 +151,7 @@ def test_the_headline_takes_a_rival_from_the_gpu_until_the_cpu_grid_has_one(defa
     assert "CoPE (1 of 3 seeds)" in rows and not any(label.startswith("CoPE (1 seed") for label in rows)
     assert rows["CoPE (1 of 3 seeds)"][3] == f"{saved('ppl', 'cope-s0', 'gpu')['ppl_ratio']['6144']:.2f}"
     assert "FoPE as deployed (1 seed, H200)" in rows and "RoPE + QK-norm (1 seed, H200)" in rows
-    assert "FoPE as deployed and RoPE + QK-norm: no CPU run evaluated yet" in readme.read_text()
+    assert "CoPE cope-s0;" in readme.read_text() and "CoPE cope-s0 (H200)" not in readme.read_text()
 
 
 def table_rows(markdown, header="| | ppl ratio"):
@@ -237,3 +240,31 @@ def test_a_gpu_result_of_other_settings_or_of_no_finished_run_stops_the_report(t
     message = error_of(report.main, ["--results_dir", str(tmp_path)])
     assert "rope-qknorm-s0.json: the file is of a run that no gpu_check*.json" in message
     assert not (tmp_path / "default" / "results.md").exists()
+
+
+def test_the_readme_says_what_the_machines_measured_from_their_json_and_refuses_a_damaged_one(tmp_path):
+    for name in ("bench.json", "gpu_check.json", "gpu_check_more.json"):
+        shutil.copy(RESULTS / name, tmp_path)
+    check = json.loads((tmp_path / "gpu_check.json").read_text())
+    cells = [cell for run in check["runs"].values() if run["group"] == "check"
+             for metric in run["headline"].values() for cell in metric.values()]
+    inside = sum(cell["in_cpu_range"] for cell in cells)
+    before = bench_report.machines_markdown(str(tmp_path))
+    assert f"Of their {len(cells)} headline numbers" in before and f"), {inside} lie within" in before
+    # one more number outside the CPU seeds' range, one run stopped: the paragraph follows the JSON
+    flipped = next(cell for cell in cells if cell["in_cpu_range"])
+    flipped["in_cpu_range"] = False
+    (tmp_path / "gpu_check.json").write_text(json.dumps(check))
+    after = bench_report.machines_markdown(str(tmp_path))
+    assert f"), {inside - 1} lie within" in after
+    assert "rope-w512-s0 (step 3,050)" in after and "rope-w128-s0" in after.split("Stopped by")[0]
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    hours = next(row["all"]["hours"] for row in bench["grid_estimate"] if row["jobs"] == 2)
+    assert f"at {hours:.0f} hours with `--jobs 2`" in after and bench["machine"]["name"] in after
+
+    (tmp_path / "gpu_check.json").write_text('{"runs": [')
+    with pytest.raises(UserError, match="gpu_check.json"):
+        bench_report.machines_markdown(str(tmp_path))
+    (tmp_path / "gpu_check.json").write_text('{"runs": {}}')
+    with pytest.raises(UserError, match="not what bench.py and gpu_check.py write"):
+        bench_report.machines_markdown(str(tmp_path))
