@@ -20,10 +20,7 @@ import json
 import time
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -60,6 +57,8 @@ def parse_args(argv=None):
     parser.add_argument("--depth_buckets", type=positive_int, default=5, help="needle depth bins")
     parser.add_argument("--out", type=Path, default=Path("out/eval/passkey.json"),
                         help="JSON output path; the figures go beside it")
+    parser.add_argument("--no_figures", action="store_true",
+                        help="write the JSON only (a grid's report draws the same curves from the JSON)")
     cli.add_device_option(parser)
     cli.add_extension_options(parser)
     args = parser.parse_args(argv)
@@ -172,9 +171,17 @@ def evaluate_run(run, args, lengths, label):
     return record
 
 
+def pyplot():
+    """matplotlib's pyplot for files only, imported when a figure is drawn (--no_figures draws none)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def draw_accuracy(records, labels, lengths):
     """Accuracy versus prompt length, one curve per checkpoint, its train_len dashed."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for record, label in zip(records, labels):
         xs = [n for n in lengths if str(n) in record["accuracy"]]
         line, = ax.plot(xs, [record["accuracy"][str(n)] for n in xs], marker="o", label=label)
@@ -194,6 +201,7 @@ def draw_accuracy(records, labels, lengths):
 def draw_heatmaps(records, labels, lengths, buckets):
     """Accuracy over (needle depth bucket, prompt length), one panel per checkpoint."""
     panel_size = (0.6 * len(lengths) + 1.5, 0.4 * buckets + 2)
+    plt = pyplot()
     fig, axes = plt.subplots(
         1, len(records), figsize=(panel_size[0] * len(records), panel_size[1]), sharey=True, squeeze=False
     )
@@ -252,6 +260,11 @@ def evaluate_all(args):
         text = json.dumps(results, indent=2, allow_nan=False)
     except ValueError:  # a bare NaN is not JSON
         raise UserError("a result is not a finite number, so nothing is written") from None
+    if args.no_figures:
+        with cli.uninterrupted(cli.WRITTEN):
+            write_atomically(args.out, (text + "\n").encode())
+        print(f"wrote {args.out}")
+        return
     accuracy_png = args.out.with_name(args.out.stem + ".png")
     heatmap_png = args.out.with_name(args.out.stem + "_heatmap.png")
     figures = ((draw_accuracy(records, labels, lengths), accuracy_png),
@@ -261,7 +274,7 @@ def evaluate_all(args):
         for fig, png in figures:
             write_atomically(png, lambda f, fig=fig: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     for fig, _ in figures:
-        plt.close(fig)
+        pyplot().close(fig)
     print(f"wrote {args.out}, {accuracy_png}, {heatmap_png}")
 
 

@@ -118,6 +118,8 @@ def parse_args(argv=None):
     cli.add_device_option(parser)
     parser.add_argument("--data_dir", default="data", help="where the token caches of the validation splits are")
     parser.add_argument("--out", default="out/eval/ppl.json", help="JSON path; the PNG goes beside it")
+    parser.add_argument("--no_figures", action="store_true",
+                        help="write the JSON only (a grid's report draws the same curves from the JSON)")
     cli.add_extension_options(parser)
     args = parser.parse_args(argv)
     if not args.out.endswith(".json") or os.path.isdir(args.out):
@@ -196,6 +198,11 @@ def evaluate_all(args):
         results.append(result)
 
     report = {"mode": args.mode, "lengths": lengths, "dtype": args.dtype, "max_tokens": args.max_tokens, "checkpoints": results}
+    if args.no_figures:
+        with cli.uninterrupted(cli.WRITTEN):
+            write_atomically(Path(args.out), (json.dumps(report, indent=2) + "\n").encode())
+        print(f"wrote {args.out}")
+        return
     png = Path(args.out).with_suffix(".png")
     what = f"perplexity on {Path(args.text).name}" if args.text else "validation perplexity"
     fig = draw(results, f"{what} ({args.mode})", "ppl")

@@ -102,7 +102,7 @@ def build_steps(args, run_list, paths):
                                "passkey": ("eval_passkey.py", args.passkey_args)}[kind]
             output = os.path.join(paths["results"], kind, f"{name}.json")
             command = [sys.executable, script, "--ckpt", checkpoint, "--lengths", ",".join(map(str, args.lengths)),
-                       "--out", output, *options, "--device", args.device]
+                       "--out", output, "--no_figures", *options, "--device", args.device]
             command += ["--data_dir", args.data_dir] * (kind != "passkey")
             steps.append(jobs.Step(f"{kind} {name}", command, kind, needs=[train.name], memory_gib=MEMORY_GIB[kind] * scale,
                                    estimate_s=args.eval_s, size=(kind, width)))

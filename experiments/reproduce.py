@@ -24,8 +24,8 @@ carries on where it was.
 
     out/<grid>/<run>/ckpt.pt              checkpoints (git-ignored)
     out/<grid>/logs/<step>.log            each step's output, with --jobs above 1 (else on the terminal)
-    results/<grid>/ppl/<entry>.json       one evaluation per file (with eval_ppl.py's own figure)
-    results/<grid>/passkey/<entry>.json   (with eval_passkey.py's figures)
+    results/<grid>/ppl/<entry>.json       one evaluation per file (JSON only: report.py draws them)
+    results/<grid>/passkey/<entry>.json
     results/<grid>/sotu/<entry>.json      perplexity on the sotu text (main runs)
     results/<grid>/analysis/              analyze.py on the analysed runs, side by side
     results/<grid>/*.png, results.md      the report; the headline grid's table also goes into README.md
@@ -132,7 +132,8 @@ def plan(grid, selected, out_grid, results_grid, evals=grids.EVALUATIONS):
             script, options = {"ppl": ("eval_ppl.py", grid.ppl_args), "sotu": ("eval_ppl.py", grid.sotu_args),
                                "passkey": ("eval_passkey.py", grid.passkey_args)}[kind]
             command = [sys.executable, script, "--ckpt", project_path(checkpoint), "--lengths",
-                       ",".join(map(str, grid.lengths)), "--out", project_path(output), *options, *extension_args]
+                       ",".join(map(str, grid.lengths)), "--out", project_path(output), "--no_figures", *options,
+                       *extension_args]
         current = grids.step_is_current(grid, kind, run, entry, results_grid)
         planned.append((title, None if current else command, "done"))
     return planned
