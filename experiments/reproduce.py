@@ -3,13 +3,13 @@ reproduce.py: run a grid of grids.py end to end. Train every run, measure perple
 passkey accuracy as the context grows past the training length, then write the report
 (report.py).
 
-    python reproduce.py                         # the default grid (--dry_run prints its time estimate)
-    python reproduce.py --quick                 # tiny models, about a minute: checks the pipeline
-    python reproduce.py --only rope-s1 fope-s1  # some runs only
-    python reproduce.py --evals passkey         # passkey accuracy first, the rest later
-    python reproduce.py --jobs 1                # one step at a time, with every core
-    python reproduce.py --dry_run               # list the steps and which are done
-    python report.py                            # figures, tables and the README block from saved JSON
+    python -m experiments.reproduce                         # the default grid, --jobs steps at once
+    python -m experiments.reproduce --quick                 # tiny models, about a minute: checks the pipeline
+    python -m experiments.reproduce --only rope-s1 fope-s1  # some runs only
+    python -m experiments.reproduce --evals passkey         # passkey accuracy first, the rest later
+    python -m experiments.reproduce --jobs 1                # one step at a time, with every core
+    python -m experiments.reproduce --dry_run               # list the steps and which are done
+    python -m experiments.report                            # figures, tables and the README block from saved JSON
 
 Every step runs one of the project's scripts (train.py, eval_ppl.py, eval_passkey.py, analyze.py)
 as a subprocess, --jobs of them at once (experiments/jobs.py), each with OMP_NUM_THREADS = cores /
@@ -314,7 +314,7 @@ def run_grid(argv):
     if not args.dry_run:
         report = [sys.executable, "-m", "experiments.report", "--grid", args.grid, "--results_dir", project_path(args.results_dir)]
         if subprocess.run(report, cwd=HERE).returncode != 0:
-            raise GridError("the report failed (its output is above); run python report.py to try again")
+            raise GridError("the report failed (its output is above); run python -m experiments.report to try again")
 
 
 if __name__ == "__main__":
