@@ -155,3 +155,10 @@ def test_width_512_was_not_evaluated():
         run = summary["runs"][f"{method}-w512-s0"]
         assert run["status"] == "stopped" and run["steps"] < summary["settings"]["max_steps"]
         assert not (GPU / "passkey" / f"{method}-w512-s0.json").exists()
+
+
+def test_no_rival_keeps_as_many_keys_past_train_len_as_fope_on_the_same_gpu():
+    # README's answer: "none keeps as many keys past the training length as FoPE"
+    for method in ("fope-deployed", "cope", "rope-qknorm"):
+        assert all(accuracy(method, 0, multiple, GPU) < accuracy("fope", 0, multiple, GPU)
+                   for multiple in (2, 4)), method
