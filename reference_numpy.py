@@ -8,7 +8,8 @@ n_embd, train_len, pe ∈ {rope, fope, cope, alibi, nope}, rope_theta, fope_sigm
 fope_sin_pad, fope_learnable; and, defaulted when absent: cope_taper "cosine" | "step",
 fope_cap True, fope_shared False, qk_norm False).
 
-The deployed FoPE (Intern-S1-Pro, PAPER_NOTES.md §10) is pe="fope" with fope_shared=True,
+The deployed FoPE (Intern-S1-Pro: InternLM/xtuner xtuner/v1/module/rope/rope.py, FourierEmbedding,
+and vLLM vllm/model_executor/layers/rotary_embedding/fope.py) is pe="fope" with fope_shared=True,
 fope_cap=False, fope_sin_pad=0.0, fope_sigma=0.5 and qk_norm=True.
 
 Shape letters: B batch, T sequence length, C model width, H heads, d head_dim, V vocabulary,

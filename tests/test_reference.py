@@ -46,7 +46,7 @@ def test_cope_without_band_is_rope():
 
 
 def test_cosine_taper_endpoints():
-    rope = ref.kept_frequencies(32, 128, clip=False)  # K = 6, band n = 10 (PAPER_NOTES §2.1)
+    rope = ref.kept_frequencies(32, 128, clip=False)  # K = 6 kept of d/2 = 16: a clipped band of n = 10
     f = ref.cope_frequencies(32, 128)
     ratio = f[6:] / rope[6:]
     assert np.array_equal(f[:6], rope[:6]) and ratio[0] == 1.0 and ratio[-1] == 0.0
