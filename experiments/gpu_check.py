@@ -407,6 +407,8 @@ def check(args, run_list, argv):
 def report_lines(summary, out):
     lines = ["gpu_check: wall time " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["wall_s"].items() if v is not None)]
     for name, run in summary["runs"].items():
+        if run["status"] == "not started":
+            continue  # named below
         head = run["headline"]
         ratio = head.get("ppl_ratio", {}).get("16x", {}).get("gpu")
         keys = head.get("passkey_accuracy", {})
@@ -414,8 +416,12 @@ def report_lines(summary, out):
                      + (f"ppl ratio @16x {ratio:.3f}, " if ratio is not None else "") + "passkey "
                      + "/".join("-" if keys.get(m, {}).get("gpu") is None else f"{keys[m]['gpu']:.2f}"
                                 for m in ("1x", "2x", "4x", "16x")))
-    lines += [f"  {line}" for line in summary["failures"]] + [f"gpu_check: wrote {out}"]
-    return "\n".join(lines)
+    unstarted = [line.split(":")[0] for line in summary["failures"] if ": not started (" in line]
+    lines += [f"  {line}" for line in summary["failures"] if ": not started (" not in line]
+    if unstarted:  # often most of the grid's runs at the budget's end: one line, each in the summary
+        named = [name.split(" ", 1)[-1] for name in unstarted if name.startswith(("train ", "bench"))]
+        lines.append(f"  not started, {len(unstarted)} steps (each in the summary's failures): {', '.join(named)}")
+    return "\n".join(lines + [f"gpu_check: wrote {out}"])
 
 
 if __name__ == "__main__":
