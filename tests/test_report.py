@@ -18,10 +18,11 @@ from experiments import grid_results
 from experiments import grids
 from experiments import report
 from experiments.grid_results import wilson_interval
-from conftest import HERE, error_of, plotted_lines
+from conftest import HERE, error_of, plotted_lines, table_rows
 from lib.files import UserError
 
 RESULTS = HERE / "results"
+HEADLINE = "| | ppl ratio"  # the start of the headline table's header line
 
 
 def saved(kind, entry, folder="default"):
@@ -125,7 +126,7 @@ def test_the_gpu_runs_are_the_evaluated_ones_under_their_device_and_the_others_s
 def test_the_headline_takes_a_rival_from_the_gpu_until_the_cpu_grid_has_one(default_results, gpu, tmp_path):
     grid, results = default_results
     headline = report.headline_markdown(grid, results, gpu)
-    rows = table_rows(headline)
+    rows = table_rows(headline, HEADLINE)
     for label, method in (("FoPE as deployed", "fope-deployed"), ("CoPE", "cope"), ("RoPE + QK-norm", "rope-qknorm")):
         key = gpu.keys[f"{method}-s0"]
         ppl, passkey = saved("ppl", f"{method}-s0", "gpu"), saved("passkey", f"{method}-s0", "gpu")
@@ -147,25 +148,11 @@ def test_the_headline_takes_a_rival_from_the_gpu_until_the_cpu_grid_has_one(defa
     readme = tmp_path / "README.md"
     readme.write_text("<!-- headline:begin -->\n<!-- headline:end -->\n")
     report.main(["--results_dir", str(tmp_path), "--readme", str(readme)])
-    rows = table_rows(readme.read_text())
+    rows = table_rows(readme.read_text(), HEADLINE)
     assert "CoPE (1 of 3 seeds)" in rows and not any(label.startswith("CoPE (1 seed") for label in rows)
     assert rows["CoPE (1 of 3 seeds)"][3] == f"{saved('ppl', 'cope-s0', 'gpu')['ppl_ratio']['6144']:.2f}"
     assert "FoPE as deployed (1 seed, H200)" in rows and "RoPE + QK-norm (1 seed, H200)" in rows
     assert "CoPE cope-s0;" in readme.read_text() and "CoPE cope-s0 (H200)" not in readme.read_text()
-
-
-def table_rows(markdown, header="| | ppl ratio"):
-    """{row label: [cells]} of the Markdown table whose header line starts with `header` (by
-    default the headline's)."""
-    lines = markdown.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header))
-    rows = {}
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
-        rows[cells[0]] = cells[1:]
-    return rows
 
 
 def test_the_model_size_table_says_what_each_cell_stands_on(default_results, gpu):
