@@ -291,7 +291,8 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     both = [[accuracy[e][str(n)] for e in ("rope-s0", "rope-s1")] for n in grid.lengths[1:]]
     assert rows["rope (2 seeds)"] == ["–"] + [f"{statistics.mean(v):.0%} ({min(v):.0%}–{max(v):.0%})" for v in both]
     assert f"Measured: {len(steps)} of the grid's {len(steps)} steps took" in markdown  # wall time, from steps.jsonl
-    trained = ", ".join(s["step"].split()[1] for s in steps if s["step"].startswith("train "))
+    trained = ", ".join(title.split()[1] for title, _ in report.grid_steps(grid, str(results))
+                        if title.startswith("train "))  # in the grid's order, whichever of two finished first
     assert f"Trained on {steps[0]['cpu']} ({steps[0]['cores']} cores): {trained}." in markdown  # the CPU of each run
     assert "#### Copying at train_len" in markdown and "| rope-s0 |" in markdown and "| fope-s1 |" not in markdown
     # the analysis of the analysed runs, side by side, with one reading per run from its own numbers
