@@ -97,36 +97,6 @@ def build(name, config, device):
 # timing
 
 
-def timed(function, device):
-    """Seconds that function() takes, by CUDA events on a GPU (no host clock around queued work)."""
-    if device.startswith("cuda"):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        function()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
-
-
-def gemm_peak(device, dtype, sizes=(512, 1024, 2048, 4096), budget_s=1.0):
-    """FLOP/s of square matrix multiplies in one dtype, the best size. Each size gets about
-    budget_s of repeats; a size whose single multiply already takes longer than that ends the
-    search, so that a dtype this machine only emulates (bf16 on an AVX2 CPU) costs seconds."""
-    best = 0.0
-    for size in sizes:
-        a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-        first = timed(lambda: a @ b, device)
-        if first > budget_s:
-            best = max(best, 2 * size ** 3 / first)
-            break
-        times = [timed(lambda: a @ b, device) for _ in range(max(3, min(50, int(budget_s / max(first, 1e-6)))))]
-        best = max(best, 2 * size ** 3 / statistics.median(times))
-    return best
-
-
 def training_step(model, batch_size, dtype, device, compiled=False):
     """A function that runs one full training step of `model` on a fixed batch."""
     step_model = torch.compile(model) if compiled else model
@@ -164,7 +134,7 @@ def in_turns(models, batch_size, steps, dtype, device, compiled, warmup):
     times = {name: [] for name in functions}
     for _ in range(steps):
         for name, function in functions.items():
-            times[name].append(timed(function, device))
+            times[name].append(hardware.timed(function, device))
     return {name: {"tok_per_s": batch_size * models[name].config.train_len / statistics.median(t),
                    "step_s": statistics.median(t)} for name, t in times.items()}
 
@@ -180,7 +150,7 @@ def evaluation_speed(config, lengths, repeats, device, threads):
         reset_peak(device)
         x = torch.randint(0, config.vocab_size, (1, length), device=device)
         model(x)  # builds the position tables for this length
-        times = [timed(lambda: model(x), device) for _ in range(max(1, repeats * config.train_len // length))]
+        times = [hardware.timed(lambda: model(x), device) for _ in range(max(1, repeats * config.train_len // length))]
         found[str(length)] = {"tok_per_s": length / statistics.median(times), "peak_memory_mb": jobs.peak_memory_mb(device)}
     return found
 
@@ -238,12 +208,6 @@ def side_by_side(config, batch, processes, threads, steps, dtype, device):
     return {"jobs": processes, "threads": threads, "tok_per_s": together, "tok_per_s_per_job": together / processes}
 
 
-def flops_per_token(config):
-    """Training FLOPs per token: 6 per matmul parameter plus attention (PaLM's estimate)."""
-    matmul_params = GPT(config).num_params() - config.vocab_size * config.n_embd  # the embedding is a lookup
-    return 6 * matmul_params + 12 * config.n_layer * config.n_embd * config.train_len
-
-
 # -----------------------------------------------------------------------------
 # the command line
 
@@ -296,7 +260,7 @@ def measure(args):
     sizes = (256, 512) if args.quick else (512, 1024, 2048, 4096, 8192) if cuda else (512, 1024, 2048, 4096)
     names = [*args.pe, BASELINE]
     in_turns({BASELINE: build(BASELINE, CONFIG, device)}, batch, 1, dtype, device, False, 0)  # wakes threads, allocator
-    peaks = {k: gemm_peak(device, d, sizes, 0.2 if args.quick else 1.0)
+    peaks = {k: hardware.gemm_peak(device, d, sizes, 0.2 if args.quick else 1.0)
              for k, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print(f"GEMM peak: {peaks['fp32'] / 1e12:.2f} TFLOP/s float32, {peaks['bf16'] / 1e12:.2f} bf16; auto picks {dtype}",
           flush=True)
@@ -308,7 +272,7 @@ def measure(args):
     for mode, (mode_dtype, compiled) in modes.items():
         speeds[mode] = training_speed(models, batch, steps, mode_dtype, device, compiled, 1 if args.quick else 2)
         print(f"{mode}: " + ", ".join(f"{n} {r['tok_per_s']:,.0f} tok/s" for n, r in speeds[mode].items()), flush=True)
-    per_token, peak = flops_per_token(CONFIG), max(peaks.values())
+    per_token, peak = bench_report.flops_per_token(CONFIG), max(peaks.values())
     results = {name: {mode: {**speeds[mode][name], "mfu": speeds[mode][name]["tok_per_s"] * per_token / peak}
                       for mode in modes} for name in names}
     default = jobs.default_jobs("cuda" if cuda else "cpu")
@@ -356,7 +320,7 @@ def several_at_once(args, results, modes, device, default, eval_threads):
                       for pe, row in results.items() if pe != BASELINE and "rope" in results},
                "analysis_s": bench_report.analysis_seconds(os.path.join(jobs.HERE, "results", "default"))}
     if args.quick:
-        flops = {w: flops_per_token(dataclasses.replace(CONFIG, n_embd=w, n_head=w // 64)) for w in (128, 256, 512)}
+        flops = {w: bench_report.flops_per_token(dataclasses.replace(CONFIG, n_embd=w, n_head=w // 64)) for w in (128, 256, 512)}
         factors.update(width={w: f / flops[256] for w, f in flops.items()}, width_from="by FLOPs per token")
     else:
         threads = torch.get_num_threads()

@@ -1,6 +1,6 @@
 """
-bench_report.py: what bench.py's measurements say, measuring nothing: the ratios, the Markdown tables,
-and the default grid's wall time on this machine from the measured rates: every step of
+bench_report.py: what bench.py's measurements say, measuring nothing: FLOPs per token (for MFU), the
+ratios, the Markdown tables, the README's paragraphs on the machines, and the default grid's wall time on this machine from the measured rates: every step of
 experiments/grids.py DEFAULT timed from the measured training and evaluation rates and scheduled as
 `python -m experiments.reproduce --jobs N` runs them (jobs.simulate), all of it and what results/default
 still lacks.
@@ -11,7 +11,8 @@ import os
 
 import torch
 
-from experiments import grids, jobs
+from experiments import grid_steps, grids, jobs
+from fope_gpt import GPT
 from lib.files import UserError
 
 BASELINE = "reference"  # the plain GPT's row in the tables (bench.py's ReferenceGPT)
@@ -54,18 +55,17 @@ def grid_estimate(configs, base, evals, factors, results_grid, out_grid):
     """Hours of the whole default grid, and of the steps results_grid still lacks, with each
     configuration of processes measured: every step timed by step_seconds and scheduled as
     reproduce.py runs them (jobs.simulate)."""
-    from experiments import reproduce
-    parts = {"all": reproduce.plan(GRID, GRID.runs, out_grid + "-none", results_grid + "-none")}
+    parts = {"all": grid_steps.plan(GRID, GRID.runs, out_grid + "-none", results_grid + "-none")}
     try:
-        parts["left"] = reproduce.plan(GRID, GRID.runs, out_grid, results_grid)
-    except (reproduce.GridError, UserError) as error:
+        parts["left"] = grid_steps.plan(GRID, GRID.runs, out_grid, results_grid)
+    except (grid_steps.GridError, UserError) as error:
         print(f"bench.py: the steps left are not estimated: {error}")
     found = []
     for config in configs:
         speed = config["tok_per_s_per_job"] / base["tok_per_s_per_job"]
         row = {"jobs": config["jobs"], "threads": config["threads"]}
         for part, planned in parts.items():
-            steps, by_title = reproduce.job_steps(GRID, GRID.runs, planned, out_grid, config["jobs"])
+            steps, by_title = grid_steps.job_steps(GRID, GRID.runs, planned, out_grid, config["jobs"])
             seconds = {step.name: step_seconds(step.kind, by_title[step.name], step.name.split(maxsplit=1)[1],
                                                config["tok_per_s_per_job"], speed, evals, factors) for step in steps}
             row[part] = {"steps": len(steps), "hours": jobs.simulate(steps, config["jobs"], seconds) / 3600}
@@ -112,6 +112,12 @@ def grid_markdown(report):
               f"pre-training's rate; {STARTUP_S:.0f} s to start a process; the analysis its last measured time "
               f"({report['factors']['analysis_s']:.0f} s, results/default/steps.jsonl)."]
     return lines
+
+
+def flops_per_token(config):
+    """Training FLOPs per token: 6 per matmul parameter plus attention (PaLM's estimate)."""
+    matmul_params = GPT(config).num_params() - config.vocab_size * config.n_embd  # the embedding is a lookup
+    return 6 * matmul_params + 12 * config.n_layer * config.n_embd * config.train_len
 
 
 # -----------------------------------------------------------------------------

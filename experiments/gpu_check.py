@@ -7,7 +7,7 @@ machine that has PyTorch, numpy, tiktoken, matplotlib, regex and pandas but not 
     python -m experiments.gpu_check --device cpu --max_steps 50 # the same steps on a CPU, shortened
 
 What it does (not the CPU test suite: CI runs it): prepares the corpus once and measures the float32
-and bf16 matrix-multiply peaks (bench.gemm_peak, up to 8192 on a GPU) that MFU is taken against;
+and bf16 matrix-multiply peaks (hardware.gemm_peak, up to 8192 on a GPU) that MFU is taken against;
 trains the default grid's seed-0 RoPE, FoPE and ALiBi as the grid does (`--preset retrieval --dtype
 fp32`, 3200 steps), several at once on the card, each its own train.py process; evaluates each as
 the grid does, to 16x train_len (eval_ppl.py on the validation split and on sotu, eval_passkey.py
@@ -65,7 +65,7 @@ import time
 
 import torch
 
-from experiments import bench, grids, jobs
+from experiments import bench_report, grids, jobs
 from experiments.grid_results import method_of
 from fope_gpt import GPTConfig
 from lib import cli, data, files, hardware, runs, settings
@@ -149,7 +149,7 @@ def training_record(step, run_dir, peaks):
     except (OSError, ValueError):
         return record
     speeds = [r["tok_per_s"] for r in log if "tok_per_s" in r][1:]  # the first interval holds the start-up
-    per_token = bench.flops_per_token(GPTConfig(**{k: config[k] for k in settings.MODEL_FIELDS}))
+    per_token = bench_report.flops_per_token(GPTConfig(**{k: config[k] for k in settings.MODEL_FIELDS}))
     tok_per_s = statistics.median(speeds) if speeds else None
     steps_done = max((r["step"] for r in log), default=0)
     return {**record, "dtype": config["dtype"], "width": config["n_embd"], "steps": steps_done,
@@ -381,7 +381,7 @@ def check(args, run_list, argv):
             print(f"gpu_check: prose evaluations left out: {error}", flush=True)
             args.evals = [kind for kind in args.evals if kind != "sotu"]
     sizes = (1024, 2048, 4096, 8192) if args.device == "cuda" else (256, 512)
-    peaks = {name: bench.gemm_peak(args.device, dtype, sizes, 0.3) for name, dtype in (("fp32", torch.float32),
+    peaks = {name: hardware.gemm_peak(args.device, dtype, sizes, 0.3) for name, dtype in (("fp32", torch.float32),
                                                                                        ("bf16", torch.bfloat16))}
     if args.device == "cuda":
         torch.cuda.empty_cache()

@@ -13,6 +13,8 @@ than a float32 one, so "auto" picks float32 there.
 
 import contextlib
 import platform
+import statistics
+import time
 
 import torch
 
@@ -73,3 +75,33 @@ def autocast(dtype, device):
     if dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+
+
+def timed(function, device):
+    """Seconds that function() takes, by CUDA events on a GPU (no host clock around queued work)."""
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        function()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def gemm_peak(device, dtype, sizes=(512, 1024, 2048, 4096), budget_s=1.0):
+    """FLOP/s of square matrix multiplies in one dtype, the best size. Each size gets about
+    budget_s of repeats; a size whose single multiply already takes longer than that ends the
+    search, so that a dtype this machine only emulates (bf16 on an AVX2 CPU) costs seconds."""
+    best = 0.0
+    for size in sizes:
+        a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+        first = timed(lambda: a @ b, device)
+        if first > budget_s:
+            best = max(best, 2 * size ** 3 / first)
+            break
+        times = [timed(lambda: a @ b, device) for _ in range(max(3, min(50, int(budget_s / max(first, 1e-6)))))]
+        best = max(best, 2 * size ** 3 / statistics.median(times))
+    return best

@@ -23,7 +23,7 @@ from experiments import bench
 import eval_passkey
 import eval_ppl
 from experiments import grids
-from experiments import reproduce
+from experiments import grid_steps
 from lib import settings as run_settings
 import train
 from conftest import HERE, error_of, logged_losses, snapshot, tiny_run_args
@@ -339,7 +339,7 @@ def test_default_outputs_are_untracked_and_the_grids_name_theirs(tmp_path):
                 analyze.parse_args(["--ckpt", "x.pt"]).out_dir]
     assert all(f"{Path(path).parts[0]}/" in ignored for path in defaults)  # each lands in a folder git ignores
     for grid in grids.GRIDS.values():  # the grids write results/ themselves
-        for title, command, _ in reproduce.plan(grid, grid.runs, str(tmp_path / "out"), str(tmp_path / "results")):
+        for title, command, _ in grid_steps.plan(grid, grid.runs, str(tmp_path / "out"), str(tmp_path / "results")):
             kind, entry = title.split(maxsplit=1)
             if kind == "analysis":
                 out = os.path.join(command[command.index("--out_dir") + 1], "analysis.json")

@@ -14,6 +14,7 @@ import torch
 from experiments import figures
 from experiments import gpu_runs
 from experiments import grid_results
+from experiments import grid_steps
 from experiments import grids
 from experiments import report
 from experiments import reproduce
@@ -24,7 +25,7 @@ from conftest import HERE, error_of, is_png, plotted_lines, run_script, table_ro
 @pytest.mark.parametrize("grid_name", sorted(grids.GRIDS))
 def test_every_run_of_every_grid_is_a_valid_train_py_command(grid_name, tmp_path):
     grid = grids.GRIDS[grid_name]
-    steps = reproduce.plan(grid, grid.runs, str(tmp_path / "out"), str(tmp_path / "results"))  # parses each run
+    steps = grid_steps.plan(grid, grid.runs, str(tmp_path / "out"), str(tmp_path / "results"))  # parses each run
     titles = [title for title, _, _ in steps]
     assert titles == [title for title, _ in report.grid_steps(grid, str(tmp_path / "results"))]
     main = sum(run.section == "main" for run in grid.runs)
@@ -131,8 +132,8 @@ def test_the_default_grid_adds_issue_42s_runs_after_its_own_seed_0_first():
 
 def test_several_at_once_an_evaluation_waits_for_its_training_a_fine_tune_for_its_parent(tmp_path):
     grid = grids.GRIDS["quick"]
-    planned = reproduce.plan(grid, grid.runs, str(tmp_path / "out"), str(tmp_path / "results"))
-    steps, _ = reproduce.job_steps(grid, grid.runs, planned, str(tmp_path / "out"), 2)
+    planned = grid_steps.plan(grid, grid.runs, str(tmp_path / "out"), str(tmp_path / "results"))
+    steps, _ = grid_steps.job_steps(grid, grid.runs, planned, str(tmp_path / "out"), 2)
     needs = {step.name: step.needs for step in steps}
     assert [step.name for step in steps] == [title for title, _, _ in planned]  # in the plan's order
     assert needs["train rope-s0"] == [] and needs["ppl rope-s0+yarn4"] == needs["sotu rope-s0"] == ["train rope-s0"]
@@ -141,14 +142,14 @@ def test_several_at_once_an_evaluation_waits_for_its_training_a_fine_tune_for_it
     assert steps[3].log == str(tmp_path / "out" / "logs" / f"{steps[3].name.replace(' ', '_')}.log")
     # a training done before is nothing to wait for; one at a time the output stays on the terminal
     done = [(title, None if title == "train rope-s0" else command, why) for title, command, why in planned]
-    steps, _ = reproduce.job_steps(grid, grid.runs, done, str(tmp_path / "out"), 1)
+    steps, _ = grid_steps.job_steps(grid, grid.runs, done, str(tmp_path / "out"), 1)
     assert "train rope-s0" not in [s.name for s in steps] and next(s for s in steps if s.name == "ppl rope-s0").needs == []
     assert {step.log for step in steps} == {None}
 
 
 def test_only_also_selects_the_runs_a_fine_tune_starts_from():
     grid = grids.GRIDS["default"]
-    assert [run.name for run in reproduce.select_runs(grid, ["ext-fope-yarn-s0", "rope-s1"])] == [
+    assert [run.name for run in grid_steps.select_runs(grid, ["ext-fope-yarn-s0", "rope-s1"])] == [
         "fope-s0", "ext-fope-yarn-s0", "rope-s1"]
 
 
@@ -178,7 +179,7 @@ def test_a_fresh_clone_retrains_a_run_only_when_something_still_needs_its_checkp
     with open(stale, "w") as f:
         json.dump({"checkpoints": [{"step": 10, "train_config": grids.run_settings(grid, runs["fope-s1"])[0]}]}, f)
     assert grids.pending(grid, runs["fope-s1"], results) == [("ppl", "fope-s1", [])]
-    steps = {title: command for title, command, _ in reproduce.plan(grid, grid.runs, str(tmp_path / "out"), results)}
+    steps = {title: command for title, command, _ in grid_steps.plan(grid, grid.runs, str(tmp_path / "out"), results)}
     assert steps["train fope-s0"] is None and steps["ppl fope-s0"] is None
     assert steps["train fope-s1"] and steps["ppl fope-s1"] and steps["passkey fope-s1"] is None
 
@@ -193,12 +194,12 @@ def test_evals_runs_only_the_chosen_evaluations_and_the_trainings_they_need(tmp_
     with open(path, "w") as f:
         json.dump({"checkpoints": [{"step": values["max_steps"], "train_config": values}]}, f)
     steps = {title: command for title, command, _ in
-             reproduce.plan(grid, grid.runs, str(tmp_path / "out"), results, ("passkey",))}
+             grid_steps.plan(grid, grid.runs, str(tmp_path / "out"), results, ("passkey",))}
     assert {title.split()[0] for title in steps} == {"train", "passkey"}
     assert steps["train fope-s0"] is None and steps["passkey fope-s0"] is None
     assert steps["train rope-s0"] and "eval_passkey.py" in steps["passkey rope-s0"]
     everything = {title: command for title, command, _ in
-                  reproduce.plan(grid, grid.runs, str(tmp_path / "out"), results)}
+                  grid_steps.plan(grid, grid.runs, str(tmp_path / "out"), results)}
     assert everything["train fope-s0"] and everything["ppl fope-s0"]  # its perplexity still needs it
 
 
@@ -211,10 +212,10 @@ def test_a_checkpoint_of_another_step_budget_is_refused_not_resumed(tmp_path):
         torch.save({"model_config": {}, "model": {}, "step": steps_done,
                     "train_config": {**values, "max_steps": schedule}}, path)
         if accepted:  # an interrupted run of the grid's schedule resumes
-            assert reproduce.trained_steps(grid, run, path) == steps_done
+            assert grid_steps.trained_steps(grid, run, path) == steps_done
         else:  # a finished 20-step run would otherwise be resumed on a schedule it was not trained on
-            with pytest.raises(reproduce.GridError, match=f"{schedule}-step schedule"):
-                reproduce.trained_steps(grid, run, path)
+            with pytest.raises(grid_steps.GridError, match=f"{schedule}-step schedule"):
+                grid_steps.trained_steps(grid, run, path)
 
 
 def test_the_readme_block_between_the_markers_is_replaced_and_nothing_else(tmp_path):
@@ -271,7 +272,7 @@ def test_the_quick_grid_trains_evaluates_and_reports_every_run(tmp_path):
     environment = json.loads((results / "environment.json").read_text())
     assert {"python", "torch", "numpy", "tiktoken", "cpu", "cores", "command"} <= environment.keys()
 
-    again = reproduce.plan(grid, grid.runs, str(tmp_path / "quick"), str(results))
+    again = grid_steps.plan(grid, grid.runs, str(tmp_path / "quick"), str(results))
     assert all(command is None for _, command, _ in again)  # a second invocation would skip every step
 
     # the report works from the JSON alone, its tables hold the JSON's numbers, and it names what is missing
