@@ -186,6 +186,7 @@ def grid_time_markdown(report):
     m = report["machine"]
     rows = {(r["jobs"], r["threads"]): r for r in report["grid_estimate"]}
     default = jobs.default_jobs(m["device"])
+    cores = "both cores" if m["cores"] == 2 else f"all {m['cores']} cores"
     chosen, alone = rows[(default, jobs.threads_per_job(default))], rows[(1, m["cores"])]
     gain = report["ratios"][f"{default} jobs x {jobs.threads_per_job(default)} thread(s) / 1 job x {m['cores']}, "
                             "training tok/s together"]
@@ -193,7 +194,7 @@ def grid_time_markdown(report):
             f"{default} one-thread training processes side by side at {gain:.2f}× the tokens/s of one "
             f"{m['cores']}-thread process, and from its rates estimates the whole default grid "
             f"({chosen['all']['steps']} steps) at {chosen['all']['hours']:.0f} hours with `--jobs {default}` "
-            f"against {alone['all']['hours']:.0f} hours one step at a time on all {m['cores']} cores; what results/default still lacks "
+            f"against {alone['all']['hours']:.0f} hours one step at a time on {cores}; what results/default still lacks "
             f"({chosen['left']['steps']} steps) at {chosen['left']['hours']:.0f} hours "
             "([`results/bench.md`](results/bench.md)).")
 
