@@ -125,9 +125,12 @@ def test_the_gpu_runs_are_the_evaluated_ones_under_their_device_and_the_others_s
 
 def test_the_headline_takes_a_rival_from_the_gpu_until_the_cpu_grid_has_one(default_results, gpu, tmp_path):
     grid, results = default_results
+    rivals = {"FoPE as deployed": "fope-deployed", "CoPE": "cope", "RoPE + QK-norm": "rope-qknorm"}
+    # the grid as it stands before any CPU run of a rival is evaluated (the committed one may be past that)
+    results = {entry: {} if entry.rsplit("-s", 1)[0] in rivals.values() else kinds for entry, kinds in results.items()}
     headline = report.headline_markdown(grid, results, gpu)
     rows = table_rows(headline, HEADLINE)
-    for label, method in (("FoPE as deployed", "fope-deployed"), ("CoPE", "cope"), ("RoPE + QK-norm", "rope-qknorm")):
+    for label, method in rivals.items():
         key = gpu.keys[f"{method}-s0"]
         ppl, passkey = saved("ppl", f"{method}-s0", "gpu"), saved("passkey", f"{method}-s0", "gpu")
         low, high = interval_of(passkey, 768)
