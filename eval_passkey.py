@@ -260,22 +260,17 @@ def evaluate_all(args):
         text = json.dumps(results, indent=2, allow_nan=False)
     except ValueError:  # a bare NaN is not JSON
         raise UserError("a result is not a finite number, so nothing is written") from None
-    if args.no_figures:
-        with cli.uninterrupted(cli.WRITTEN):
-            write_atomically(args.out, (text + "\n").encode())
-        print(f"wrote {args.out}")
-        return
     accuracy_png = args.out.with_name(args.out.stem + ".png")
     heatmap_png = args.out.with_name(args.out.stem + "_heatmap.png")
-    figures = ((draw_accuracy(records, labels, lengths), accuracy_png),
-               (draw_heatmaps(records, labels, lengths, args.depth_buckets), heatmap_png))
+    figures = [] if args.no_figures else [(draw_accuracy(records, labels, lengths), accuracy_png),
+                                          (draw_heatmaps(records, labels, lengths, args.depth_buckets), heatmap_png)]
     with cli.uninterrupted(cli.WRITTEN):  # a stop waits for the JSON and its figures, each never half-written
         write_atomically(args.out, (text + "\n").encode())
         for fig, png in figures:
             write_atomically(png, lambda f, fig=fig: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     for fig, _ in figures:
         pyplot().close(fig)
-    print(f"wrote {args.out}, {accuracy_png}, {heatmap_png}")
+    print(f"wrote {', '.join(map(str, [args.out, *(png for _, png in figures)]))}")
 
 
 if __name__ == "__main__":

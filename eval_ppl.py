@@ -198,19 +198,16 @@ def evaluate_all(args):
         results.append(result)
 
     report = {"mode": args.mode, "lengths": lengths, "dtype": args.dtype, "max_tokens": args.max_tokens, "checkpoints": results}
-    if args.no_figures:
-        with cli.uninterrupted(cli.WRITTEN):
-            write_atomically(Path(args.out), (json.dumps(report, indent=2) + "\n").encode())
-        print(f"wrote {args.out}")
-        return
     png = Path(args.out).with_suffix(".png")
     what = f"perplexity on {Path(args.text).name}" if args.text else "validation perplexity"
-    fig = draw(results, f"{what} ({args.mode})", "ppl")
+    fig = None if args.no_figures else draw(results, f"{what} ({args.mode})", "ppl")
     with cli.uninterrupted(cli.WRITTEN):  # a stop waits for the JSON and its figure
         write_atomically(Path(args.out), (json.dumps(report, indent=2) + "\n").encode())
-        write_atomically(png, lambda f: fig.savefig(f, format="png", dpi=120))
-    pyplot().close(fig)
-    print(f"wrote {args.out} and {png}")
+        if fig is not None:
+            write_atomically(png, lambda f: fig.savefig(f, format="png", dpi=120))
+    if fig is not None:
+        pyplot().close(fig)
+    print(f"wrote {args.out}" + ("" if fig is None else f" and {png}"))
 
 
 if __name__ == "__main__":
