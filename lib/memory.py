@@ -3,12 +3,14 @@ memory.py: what a request will take in memory, estimated before any of it is all
 the machine has; check() refuses a request that cannot fit, in one line with both numbers, so that
 a size no machine has ends at once instead of in an allocator traceback or the kernel's OOM killer.
 
-The estimates count 4-byte floats per token of a forward, with coefficients fitted to measured
-peaks on a CPU (tests/test_faults_memory.py holds them within a factor of 1.5 of the measured peak):
+The estimates count 4-byte floats per token of a forward, with coefficients fitted to the live
+peaks of a fresh process on a CPU, a little above them (tests/test_faults_memory.py measures those
+peaks and holds the estimates within a factor of 1.5):
 
     training    16 bytes a trained parameter (weights, gradients, AdamW's two moments), 4 a frozen
                 one, and per token of the batch TRAIN_C x n_embd floats a layer, saved for the
-                backward pass, and TRAIN_V x vocab_size for the logits, their loss and its gradient
+                backward pass, TRAIN_E x n_embd outside the layers (embedding, final norm), and
+                TRAIN_V x vocab_size for the logits, their loss and its gradient
     forward     without gradients: FORWARD_C x n_embd floats a token live in the layer at work, and
                 FORWARD_V x vocab_size for the logits and their loss where all logits are formed
     generation  the forward of the prompt, and the key/value cache: GENERATE_C x n_embd a layer
@@ -34,7 +36,8 @@ from fope_gpt import BIAS_ELEMENTS, GPTConfig, kept_frequencies
 from lib.files import UserError
 
 FLOAT = 4          # bytes: every activation is counted as float32 (bf16 autocast stores some in 2)
-TRAIN_C = 52
+TRAIN_C = 26
+TRAIN_E = 8
 TRAIN_V = 3
 FORWARD_C = 22
 FORWARD_V = 3
@@ -92,7 +95,8 @@ def training_bytes(config, batch_size):
     """The peak of a training step of `batch_size` sequences of config.train_len tokens."""
     trained, frozen = parameters(config)
     T, C, L = config.train_len, config.n_embd, config.n_layer
-    need = 16 * trained + FLOAT * frozen + FLOAT * batch_size * T * (L * TRAIN_C * C + TRAIN_V * config.vocab_size)
+    per_token = (L * TRAIN_C + TRAIN_E) * C + TRAIN_V * config.vocab_size
+    need = 16 * trained + FLOAT * frozen + FLOAT * batch_size * T * per_token
     if config.pe == "alibi":  # every block's bias, kept for the backward pass
         need += FLOAT * (L * config.n_head * T * T * 5 // 8 + min(config.n_head * T * T, BIAS_ELEMENTS))
     return need + table_bytes(config, T)
@@ -105,7 +109,8 @@ def forward_bytes(config, batch, length, logits=True):
     per_token = FORWARD_C * config.n_embd + (FORWARD_V * config.vocab_size if logits else 0)
     need = FLOAT * tokens * per_token
     if config.pe == "alibi":
-        need += FLOAT * (tokens * config.n_layer * ALIBI_FORWARD_C * config.n_embd + 3 * BIAS_ELEMENTS)
+        bias = min(config.n_head * length * length, BIAS_ELEMENTS)  # one block's, shared by the batch
+        need += FLOAT * (tokens * config.n_layer * ALIBI_FORWARD_C * config.n_embd + bias)
     return need + table_bytes(config, length)
 
 

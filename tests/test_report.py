@@ -79,8 +79,9 @@ def test_every_passkey_panel_shows_each_runs_accuracy_with_its_wilson_interval(d
     grid, results = default_results
     section = next(s for s in grid_results.report_sections(grid) if s.title == title)
     name, metrics = next((name, metrics) for name, metrics in section.figures if "accuracy" in metrics)
-    ax = figures.draw(section, metrics, results, grid.lengths).axes[metrics.index("accuracy")]
-    bars = error_bars(ax)
+    fig = figures.draw(section, metrics, results, grid.lengths)
+    bars = error_bars(fig.axes[metrics.index("accuracy")])
+    figures.plt.close(fig)
     assert sorted(bars) == sorted(grid_results.section_entries(section)), name
     for entry, points in bars.items():
         record = saved("passkey", entry)
