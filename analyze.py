@@ -41,7 +41,7 @@ from lib import passkey
 from lib import retrieval
 from lib import runs
 from lib import spectra
-from lib.files import UserError, check_writable_folder, write_atomically
+from lib.files import UserError, check_writable_folder, pyplot, write_atomically, write_figure
 
 
 # -----------------------------------------------------------------------------
@@ -52,13 +52,6 @@ def titled(fig, title):
     """The figure, with its title: what to look for in it."""
     fig.suptitle(title, fontsize=10)
     return fig
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 RUNS_PER_ROW = 4  # a grid's seed 0, 1, 2 of RoPE, FoPE, ALiBi, NoPE: one row of panels per seed
@@ -297,8 +290,7 @@ def write_outputs(results, out_dir):
         os.remove(coefficients)  # left by an analysis of other checkpoints: it would not match analysis.json
     for name, draw in drawn.items():
         fig = draw(results, labels)
-        write_atomically(os.path.join(out_dir, f"{name}.png"), lambda f: fig.savefig(f, format="png", dpi=110))
-        pyplot().close(fig)
+        write_figure(os.path.join(out_dir, f"{name}.png"), fig, dpi=110)
     write_atomically(Path(out_dir) / "analysis.json", text.encode())  # last: the figures it describes are there
 
 

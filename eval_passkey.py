@@ -27,7 +27,7 @@ import torch
 from lib import cli
 from lib import hardware
 from lib import memory
-from lib.files import UserError, check_writable_folder, write_atomically
+from lib.files import UserError, check_writable_folder, pyplot, write_atomically, write_figure
 from lib.passkey import (MAX_KEY, NEEDLE, NEEDLE_FURTHER, build_prompt, completion_text, feasible_lengths,
                      needle_repeat_digits, score, shortest_prompt_len, teacher_forced_digits, TRIAL_SEED,
                      trial_settings)
@@ -171,14 +171,6 @@ def evaluate_run(run, args, lengths, label):
     return record
 
 
-def pyplot():
-    """matplotlib's pyplot for files only, imported when a figure is drawn (--no_figures draws none)."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def draw_accuracy(records, labels, lengths):
     """Accuracy versus prompt length, one curve per checkpoint, its train_len dashed."""
     fig, ax = pyplot().subplots(figsize=(7, 4.5))
@@ -267,9 +259,7 @@ def evaluate_all(args):
     with cli.uninterrupted(cli.WRITTEN):  # a stop waits for the JSON and its figures, each never half-written
         write_atomically(args.out, (text + "\n").encode())
         for fig, png in figures:
-            write_atomically(png, lambda f, fig=fig: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
-    for fig, _ in figures:
-        pyplot().close(fig)
+            write_figure(png, fig, dpi=120, bbox_inches="tight")
     print(f"wrote {', '.join(map(str, [args.out, *(png for _, png in figures)]))}")
 
 

@@ -38,7 +38,7 @@ from lib import hardware
 from lib import memory
 from lib import runs
 from lib import token_cache
-from lib.files import UserError, check_writable_folder, write_atomically
+from lib.files import UserError, check_writable_folder, pyplot, write_atomically, write_figure
 
 
 @torch.no_grad()
@@ -73,13 +73,6 @@ def sliding_ppl(model, tokens, length, batch_size, device, dtype):
     first_total, first_count = mean_loss(model, windows[:1], 0, 1, device, dtype)
     total, count = mean_loss(model, windows[1:], length - 1 - stride, batch_size, device, dtype)
     return (first_total + total) / (first_count + count), first_count + count
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def draw(results, ylabel, key):
@@ -204,9 +197,7 @@ def evaluate_all(args):
     with cli.uninterrupted(cli.WRITTEN):  # a stop waits for the JSON and its figure
         write_atomically(Path(args.out), (json.dumps(report, indent=2) + "\n").encode())
         if fig is not None:
-            write_atomically(png, lambda f: fig.savefig(f, format="png", dpi=120))
-    if fig is not None:
-        pyplot().close(fig)
+            write_figure(png, fig, dpi=120)
     print(f"wrote {args.out}" + ("" if fig is None else f" and {png}"))
 
 

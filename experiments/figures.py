@@ -7,13 +7,12 @@ gpu_runs.py's figure of the model sizes.
 
 import statistics
 
-import matplotlib
+import matplotlib.ticker
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+from experiments import grid_results
+from lib.files import pyplot, write_figure
 
-from experiments import grid_results  # noqa: E402
-from lib.files import write_atomically  # noqa: E402
+plt = pyplot()
 
 SIDEWAYS = 0.04  # log2 units between the runs of one curve at one x, so that seeds' error bars stay apart
 
@@ -86,5 +85,4 @@ def set_value_axis(ax, metric):
 
 def save(fig, path):
     """Write a figure drawn by draw() (atomically: never half a PNG) and free it."""
-    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
+    write_figure(path, fig, dpi=120)

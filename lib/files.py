@@ -2,7 +2,9 @@
 files.py: writing the files that matter, and the errors a script reports in one line.
 
     write_atomically(path, content)   a file is either complete or absent, never half-written
+    write_figure(path, fig)           a matplotlib figure as a PNG, the same way, then freed
     check_writable_folder(folder)     an output folder that cannot be used is found before the work
+    pyplot()                          matplotlib for files only, loaded when a script first draws
     UserError                         a problem the user can fix; the project's error classes are ones
     error_line(error)                 the one line a script prints for an error, without a traceback (cli.run)
 """
@@ -58,3 +60,18 @@ def write_atomically(path, content):
         if isinstance(error, OSError) and error.filename is None:  # a failed flush names no file
             raise OSError(error.errno, error.strerror, str(path)) from None
         raise
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files only (no display), imported when a script first draws,
+    so that one asked for no figures never loads matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def write_figure(path, fig, **savefig_options):
+    """Write a matplotlib figure as a PNG (atomically: never half a PNG) and free it."""
+    write_atomically(path, lambda f: fig.savefig(f, format="png", **savefig_options))
+    pyplot().close(fig)

@@ -18,6 +18,14 @@ from lib import tokenizer
 HERE = Path(__file__).resolve().parent.parent  # the repository root, where the scripts are
 
 
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Free the figures a test draws to read them: the scripts free those they write."""
+    yield
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")
+
+
 def byte_encoding():
     """A byte-level tokenizer with the project's pre-tokenizer (digits are single tokens)."""
     return tokenizer.build_encoding("bytes", {bytes([i]): i for i in range(256)})

@@ -79,9 +79,8 @@ def test_every_passkey_panel_shows_each_runs_accuracy_with_its_wilson_interval(d
     grid, results = default_results
     section = next(s for s in grid_results.report_sections(grid) if s.title == title)
     name, metrics = next((name, metrics) for name, metrics in section.figures if "accuracy" in metrics)
-    fig = figures.draw(section, metrics, results, grid.lengths)
-    bars = error_bars(fig.axes[metrics.index("accuracy")])
-    figures.plt.close(fig)
+    ax = figures.draw(section, metrics, results, grid.lengths).axes[metrics.index("accuracy")]
+    bars = error_bars(ax)
     assert sorted(bars) == sorted(grid_results.section_entries(section)), name
     for entry, points in bars.items():
         record = saved("passkey", entry)

@@ -119,9 +119,7 @@ def test_eval_ppl_writes_numbers_and_a_figure(trained_run, tmp_path):
     assert list(ppl) == ["16", "32", "64", "128"] and all(1 < p < 300 for p in ppl.values())
     assert is_png(tmp_path / "ppl.png")
     # the figure shows the JSON's perplexities at their lengths, and train_len dashed
-    fig = eval_ppl.draw(report["checkpoints"], "perplexity", "ppl")
-    eval_ppl.pyplot().close(fig)  # closed, its lines still read
-    ax = fig.axes[0]
+    ax = eval_ppl.draw(report["checkpoints"], "perplexity", "ppl").axes[0]
     assert plotted_lines(ax) == {"fope": ([16, 32, 64, 128], list(ppl.values()))}
     assert [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == [32]
 
