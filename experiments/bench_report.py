@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from experiments import grid_steps, grids, jobs
+from experiments import grid_results, grid_steps, grids, jobs
 from fope_gpt import GPT
 from lib.files import UserError
 
@@ -232,22 +232,14 @@ def machines_markdown(results_dir):
     """The README's paragraphs on the machines, from RESULTS_DIR/bench.json and gpu_check*.json
     (the check first, then the others by name); '' where none was saved. A file that is there but
     not what bench.py or gpu_check.py writes stops the report in one line."""
-    def read(name):
-        path = os.path.join(results_dir, name)
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except (OSError, ValueError) as error:
-            raise UserError(f"cannot read {path}: {error}") from None
-
-    names = sorted(n for n in os.listdir(results_dir) if n.startswith("gpu_check") and n.endswith(".json"))
+    bench = os.path.join(results_dir, "bench.json")
+    summaries = grid_results.gpu_summaries(results_dir)
     paragraphs = []
     try:
-        if os.path.exists(os.path.join(results_dir, "bench.json")):
-            paragraphs.append(grid_time_markdown(read("bench.json")))
-        if "gpu_check.json" in names:
-            paragraphs.append(gpu_check_markdown([read("gpu_check.json")]
-                                                 + [read(n) for n in names if n != "gpu_check.json"]))
+        if os.path.exists(bench):
+            paragraphs.append(grid_time_markdown(grid_results.read_json(bench)))
+        if summaries and os.path.basename(summaries[0][0]) == "gpu_check.json":
+            paragraphs.append(gpu_check_markdown([summary for _, summary in summaries]))
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as error:
         raise UserError(f"{results_dir}: bench.json or gpu_check*.json is not what bench.py and gpu_check.py "
                         f"write ({type(error).__name__}: {error})") from None

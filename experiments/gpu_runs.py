@@ -15,7 +15,6 @@ run's place: the same seed on another device is another run (its floating-point 
 another order).
 """
 
-import glob
 import os
 import re
 import statistics
@@ -23,11 +22,10 @@ from dataclasses import dataclass
 
 from experiments import figures
 from experiments import grids
-from experiments.grid_results import (KINDS, Section, evaluation_records, group_by_method, in_words, read_json,
-                                      refuse, spread_cell, take, values_at)
+from experiments.grid_results import (GPU_SUMMARIES, KINDS, Section, evaluation_records, gpu_summaries,
+                                      group_by_method, in_words, refuse, spread_cell, take, values_at)
 
 GPU_GRID = "default"  # the grid whose runs experiments/gpu_check.py trains (its GRID)
-SUMMARIES = "gpu_check*.json"  # in the results folder; a later file's word on a run replaces an earlier one's
 # The Model size table's columns: (metric, multiple of train_len)
 SCALE_COLUMNS = (("accuracy", 2), ("accuracy", 4), ("ppl_ratio", 16))
 SCALE_TITLES = {"accuracy": "passkey", "ppl_ratio": "ppl ratio"}
@@ -62,8 +60,7 @@ def summary_statuses(results_dir):
     """{run: Status} from the summaries results_dir/gpu_check*.json, checked; a run a summary did
     not start is left to the others."""
     statuses = {}
-    for path in sorted(glob.glob(os.path.join(results_dir, SUMMARIES))):
-        summary = read_json(path)
+    for path, summary in gpu_summaries(results_dir):
         if not isinstance(summary, dict):
             raise refuse(path, None, "is not a record")
         device = take(path, summary, "gpu", "", "text", optional=True) or take(path, summary, "device", "", "text")
@@ -97,7 +94,7 @@ def load(results_dir, grid_name):
             if not grids.record_is_current(record, *grids.run_settings(grid, run)):
                 raise refuse(paths[kind], None, f"was not made with the grid's settings for {run.name}")
             if status is None or status.status != "done":
-                raise refuse(paths[kind], None, f"is of a run that no {SUMMARIES} beside results/gpu/ has done")
+                raise refuse(paths[kind], None, f"is of a run that no {GPU_SUMMARIES} beside results/gpu/ has done")
         if records:
             key = f"{run.name} ({short_name(status.device)})"
             found.results[key], found.keys[run.name], found.devices[key] = records, key, status.device

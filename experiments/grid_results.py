@@ -10,6 +10,7 @@ key, a number that is not finite, a foreign file) stops it with one line naming 
 key, before anything is written.
 """
 
+import glob
 import json
 import math
 import os
@@ -192,6 +193,15 @@ def read_json(path):
             return json.load(f)
     except ValueError as error:  # not JSON (cut short?), or not UTF-8
         raise refuse(path, None, f"is not JSON ({str(error).splitlines()[0][:60]})") from None
+
+
+GPU_SUMMARIES = "gpu_check*.json"  # experiments/gpu_check.py's, beside the grids' folders
+
+
+def gpu_summaries(results_dir):
+    """[(path, record)] of the GPU check's summaries in results_dir, by name: gpu_check.json, the
+    first check, then the later ones, whose word on a run replaces an earlier one's."""
+    return [(path, read_json(path)) for path in sorted(glob.glob(os.path.join(results_dir, GPU_SUMMARIES)))]
 
 
 def checkpoint_records(path):
