@@ -118,19 +118,27 @@ def test_on_the_gpu_the_same_seed_is_another_run_within_the_cpu_seeds_spread():
         assert ratio(method, 0, results=GPU) < min(ratio(method, seed) for seed in SEEDS)
 
 
-def test_fope_as_deployed_retrieves_fewer_keys_than_fope_on_the_same_gpu():
-    assert (accuracy("fope-deployed", 0, 2, GPU), accuracy("fope", 0, 2, GPU)) == (0.23, 0.86)
-    assert apart(interval("fope-deployed-s0", 2, GPU), interval("fope-s0", 2, GPU))
-    assert all(accuracy("fope-deployed", 0, multiple, GPU) == 0.0 for multiple in (4, 8, 16))
-    assert (f"{ratio('fope-deployed', 0, results=GPU):.2f}", f"{ratio('fope', 0, results=GPU):.2f}") == ("1.46", "1.20")
+@pytest.mark.parametrize("results, deployed, fope", [(RESULTS, (0.21, "1.48"), (0.63, "1.27")),
+                                                     (GPU, (0.23, "1.46"), (0.86, "1.20"))], ids=["cpu", "gpu"])
+def test_fope_as_deployed_retrieves_fewer_keys_than_fope_on_the_same_device(results, deployed, fope):
+    for method, (at_2x, ratio_16x) in (("fope-deployed", deployed), ("fope", fope)):
+        assert (accuracy(method, 0, 2, results), f"{ratio(method, 0, results=results):.2f}") == (at_2x, ratio_16x)
+    assert apart(interval("fope-deployed-s0", 2, results), interval("fope-s0", 2, results))
+    assert all(accuracy("fope-deployed", 0, multiple, results) == 0.0 for multiple in (4, 8, 16))
 
 
-def test_cope_extrapolates_as_rope_does_and_qk_norm_flattens_ropes_perplexity_without_retrieval():
-    for method in ("cope", "rope-qknorm"):
-        assert all(accuracy(method, 0, multiple, GPU) == 0.0 for multiple in (2, 4, 8, 16)), method
-    cope, rope, fope = (ratio(method, 0, results=GPU) for method in ("cope", "rope", "fope"))
-    assert (f"{cope:.2f}", f"{rope:.2f}") == ("8.43", "8.10") and abs(cope - rope) < abs(cope - fope)
-    assert f"{ratio('rope-qknorm', 0, results=GPU):.2f}" == "2.44" and ratio("rope-qknorm", 0, results=GPU) < rope
+@pytest.mark.parametrize("results, cope_and_rope", [(RESULTS, ("9.11", "8.21")), (GPU, ("8.43", "8.10"))],
+                         ids=["cpu", "gpu"])
+def test_cope_extrapolates_as_rope_does_on_either_device(results, cope_and_rope):
+    assert all(accuracy("cope", 0, multiple, results) == 0.0 for multiple in (2, 4, 8, 16))
+    cope, rope, fope = (ratio(method, 0, results=results) for method in ("cope", "rope", "fope"))
+    assert (f"{cope:.2f}", f"{rope:.2f}") == cope_and_rope and abs(cope - rope) < abs(cope - fope)
+
+
+def test_qk_norm_flattens_ropes_perplexity_without_retrieval_and_the_floor_alone_keeps_it_flat():
+    assert all(accuracy("rope-qknorm", 0, multiple, GPU) == 0.0 for multiple in (2, 4, 8, 16))
+    assert f"{ratio('rope-qknorm', 0, results=GPU):.2f}" == "2.44"
+    assert ratio("rope-qknorm", 0, results=GPU) < ratio("rope", 0, results=GPU)
     assert [f"{ratio('fope-nofs', seed):.2f}" for seed in SEEDS] == ["1.31", "1.39", "1.26"]  # the hard floor alone
 
 
@@ -157,8 +165,11 @@ def test_width_512_was_not_evaluated():
         assert not (GPU / "passkey" / f"{method}-w512-s0.json").exists()
 
 
-def test_no_rival_keeps_as_many_keys_past_train_len_as_fope_on_the_same_gpu():
-    # README's answer: "none keeps as many keys past the training length as FoPE"
-    for method in ("fope-deployed", "cope", "rope-qknorm"):
-        assert all(accuracy(method, 0, multiple, GPU) < accuracy("fope", 0, multiple, GPU)
-                   for multiple in (2, 4)), method
+@pytest.mark.parametrize("results, rivals", [(RESULTS, ("fope-deployed", "cope")),
+                                             (GPU, ("fope-deployed", "cope", "rope-qknorm"))], ids=["cpu", "gpu"])
+def test_no_rival_keeps_as_many_keys_past_train_len_as_fope_on_the_same_device(results, rivals):
+    # README's answer: "none keeps as many keys at twice the training length as FoPE"
+    for method in rivals:
+        assert apart(interval(f"{method}-s0", 2, results), interval("fope-s0", 2, results)), method
+        assert all(accuracy(method, 0, multiple, results) <= accuracy("fope", 0, multiple, results)
+                   for multiple in (2, 4, 8, 16)), method
