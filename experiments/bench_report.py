@@ -194,8 +194,8 @@ def grid_time_markdown(report):
             f"{default} one-thread training processes side by side at {gain:.2f}× the tokens/s of one "
             f"{m['cores']}-thread process, and from its rates estimates the whole default grid "
             f"({chosen['all']['steps']} steps) at {chosen['all']['hours']:.0f} hours with `--jobs {default}` "
-            f"against {alone['all']['hours']:.0f} hours one step at a time on {cores}; what results/default still lacks "
-            f"({chosen['left']['steps']} steps) at {chosen['left']['hours']:.0f} hours "
+            f"against {alone['all']['hours']:.0f} hours one step at a time on {cores}; what results/default lacked when it "
+            f"measured ({chosen['left']['steps']} steps) at {chosen['left']['hours']:.0f} hours "
             "([`results/bench.md`](results/bench.md)).")
 
 

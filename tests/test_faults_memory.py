@@ -13,7 +13,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 import analyze
 import eval_passkey
@@ -111,7 +110,7 @@ def train_step(batch):  # the weights, their gradients and AdamW's moments, the 
     optimizer.step()
 
 print(json.dumps({"training": peak_of(train_step),
-                  "generation": peak_of(lambda batch: model.generate(torch.randint(0, 300, (batch, 1024)), 2))}))
+                  "generation": peak_of(lambda batch: model.generate(torch.randint(0, config.vocab_size, (batch, 1024)), 2))}))
 """
 
 
