@@ -20,7 +20,7 @@ import eval_ppl
 import sample
 import train
 from conftest import HERE, address_space_limit, error_of, snapshot, tiny_run_args
-from fope_gpt import GPT, GPTConfig
+from fope_gpt import GPTConfig
 from lib import memory
 
 
@@ -80,48 +80,14 @@ def test_a_resume_that_cannot_fit_changes_nothing(trained_run, tmp_path, monkeyp
     assert snapshot(run_dir) == before  # config.json and the log as they were
 
 
-PEAK_SCRIPT = """
-import json, sys
-import torch
-from fope_gpt import GPT, GPTConfig
-
-def resident(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-
-def peak_of(work):
-    work(1)  # one sequence first: the kernels' one-time buffers are not the request's
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM starts again from what is resident now
-    before = resident("VmRSS:")
-    work(4)
-    return resident("VmHWM:") - before
-
-torch.set_num_threads(1)
-torch.manual_seed(0)
-config = GPTConfig(**json.loads(sys.argv[1]))
-model = GPT(config).eval()
-
-def train_step(batch):  # the weights, their gradients and AdamW's moments, the activations
-    trained = GPT(config)
-    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], fused=True)
-    x = torch.randint(0, config.vocab_size, (4 * batch, config.train_len))
-    trained(x, x)[1].backward()
-    optimizer.step()
-
-print(json.dumps({"training": peak_of(train_step),
-                  "generation": peak_of(lambda batch: model.generate(torch.randint(0, config.vocab_size, (batch, 1024)), 2))}))
-"""
-
-
 def measured_peaks(**config):
     """The peaks of a training step of 16 sequences and of generating after 4 prompts of 1024 tokens,
-    each beyond what was resident before it, measured in a fresh process (Linux: VmHWM, reset through
-    /proc/self/clear_refs) whose allocator hands every freed block of 64 kB or more back at once, so
-    that the resident set follows what is live rather than what this process did before."""
+    each beyond what was resident before it, measured by tests/peak_memory.py in a fresh process whose
+    allocator hands every freed block of 64 kB or more back at once, so that the resident set follows
+    what is live rather than what this process did before."""
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, json.dumps(config)], cwd=HERE, env=environment,
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, str(HERE / "tests" / "peak_memory.py"), json.dumps(config)],
+                          env=environment, capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 
 
