@@ -28,6 +28,7 @@ out/bench/bench.json and bench.md beside it (--out to choose).
 
 import argparse
 import dataclasses
+import datetime
 import json
 import multiprocessing
 import os
@@ -290,6 +291,7 @@ def measure(args):
         report.update(several_at_once(args, results, modes, device, default, eval_threads))
     report["ratios"].update(report.pop("jobs_ratios", {}))
     report["load_average"] = {"start": load_start, "end": os.getloadavg()[0]}
+    report["date"] = datetime.datetime.now().isoformat(timespec="seconds")  # "left" is what lacked then
     report["machine"] = {"name": hardware.machine_name(device), "device": "cuda" if cuda else "cpu",
                          "cores": os.cpu_count(),
                          "threads": torch.get_num_threads(), "cpu": hardware.machine_name("cpu"),

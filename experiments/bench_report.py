@@ -195,7 +195,7 @@ def grid_time_markdown(report):
             f"{m['cores']}-thread process, and from its rates estimates the whole default grid "
             f"({chosen['all']['steps']} steps) at {chosen['all']['hours']:.0f} hours with `--jobs {default}` "
             f"against {alone['all']['hours']:.0f} hours one step at a time on {cores}; what results/default lacked when it "
-            f"measured ({chosen['left']['steps']} steps) at {chosen['left']['hours']:.0f} hours "
+            f"measured on {report['date'][:10]} ({chosen['left']['steps']} steps) at {chosen['left']['hours']:.0f} hours "
             "([`results/bench.md`](results/bench.md)).")
 
 

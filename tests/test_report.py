@@ -270,6 +270,7 @@ def test_the_readme_says_what_the_machines_measured_from_their_json_and_refuses_
     bench = json.loads((tmp_path / "bench.json").read_text())
     hours = next(row["all"]["hours"] for row in bench["grid_estimate"] if row["jobs"] == 2)
     assert f"at {hours:.0f} hours with `--jobs 2`" in after and bench["machine"]["name"] in after
+    assert f"lacked when it measured on {bench['date'][:10]} (" in after  # the steps left are of that day
 
     (tmp_path / "gpu_check.json").write_text('{"runs": [')
     with pytest.raises(UserError, match="gpu_check.json"):
