@@ -190,12 +190,12 @@ def grid_time_markdown(report):
     chosen, alone = rows[(default, jobs.threads_per_job(default))], rows[(1, m["cores"])]
     gain = report["ratios"][f"{default} jobs x {jobs.threads_per_job(default)} thread(s) / 1 job x {m['cores']}, "
                             "training tok/s together"]
-    return (f"On a {m['cores']}-core {m['name']} (torch {m['torch']}), `python -m experiments.bench` measured "
-            f"{default} one-thread training processes side by side at {gain:.2f}× the tokens/s of one "
-            f"{m['cores']}-thread process, and from its rates estimates the whole default grid "
+    return (f"On a {m['cores']}-core {m['name']} (torch {m['torch']}), `python -m experiments.bench` (run on "
+            f"{report['date'][:10]}) measured {default} one-thread training processes side by side at {gain:.2f}× the tokens/s "
+            f"of one {m['cores']}-thread process, and from its rates estimated the whole default grid as it then was "
             f"({chosen['all']['steps']} steps) at {chosen['all']['hours']:.0f} hours with `--jobs {default}` "
-            f"against {alone['all']['hours']:.0f} hours one step at a time on {cores}; what results/default lacked when it "
-            f"measured on {report['date'][:10]} ({chosen['left']['steps']} steps) at {chosen['left']['hours']:.0f} hours "
+            f"against {alone['all']['hours']:.0f} hours one step at a time on {cores}; what results/default lacked "
+            f"then ({chosen['left']['steps']} steps) at {chosen['left']['hours']:.0f} hours "
             "([`results/bench.md`](results/bench.md)).")
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from experiments import figures
 from experiments import grids
 from experiments.grid_results import (GPU_SUMMARIES, KINDS, Section, evaluation_records, gpu_summaries,
-                                      group_by_method, in_words, refuse, spread_cell, take, values_at)
+                                      group_by_method, in_words, method_of, refuse, spread_cell, take, values_at)
 
 GPU_GRID = "default"  # the grid whose runs experiments/gpu_check.py trains (its GRID)
 # The Model size table's columns: (metric, multiple of train_len)
@@ -201,29 +201,42 @@ class ScaleRow:
         return f"{self.method}, width {self.width}"
 
 
+def ladder_method(name):
+    """'fope-nofs-w128-s0' -> 'fope-nofs', 'fope-s1' -> 'fope': a run's name without width and seed."""
+    return re.sub(r"-w\d+$", "", method_of(name))
+
+
 def ladder_groups(grid):
     """{(method, width): the grid's runs} for the methods of the ladder: its runs at each width and
-    the main runs at the default one, by width, then method; {} for a grid without a ladder."""
-    shapes = {run.name: grids.run_settings(grid, run)[0] for run in grid.runs if run.section in ("main", "ladder")}
-    methods = list(dict.fromkeys(shapes[run.name]["pe"] for run in grid.runs if run.section == "ladder"))
+    the main runs and FoPE's ablations at the default one, by width, then method; {} for a grid
+    without a ladder."""
+    methods = list(dict.fromkeys(ladder_method(run.name) for run in grid.runs if run.section == "ladder"))
     groups = {}
-    for name, values in shapes.items():
-        if values["pe"] in methods:
-            groups.setdefault((values["pe"], values["n_embd"]), []).append(name)
+    for run in grid.runs:
+        if run.section in ("main", "ablation", "ladder") and ladder_method(run.name) in methods:
+            width = grids.run_settings(grid, run)[0]["n_embd"]
+            groups.setdefault((ladder_method(run.name), width), []).append(run.name)
     return dict(sorted(groups.items(), key=lambda item: (item[0][1], methods.index(item[0][0]))))
 
 
 def ladder_words(grid):
-    """'rope, fope and alibi at widths 128, 256 and 512 (2, 4 and 8 heads: head_dim 64 at every
-    width; width 256: the main comparison's runs)', from the runs' settings."""
+    """'rope, fope and alibi at widths 128, 256 and 512, fope-nofs and fope-nocf at widths 128 and
+    256 (2, 4 and 8 heads: head_dim 64 at every width; width 256: the main comparison's runs and
+    FoPE's ablations)', from the runs' settings."""
     groups = ladder_groups(grid)
     runs = {run.name: run for run in grid.runs}
     heads = {width: grids.run_settings(grid, runs[entries[0]])[0]["n_head"] for (_, width), entries in groups.items()}
     head_dims = sorted({width // count for width, count in heads.items()})
+    widths_of = {}
+    for method, width in groups:
+        widths_of.setdefault(method, []).append(width)
+    by_widths = {}
+    for method, widths in widths_of.items():
+        by_widths.setdefault(tuple(widths), []).append(method)
     main_widths = sorted({width for (_, width), entries in groups.items() if runs[entries[0]].section == "main"})
-    return (f"{in_words(dict.fromkeys(method for method, _ in groups))} at widths {in_words(map(str, sorted(heads)))} "
-            f"({in_words(str(heads[width]) for width in sorted(heads))} heads: head_dim {in_words(map(str, head_dims))} "
-            f"at every width; width {in_words(map(str, main_widths))}: the main comparison's runs)")
+    return (", ".join(f"{in_words(methods)} at widths {in_words(map(str, widths))}" for widths, methods in by_widths.items())
+            + f" ({in_words(str(heads[width]) for width in sorted(heads))} heads: head_dim {in_words(map(str, head_dims))} "
+            f"at every width; width {in_words(map(str, main_widths))}: the main comparison's runs and FoPE's ablations)")
 
 
 def scale_rows(grid, results, gpu):

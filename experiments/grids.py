@@ -92,14 +92,19 @@ def rivals_and_ladder(full):
     field's rivals at the default size on 3 seeds (FoPE as Intern-S1-Pro deploys it, CoPE's soft
     clip, RoPE with QK-norm), then a model-size ladder at head_dim 64 (FoPE keeps the same
     frequencies at every width): RoPE, FoPE and ALiBi at width 128 with 2 heads (3 seeds) and at
-    width 512 with 8 heads (2 seeds, each costing about 4 default runs)."""
+    width 512 with 8 heads (2 seeds, each costing about 4 default runs), and FoPE's two parts alone
+    at width 128 (3 seeds), so that the Fourier series' part is measured at two sizes."""
     if not full:
         return []
     rivals = [("fope-deployed", "rival", ["--pe", "fope", "--fope_variant", "deployed"], 3),
               ("cope", "rival", ["--pe", "cope"], 3),
               ("rope-qknorm", "rival", ["--pe", "rope", "--qk_norm", "true"], 3)]
-    return rivals + [(f"{pe}-w{width}", "ladder", ["--pe", pe, "--n_embd", str(width), "--n_head", str(width // 64)],
-                      seeds) for width, seeds in ((128, 3), (512, 2)) for pe in ("rope", "fope", "alibi")]
+    methods = {"rope": ["--pe", "rope"], "fope": ["--pe", "fope"], "alibi": ["--pe", "alibi"],
+               "fope-nofs": ["--pe", "fope", "--fope_fs", "false"], "fope-nocf": ["--pe", "fope", "--fope_cf", "false"]}
+    ladder = {128: (3, list(methods)), 512: (2, ["rope", "fope", "alibi"])}  # width: (seeds, methods)
+    return rivals + [(f"{method}-w{width}", "ladder", [*methods[method], "--n_embd", str(width), "--n_head",
+                                                      str(width // 64)], seeds)
+                     for width, (seeds, names) in ladder.items() for method in names]
 
 
 def shakespeare_grid(about, training, ppl_args, full, extra_lengths=()):

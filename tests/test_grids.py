@@ -116,8 +116,8 @@ def test_the_report_groups_seeds_of_a_method_and_only_seeds():
 def test_the_default_grid_adds_issue_42s_runs_after_its_own_seed_0_first():
     names = [run.name for run in grids.DEFAULT.runs]
     new = names[names.index("fope-hd128-s0") + 1:]
-    rows = ["fope-deployed", "cope", "rope-qknorm", "rope-w128", "fope-w128", "alibi-w128", "rope-w512", "fope-w512",
-            "alibi-w512"]
+    rows = ["fope-deployed", "cope", "rope-qknorm", "rope-w128", "fope-w128", "alibi-w128", "fope-nofs-w128",
+            "fope-nocf-w128", "rope-w512", "fope-w512", "alibi-w512"]
     assert new == [f"{row}-s{seed}" for seed in range(3) for row in rows if seed < 2 or "w512" not in row]
     runs = {run.name: run for run in grids.DEFAULT.runs}
     assert {runs[f"{row}-s0"].section for row in rows[:3]} == {"rival"} and runs["fope-w512-s1"].section == "ladder"
@@ -125,6 +125,8 @@ def test_the_default_grid_adds_issue_42s_runs_after_its_own_seed_0_first():
                            ("cope-s2", {"pe": "cope", "seed": 1339, "passkey_seed": 1002}),
                            ("rope-qknorm-s0", {"pe": "rope", "qk_norm": True}),
                            ("alibi-w128-s2", {"pe": "alibi", "n_embd": 128, "n_head": 2}),
+                           ("fope-nofs-w128-s1", {"pe": "fope", "fope_fs": False, "fope_cf": True, "n_embd": 128}),
+                           ("fope-nocf-w128-s0", {"pe": "fope", "fope_fs": True, "fope_cf": False, "n_head": 2}),
                            ("fope-w512-s0", {"pe": "fope", "n_embd": 512, "n_head": 8, "dtype": "fp32"})):
         values = grids.run_settings(grids.DEFAULT, runs[name])[0]
         assert {key: values[key] for key in expected} == expected, name

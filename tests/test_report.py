@@ -196,6 +196,15 @@ def test_the_model_size_table_says_what_each_cell_stands_on(default_results, gpu
         record = summaries()[f"{method}-w512-s0"]
         assert cells == [f"not evaluated: {record['status']} at step {record['steps']}/{record['max_steps']} on the "
                          f"H200 ({record['why']})", "–", "–"]
+    # FoPE's two parts alone: beside the main runs at width 256, and at width 128 once a seed is evaluated
+    for method in ("fope-nofs", "fope-nocf"):
+        seeds = [saved("ppl", f"{method}-s{seed}")["ppl_ratio"]["6144"] for seed in range(3)]
+        (cells,) = rows[f"{method}, width 256"]
+        assert cells[2] == f"{sum(seeds) / 3:.2f} ({min(seeds):.2f}–{max(seeds):.2f}), 3 CPU seeds"
+        evaluated = [seed for seed in range(3) if (RESULTS / "default" / "passkey" / f"{method}-w128-s{seed}.json").exists()]
+        (cells,) = rows[f"{method}, width 128"]
+        assert (cells[0] == "no run evaluated yet") == (not evaluated)
+        assert f"{method}, width 512" not in rows
     assert "![Model size" in markdown and "](scale.png)" in markdown
 
 
@@ -225,8 +234,9 @@ def test_the_scale_figure_shows_each_width_from_the_json(default_results, gpu):
             record = saved("passkey", "fope-w128-s0", "gpu")
             (_, y, low, high), = bars["fope-w128-s0 (H200)"]
             assert (y, low, high) == pytest.approx((record["accuracy"][length], *interval_of(record, length)))
-            cpu_runs = [run for m in ("rope", "fope", "alibi") for w in ("", "-w128") for run in
-                        (f"{m}{w}-s{seed}" for seed in range(3)) if (RESULTS / "default" / kind / f"{run}.json").exists()]
+            cpu_runs = [run for m in ("rope", "fope", "alibi", "fope-nofs", "fope-nocf") for w in ("", "-w128")
+                        for run in (f"{m}{w}-s{seed}" for seed in range(3))
+                        if (RESULTS / "default" / kind / f"{run}.json").exists()]
             assert sorted(bars) == sorted(cpu_runs + [f"{m}{w}-s0 (H200)" for m in ("rope", "fope", "alibi")
                                                       for w in ("", "-w128")])
         assert [text.get_text() for text in ax.texts] == ["not evaluated"]  # width 512
@@ -270,7 +280,7 @@ def test_the_readme_says_what_the_machines_measured_from_their_json_and_refuses_
     bench = json.loads((tmp_path / "bench.json").read_text())
     hours = next(row["all"]["hours"] for row in bench["grid_estimate"] if row["jobs"] == 2)
     assert f"at {hours:.0f} hours with `--jobs 2`" in after and bench["machine"]["name"] in after
-    assert f"lacked when it measured on {bench['date'][:10]} (" in after  # the steps left are of that day
+    assert f"bench` (run on {bench['date'][:10]}) measured " in after and "lacked then (" in after  # of that day
 
     (tmp_path / "gpu_check.json").write_text('{"runs": [')
     with pytest.raises(UserError, match="gpu_check.json"):
