@@ -135,10 +135,17 @@ def test_cope_extrapolates_as_rope_does_on_either_device(results, cope_and_rope)
     assert (f"{cope:.2f}", f"{rope:.2f}") == cope_and_rope and abs(cope - rope) < abs(cope - fope)
 
 
-def test_qk_norm_flattens_ropes_perplexity_without_retrieval_and_the_floor_alone_keeps_it_flat():
-    assert all(accuracy("rope-qknorm", 0, multiple, GPU) == 0.0 for multiple in (2, 4, 8, 16))
-    assert f"{ratio('rope-qknorm', 0, results=GPU):.2f}" == "2.44"
-    assert ratio("rope-qknorm", 0, results=GPU) < ratio("rope", 0, results=GPU)
+@pytest.mark.parametrize("results, qknorm_and_rope", [(RESULTS, ("2.47", "8.21")), (GPU, ("2.44", "8.10"))],
+                         ids=["cpu", "gpu"])
+def test_qk_norm_flattens_ropes_perplexity_without_retrieval_on_either_device(results, qknorm_and_rope):
+    assert all(accuracy("rope-qknorm", 0, multiple, results) == 0.0 for multiple in (2, 4, 8, 16))
+    assert accuracy("rope-qknorm", 0, 1, results) == 1.0
+    qknorm, rope = ratio("rope-qknorm", 0, results=results), ratio("rope", 0, results=results)
+    assert (f"{qknorm:.2f}", f"{rope:.2f}") == qknorm_and_rope
+    assert qknorm > max(ratio("fope-nofs", seed) for seed in SEEDS)  # flatter than RoPE, not as flat as the floor
+
+
+def test_the_floor_alone_keeps_the_perplexity_flat():
     assert [f"{ratio('fope-nofs', seed):.2f}" for seed in SEEDS] == ["1.31", "1.39", "1.26"]  # the hard floor alone
 
 
@@ -166,6 +173,18 @@ def test_at_width_128_on_the_cpu_fope_keeps_its_keys_within_train_len_and_trails
     assert (f"{ratio('fope-w128', 0):.2f}", f"{ratio('rope-w128', 0):.2f}") == ("1.20", "9.85")
 
 
+def test_at_width_128_the_clip_floor_carries_fopes_effects_as_at_256():
+    # CF only (no Fourier series): about FoPE's keys, a slightly steeper perplexity, as at width 256
+    assert [accuracy("fope-nofs-w128", 0, multiple) for multiple in (2, 4)] == [0.41, 0.06]
+    for multiple in (2, 4):
+        assert not apart(interval("fope-nofs-w128-s0", multiple), interval("fope-w128-s0", multiple))
+    assert (f"{ratio('fope-nofs-w128', 0):.2f}", f"{ratio('fope-w128', 0):.2f}") == ("1.27", "1.20")
+    assert all(ratio("fope-nofs", seed) > ratio("fope", seed) for seed in SEEDS)  # the direction at 256
+    # FS only (no clip floor): extrapolates as RoPE does
+    assert all(accuracy("fope-nocf-w128", 0, multiple) == 0.0 for multiple in (2, 4, 8, 16))
+    assert (f"{ratio('fope-nocf-w128', 0):.2f}", f"{ratio('rope-w128', 0):.2f}") == ("8.17", "9.85")
+
+
 def test_width_512_was_not_evaluated():
     summary = json.loads((RESULTS.parent / "gpu_check.json").read_text())
     for method in ("rope", "fope", "alibi"):
@@ -174,11 +193,10 @@ def test_width_512_was_not_evaluated():
         assert not (GPU / "passkey" / f"{method}-w512-s0.json").exists()
 
 
-@pytest.mark.parametrize("results, rivals", [(RESULTS, ("fope-deployed", "cope")),
-                                             (GPU, ("fope-deployed", "cope", "rope-qknorm"))], ids=["cpu", "gpu"])
-def test_no_rival_keeps_as_many_keys_past_train_len_as_fope_on_the_same_device(results, rivals):
+@pytest.mark.parametrize("results", [RESULTS, GPU], ids=["cpu", "gpu"])
+def test_no_rival_keeps_as_many_keys_past_train_len_as_fope_on_the_same_device(results):
     # README's answer: "none keeps as many keys at twice the training length as FoPE"
-    for method in rivals:
+    for method in ("fope-deployed", "cope", "rope-qknorm"):
         assert apart(interval(f"{method}-s0", 2, results), interval("fope-s0", 2, results)), method
         assert all(accuracy(method, 0, multiple, results) <= accuracy("fope", 0, multiple, results)
                    for multiple in (2, 4, 8, 16)), method
