@@ -191,8 +191,9 @@ def grid_time_markdown(report):
     gain = report["ratios"][f"{default} jobs x {jobs.threads_per_job(default)} thread(s) / 1 job x {m['cores']}, "
                             "training tok/s together"]
     return (f"On a {m['cores']}-core {m['name']} (torch {m['torch']}), `python -m experiments.bench` (run on "
-            f"{report['date'][:10]}) measured {default} one-thread training processes side by side at {gain:.2f}× the tokens/s "
-            f"of one {m['cores']}-thread process, and from its rates estimated the whole default grid as it then was "
+            f"{report['date'][:10]}) measured {default} one-thread training processes side by side at {gain:.2f}× "
+            f"the tokens/s of one {m['cores']}-thread process, and from its rates estimated the whole default grid "
+            "as it then was "
             f"({chosen['all']['steps']} steps) at {chosen['all']['hours']:.0f} hours with `--jobs {default}` "
             f"against {alone['all']['hours']:.0f} hours one step at a time on {cores}; what results/default lacked "
             f"then ({chosen['left']['steps']} steps) at {chosen['left']['hours']:.0f} hours "

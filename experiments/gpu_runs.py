@@ -234,7 +234,8 @@ def ladder_words(grid):
     for method, widths in widths_of.items():
         by_widths.setdefault(tuple(widths), []).append(method)
     main_widths = sorted({width for (_, width), entries in groups.items() if runs[entries[0]].section == "main"})
-    return (", ".join(f"{in_words(methods)} at widths {in_words(map(str, widths))}" for widths, methods in by_widths.items())
+    return (", ".join(f"{in_words(methods)} at widths {in_words(map(str, widths))}"
+                      for widths, methods in by_widths.items())
             + f" ({in_words(str(heads[width]) for width in sorted(heads))} heads: head_dim {in_words(map(str, head_dims))} "
             f"at every width; width {in_words(map(str, main_widths))}: the main comparison's runs and FoPE's ablations)")
 
