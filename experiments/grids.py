@@ -67,6 +67,10 @@ def seeded(method, section, args, seed, init_from=""):
     run of a grid says its seed in its name, and the report averages a method over its seeds."""
     return Run(f"{method}-s{seed}", section, [*args, *SEEDS[seed]], init_from)
 
+# FoPE's two parts alone (defined in FAITHFULNESS.md): run name -> train.py arguments
+FOPE_PARTS = {"fope-nocf": ["--pe", "fope", "--fope_cf", "false"],  # Fourier series, no clip floor
+              "fope-nofs": ["--pe", "fope", "--fope_fs", "false"]}  # clip floor only: clipped RoPE
+
 # The CPU grids pin float32 (train.py's "auto" would pick bf16 on CPUs that have it) so that runs
 # made on different CPUs compute the same thing.
 CPU_PRECISION = ["--dtype", "fp32"]
@@ -99,8 +103,8 @@ def rivals_and_ladder(full):
     rivals = [("fope-deployed", "rival", ["--pe", "fope", "--fope_variant", "deployed"], 3),
               ("cope", "rival", ["--pe", "cope"], 3),
               ("rope-qknorm", "rival", ["--pe", "rope", "--qk_norm", "true"], 3)]
-    methods = {"rope": ["--pe", "rope"], "fope": ["--pe", "fope"], "alibi": ["--pe", "alibi"],
-               "fope-nofs": ["--pe", "fope", "--fope_fs", "false"], "fope-nocf": ["--pe", "fope", "--fope_cf", "false"]}
+    methods = {**{pe: ["--pe", pe] for pe in ("rope", "fope", "alibi")}, "fope-nofs": FOPE_PARTS["fope-nofs"],
+               "fope-nocf": FOPE_PARTS["fope-nocf"]}
     ladder = {128: (3, list(methods)), 512: (2, ["rope", "fope", "alibi"])}  # width: (seeds, methods)
     return rivals + [(f"{method}-w{width}", "ladder", [*methods[method], "--n_embd", str(width), "--n_head",
                                                       str(width // 64)], seeds)
@@ -125,9 +129,8 @@ def shakespeare_grid(about, training, ppl_args, full, extra_lengths=()):
         training=training,
         runs=[
             *[seeded(pe, "main", ["--pe", pe], 0) for pe in ("rope", "fope", "alibi", "nope")],
-            # FoPE's two parts alone at seed 0 (defined in FAITHFULNESS.md), rows of the headline table
-            seeded("fope-nocf", "ablation", ["--pe", "fope", "--fope_cf", "false"], 0),  # Fourier series, no clip
-            seeded("fope-nofs", "ablation", ["--pe", "fope", "--fope_fs", "false"], 0),  # clip only: clipped RoPE
+            # FoPE's two parts alone at seed 0, rows of the headline table
+            *[seeded(part, "ablation", args, 0) for part, args in FOPE_PARTS.items()],
             # the paper's extension experiment: continue at 2x train_len with YaRN or with FoPE
             seeded("ext-rope-yarn", "finetune", ["--pe", "rope", *ft, *yarn], 0, init_from="rope-s0"),
             seeded("ext-rope-fope", "finetune", ["--pe", "fope", "--fope_grow", "fresh", *ft], 0, init_from="rope-s0"),
@@ -136,8 +139,8 @@ def shakespeare_grid(about, training, ppl_args, full, extra_lengths=()):
             seeded("ext-fope-fope", "finetune", ["--pe", "fope", "--fope_grow", "fresh", *ft], 0, init_from="fope-s0"),
             *[run for seed in (1, 2) for run in (
                 *[seeded(pe, "main", ["--pe", pe], seed) for pe in on_three_seeds],
-                *[seeded(f"fope-no{part}", "ablation", ["--pe", "fope", f"--fope_{part}", "false"], seed)
-                  for part in ("cf", "fs") if seed in parts_on_three_seeds])],
+                *[seeded(part, "ablation", args, seed) for part, args in FOPE_PARTS.items()
+                  if seed in parts_on_three_seeds])],
             # the other FoPE ablations at seed 0; fope-s0 is the reference with sigma 0.3
             seeded("fope-sinpad0", "ablation", ["--pe", "fope", "--fope_sin_pad", "0"], 0),  # padded pairs: identity
             # sigma 0 is not run: with FS on it equals fope-nofs, since K <= head_dim/4 = 16 (K = 13 at
@@ -212,7 +215,7 @@ QUICK = Grid(
     training=QUICK_TRAINING,
     runs=[
         *[seeded(pe, "main", ["--pe", pe], seed) for pe in ("rope", "fope") for seed in (0, 1)],
-        seeded("fope-nofs", "ablation", ["--pe", "fope", "--fope_fs", "false"], 0),
+        seeded("fope-nofs", "ablation", FOPE_PARTS["fope-nofs"], 0),
         seeded("ext-rope-fope", "finetune", ["--pe", "fope", "--fope_grow", "fresh", "--train_len", "256",
                                              "--batch_size", "2", "--max_steps", "10", "--warmup_steps", "2",
                                              "--lr", "5e-4"], 0, init_from="rope-s0"),
