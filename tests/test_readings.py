@@ -93,6 +93,20 @@ def test_the_clip_floor_alone_is_nearly_as_flat_and_fs_alone_is_as_steep_as_rope
     assert max(cf_only) < 1.5 and min(fs_only) > min(ratio("rope", seed) for seed in SEEDS)
 
 
+def test_gain_1_gives_the_flattest_perplexity_of_every_fope_run_at_head_dim_64():
+    # every FoPE run trained at train_len, on either device, the ablations, rivals and sizes among them
+    ratios = {}
+    for results in (RESULTS, GPU):
+        for path in (results / "ppl").glob("*.json"):
+            found = record("ppl", path.stem, results)
+            shape = found["model_config"]
+            if found["pe"] == "fope" and shape["train_len"] == TRAIN_LEN and shape["n_embd"] // shape["n_head"] == 64:
+                ratios[f"{path.stem} ({results.name})"] = found["ppl_ratio"][str(16 * TRAIN_LEN)]
+    assert len(ratios) > 10 and min(ratios, key=ratios.get) == "fope-sigma1-s0 (default)"
+    assert f"{ratios['fope-sigma1-s0 (default)']:.2f}" == "1.13"
+    assert ratio("fope-hd128", 0) < ratio("fope-sigma1", 0)  # flatter, at head_dim 128
+
+
 def test_on_the_second_corpus_the_order_past_train_len_is_the_same():
     sotu = {method: [ratio(method, seed, kind="sotu") for seed in SEEDS] for method in ("rope", "fope", "nope")}
     assert max(sotu["fope"]) < min(sotu["nope"]) and max(sotu["nope"]) < min(sotu["rope"])
