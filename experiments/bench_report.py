@@ -149,7 +149,8 @@ def markdown(report):
     cfg, rows, m, modes = report["config"], report["results"], report["machine"], report["modes"]
     lines = [f"The default grid's model ({cfg['n_layer']} layers, {cfg['n_embd']} wide, {cfg['n_head']} heads, "
              f"train_len {cfg['train_len']}, vocab {cfg['vocab_size']}, batch {report['batch_size']}) on {m['name']} "
-             f"({m['device']}, {m['cores']} cores, {m['threads']} threads), torch {m['torch']}. GEMM peak: "
+             f"({m['device']}, {m['cores']} cores, {m['threads']} threads), torch {m['torch']}, measured on "
+             f"{report['date'][:10]}. GEMM peak: "
              f"{report['gemm_peak_tflops']['fp32']:.2f} TFLOP/s float32, {report['gemm_peak_tflops']['bf16']:.2f} bf16; "
              f"train.py's --dtype auto picks {report['dtype']} here, the grids pin fp32. `{BASELINE}` is the plain GPT of "
              f"the same shape in bench.py." + (" Measured with --quick: rough numbers." if report["quick"] else ""), ""]
