@@ -116,6 +116,18 @@ def seed_words(entries):
     return f"seed{'s' * (len(seeds) > 1)} {in_words(map(str, seeds))}"
 
 
+def seeds_by_width(rows):
+    """'seeds 0, 1 and 2' where every width has the same seeds, else 'seeds 0, 1 and 2 at width 128,
+    seeds 0 and 1 at 512': a line's legend names what each of its points stands on."""
+    by_seeds = {}
+    for row in rows:
+        by_seeds.setdefault(seed_words(row.keys), []).append(str(row.width))
+    if len(by_seeds) == 1:
+        return next(iter(by_seeds))
+    return ", ".join(f"{words} at {'width ' * (index == 0)}{in_words(widths)}"
+                     for index, (words, widths) in enumerate(by_seeds.items()))
+
+
 def devices_of(gpu, keys):
     """The short names of the devices the keys' runs ran on, in words."""
     return in_words(sorted({short_name(gpu.devices[key]) for key in keys}))
@@ -322,7 +334,7 @@ def draw_scale(shown, rows, train_len):
                 ax.plot([row.width * apart for row in series],
                         [statistics.mean(values_at(shown, row.keys, metric, length)) for row in series],
                         color=f"C{colour}", marker="o" if on_cpu else "s", linestyle="-" if on_cpu else "--",
-                        label=f"{method}, {source} ({seed_words(key for row in series for key in row.keys)})")
+                        label=f"{method}, {source} ({seeds_by_width(series)})")
                 for row in series:
                     figures.draw_runs(ax, shown, row.keys, metric, [(row.width * apart, length)], f"C{colour}")
         for width in widths:

@@ -208,6 +208,14 @@ def test_the_model_size_table_says_what_each_cell_stands_on(default_results, gpu
     assert "![Model size" in markdown and "](scale.png)" in markdown
 
 
+def test_a_scale_line_names_the_seeds_of_each_width_where_they_differ():
+    def row(width, seeds):
+        return gpu_runs.ScaleRow("fope", width, "CPU", [f"fope-w{width}-s{seed}" for seed in seeds])
+    assert gpu_runs.seeds_by_width([row(128, (0, 1, 2)), row(256, (0, 1, 2))]) == "seeds 0, 1 and 2"
+    assert (gpu_runs.seeds_by_width([row(128, (0, 1, 2)), row(256, (0, 1, 2)), row(512, (0, 1))])
+            == "seeds 0, 1 and 2 at width 128 and 256, seeds 0 and 1 at 512")
+
+
 def test_the_scale_figure_shows_each_width_from_the_json(default_results, gpu):
     grid, results = default_results
     shown = {**results, **gpu.results}
@@ -225,7 +233,11 @@ def test_the_scale_figure_shows_each_width_from_the_json(default_results, gpu):
                               if (RESULTS / "default" / kind / f"{run}.json").exists()]
                       for width, suffix in ((128, "-w128"), (256, ""))}
             on_cpu = {width: runs for width, runs in on_cpu.items() if runs}
-            xs, ys = lines[f"{method}, CPU (seeds 0, 1 and 2)"]
+            # its legend names the seeds behind each point: one set where every width has the same
+            seeds = {width: gpu_runs.seed_words(runs) for width, runs in on_cpu.items()}
+            label = (seeds[256] if len(set(seeds.values())) == 1
+                     else f"{seeds[128]} at width 128, {seeds[256]} at 256")
+            xs, ys = lines[f"{method}, CPU ({label})"]
             assert xs == pytest.approx(list(on_cpu), rel=0.1)
             assert ys == pytest.approx([sum(saved(kind, run)[key][length] for run in runs) / len(runs)
                                         for runs in on_cpu.values()])
